@@ -1,0 +1,1 @@
+"""gRPC model server on onnxruntime: typed API and KServe V2 protocol over one model repository."""

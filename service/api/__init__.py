@@ -1,0 +1,1 @@
+"""Protocol adapters: thin decode → core → encode layers over the model repository."""
