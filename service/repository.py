@@ -1,0 +1,355 @@
+"""Model repository: discovers ``<root>/<name>/<version>/model.onnx``, loads and validates each
+version into an onnxruntime session, and runs validated inference off the event loop.
+
+Protocol-agnostic: adapters hand in numpy arrays and get numpy arrays back; every problem with a
+request is a :mod:`service.errors` exception whose message says what was expected and what came.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, Unavailable
+from .runtime import Runtime
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+
+# onnxruntime type strings → numpy dtypes (tensor types a numpy client can send).
+_ORT_DTYPES: dict[str, np.dtype] = {
+    f"tensor({ort_name})": np.dtype(np_name)
+    for ort_name, np_name in {
+        "float": "float32",
+        "double": "float64",
+        "float16": "float16",
+        "uint8": "uint8",
+        "int8": "int8",
+        "uint16": "uint16",
+        "int16": "int16",
+        "uint32": "uint32",
+        "int32": "int32",
+        "uint64": "uint64",
+        "int64": "int64",
+        "bool": "bool",
+    }.items()
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, element type and shape of a model input or output; -1 marks a dynamic dimension."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    def shape_str(self) -> str:
+        """Shape for messages: ``[N, 1, 28, 28]`` (N = batch axis, ? = other dynamic dims)."""
+        dims = ["N" if i == 0 and d < 0 else "?" if d < 0 else str(d) for i, d in enumerate(self.shape)]
+        return "[" + ", ".join(dims) + "]"
+
+
+def _spec(arg: ort.NodeArg, what: str) -> TensorSpec:
+    dtype = _ORT_DTYPES.get(arg.type)
+    if dtype is None:
+        raise ValueError(f"{what} '{arg.name}' has unsupported type {arg.type}")
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or []))
+    return TensorSpec(arg.name, dtype, shape)
+
+
+def _json_or_none(text: str | None) -> object:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+class Model:
+    """One loaded model version: its tensors, ONNX metadata, provider and session."""
+
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        path: Path,
+        session: ort.InferenceSession,
+        provider: str,
+        max_batch_size: int,
+        executor: ThreadPoolExecutor | None = None,
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.path = path
+        self.provider = provider
+        self.inputs = [_spec(a, "input") for a in session.get_inputs()]
+        self.outputs = [_spec(a, "output") for a in session.get_outputs()]
+        self.metadata: dict[str, str] = dict(session.get_modelmeta().custom_metadata_map)
+        if not self.inputs or not self.outputs:
+            raise ValueError("model needs at least one input and one output")
+        if any(not s.shape for s in self.inputs):
+            raise ValueError("every input needs a batch axis (rank >= 1)")
+        # A static leading dimension caps the batch.
+        static = [s.shape[0] for s in self.inputs if s.shape[0] > 0]
+        self.max_batch_size = min([max_batch_size, *static])
+        self._session = session
+        self._executor = executor
+
+    def __repr__(self) -> str:
+        return f"model '{self.name}' version {self.version}"
+
+    # -- metadata read from the ONNX file --------------------------------------------------
+
+    @cached_property
+    def class_names(self) -> list[str]:
+        """Class labels in output order: metadata ``class_names`` (JSON list or comma-separated)."""
+        raw = self.metadata.get("class_names") or self.metadata.get("labels")
+        if not raw:
+            return []
+        parsed = _json_or_none(raw)
+        if isinstance(parsed, list):
+            return [str(x) for x in parsed]
+        return [x.strip() for x in raw.split(",")]
+
+    @cached_property
+    def units(self) -> dict[str, str]:
+        """Tensor name → physical unit: metadata ``units`` (JSON object) or ``unit.<tensor>``."""
+        units: dict[str, str] = {}
+        parsed = _json_or_none(self.metadata.get("units"))
+        if isinstance(parsed, dict):
+            units.update({str(k): str(v) for k, v in parsed.items()})
+        for key, value in self.metadata.items():
+            if key.startswith("unit.") or key.startswith("units."):
+                units[key.split(".", 1)[1]] = value
+        return units
+
+    @cached_property
+    def metrics(self) -> dict[str, float]:
+        """Numeric metrics: metadata ``metrics`` (JSON object) and ``metric.<name>`` keys."""
+        found: dict[str, object] = {}
+        parsed = _json_or_none(self.metadata.get("metrics"))
+        if isinstance(parsed, dict):
+            found.update(parsed)
+        for key, value in self.metadata.items():
+            if key.startswith("metric.") or key.startswith("metrics."):
+                found[key.split(".", 1)[1]] = value
+        metrics: dict[str, float] = {}
+        for key, value in found.items():
+            try:
+                metrics[str(key)] = float(value)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                continue
+        return metrics
+
+    # -- inference -------------------------------------------------------------------------
+
+    def validate(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Check names, dtypes, shapes, batch size and finiteness; return the session feeds."""
+        expected = [s.name for s in self.inputs]
+        missing = [n for n in expected if n not in inputs]
+        unexpected = [n for n in inputs if n not in expected]
+        if missing or unexpected:
+            raise InvalidArgument(f"{self} expects inputs {expected}, got {sorted(inputs)}")
+        batch: int | None = None
+        feeds: dict[str, np.ndarray] = {}
+        for spec in self.inputs:
+            array = inputs[spec.name]
+            what = f"input '{spec.name}' of {self}"
+            if not isinstance(array, np.ndarray):
+                raise InvalidArgument(f"{what} must be an array, got {type(array).__name__}")
+            if array.dtype != spec.dtype:
+                raise InvalidArgument(f"{what} expects dtype {spec.dtype}, got {array.dtype}")
+            if array.ndim != len(spec.shape) or any(
+                want >= 0 and got != want for want, got in zip(spec.shape, array.shape)
+            ):
+                raise InvalidArgument(
+                    f"{what} expects shape {spec.shape_str()}, got {list(array.shape)}"
+                )
+            if batch is not None and array.shape[0] != batch:
+                raise InvalidArgument(
+                    f"{what} has batch size {array.shape[0]}, other inputs have {batch}"
+                )
+            batch = array.shape[0]
+            if batch == 0:
+                raise InvalidArgument(f"{what} is an empty batch; expected 1 to {self.max_batch_size} items")
+            if batch > self.max_batch_size:
+                raise InvalidArgument(
+                    f"{what} has a batch of {batch}, over the maximum of {self.max_batch_size}; "
+                    "split it into smaller requests"
+                )
+            if array.dtype.kind == "f":
+                finite = np.isfinite(array)
+                if not finite.all():
+                    bad = np.argwhere(~finite)
+                    raise InvalidArgument(
+                        f"{what} expects finite numbers, got {len(bad)} NaN/inf value(s), "
+                        f"the first at index {tuple(int(i) for i in bad[0])}"
+                    )
+            feeds[spec.name] = np.ascontiguousarray(array)
+        return feeds
+
+    def _output_names(self, outputs: Sequence[str] | None) -> list[str]:
+        names = [s.name for s in self.outputs]
+        if outputs is None:
+            return names
+        unknown = [n for n in outputs if n not in names]
+        if unknown:
+            raise InvalidArgument(f"{self} has outputs {names}, got a request for {unknown}")
+        return list(outputs)
+
+    def run(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+        """Run the session synchronously on already validated feeds."""
+        try:
+            results = self._session.run(output_names, feeds)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise Internal(f"inference failed in {self}: {exc}") from exc
+        return dict(zip(output_names, results))
+
+    async def infer(
+        self,
+        inputs: dict[str, np.ndarray],
+        outputs: Sequence[str] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Validate ``inputs`` and run the model off the event loop; return the named outputs.
+
+        (A dynamic batcher can later queue validated feeds here instead of running directly.)
+        """
+        feeds = self.validate(inputs)
+        names = self._output_names(outputs)
+        if timeout is not None and timeout <= 0:
+            raise DeadlineExceeded(f"deadline already passed before {self} ran")
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, self.run, feeds, names)
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"{self} did not finish within the {timeout:.3f} s deadline") from None
+
+
+class ModelRepository:
+    """All model versions under ``root``; a version that fails to load is recorded, not fatal."""
+
+    def __init__(self, root: Path, settings: Settings, runtime: Runtime | None = None) -> None:
+        self.root = Path(root)
+        self.settings = settings
+        self.runtime = runtime if runtime is not None else Runtime(settings)
+        self.failed: dict[str, str] = {}
+        self._models: dict[str, dict[int, Model]] = {}
+        self._loaded = False
+        self._executor = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="infer")
+
+    # -- loading ---------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Load every ``<name>/<version>/model.onnx``; record failures in :attr:`failed`.
+
+        Raises FileNotFoundError when ``root`` is not a directory (a configuration error).
+        """
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"model repository {self.root} is not a directory")
+        for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            if model_dir.name.startswith((".", "_")):
+                continue
+            self._load_model_dir(model_dir)
+        self._loaded = True
+
+    def _fail(self, key: str, reason: str) -> None:
+        self.failed[key] = reason
+        log.error("model failed to load", extra={"model": key, "error": reason})
+
+    def _load_model_dir(self, model_dir: Path) -> None:
+        name = model_dir.name
+        version_dirs = [p for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))]
+        if not version_dirs:
+            self._fail(name, f"no version directories; expected {model_dir}/<version>/{MODEL_FILE}")
+            return
+        for version_dir in sorted(version_dirs, key=lambda p: p.name):
+            key = f"{name}/{version_dir.name}"
+            if not version_dir.name.isdigit() or int(version_dir.name) < 1:
+                self._fail(key, f"version directory must be a positive integer, got {version_dir.name!r}")
+                continue
+            path = version_dir / MODEL_FILE
+            if not path.is_file():
+                self._fail(key, f"{path} is missing")
+                continue
+            try:
+                model = self._load_version(name, int(version_dir.name), path)
+            except Exception as exc:  # any broken file must not take the others down
+                self._fail(key, f"{type(exc).__name__}: {exc}")
+                continue
+            self._models.setdefault(name, {})[model.version] = model
+            log.info(
+                "model loaded",
+                extra={
+                    "model": name,
+                    "version": model.version,
+                    "provider": model.provider,
+                    "inputs": [f"{s.name}:{s.dtype}{list(s.shape)}" for s in model.inputs],
+                    "outputs": [f"{s.name}:{s.dtype}{list(s.shape)}" for s in model.outputs],
+                },
+            )
+
+    def _load_version(self, name: str, version: int, path: Path) -> Model:
+        session, provider = self.runtime.session(path)
+        return Model(
+            name, version, path, session, provider, self.settings.max_batch_size, self._executor
+        )
+
+    # -- lookup ----------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """True once loading finished with at least one model version to serve."""
+        return self._loaded and bool(self._models)
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def versions(self, name: str) -> list[int]:
+        return sorted(self._models.get(name, {}))
+
+    def models(self) -> list[Model]:
+        return [self._models[n][v] for n in self.names() for v in self.versions(n)]
+
+    def get(self, name: str, version: int | str | None = None) -> Model:
+        """The model version asked for; ``None`` or ``""`` → the latest version."""
+        if not self._loaded:
+            raise Unavailable("the model repository is still loading; retry shortly")
+        if not name:
+            raise InvalidArgument(f"a model name is required; available models: {self.names()}")
+        versions = self._models.get(name)
+        if not versions:
+            reasons = {k: v for k, v in self.failed.items() if k == name or k.startswith(name + "/")}
+            why = f" (failed to load: {reasons})" if reasons else ""
+            raise NotFound(f"model '{name}' not found{why}; available models: {self.names()}")
+        if version is None or version == "":
+            return versions[max(versions)]
+        if isinstance(version, str):
+            try:
+                version = int(version)
+            except ValueError:
+                raise InvalidArgument(f"model version must be an integer, got {version!r}") from None
+        if version not in versions:
+            raise NotFound(
+                f"version {version} of model '{name}' not found; available versions: {sorted(versions)}"
+            )
+        return versions[version]
+
+    def close(self) -> None:
+        """Stop the inference threads (after the server stopped taking calls)."""
+        self._executor.shutdown(wait=True, cancel_futures=True)
+

@@ -1,0 +1,76 @@
+"""Server settings: one pydantic-settings class, read from ``SERVING_*`` env vars and CLI flags."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BUNDLED_MODELS = Path(__file__).resolve().parents[1] / "models"
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Everything the server can be told. Env var = ``SERVING_`` + upper-case field name;
+    CLI flag = ``--`` + field name with dashes (flags override env vars)."""
+
+    model_config = SettingsConfigDict(env_prefix="SERVING_", extra="forbid")
+
+    host: str = Field("0.0.0.0", description="interface to listen on")
+    port: int = Field(8001, ge=0, le=65535, description="gRPC port (0 = pick a free one)")
+    model_repository: Path = Field(
+        BUNDLED_MODELS, description="directory holding <name>/<version>/model.onnx"
+    )
+    provider: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="onnxruntime execution provider: auto (CUDA when available, else CPU), "
+        "cpu, or cuda (refuse to start without it)",
+    )
+    intra_op_threads: int = Field(
+        0, ge=0, description="onnxruntime threads inside one operator (0 = onnxruntime default)"
+    )
+    inter_op_threads: int = Field(
+        1, ge=0, description="onnxruntime threads across operators (0 = onnxruntime default)"
+    )
+    inference_workers: int = Field(
+        2, ge=1, description="threads running inference calls concurrently, off the event loop"
+    )
+    max_batch_size: int = Field(1024, ge=1, description="largest batch accepted per request")
+    max_message_bytes: int = Field(
+        64 * MiB,
+        ge=4 * MiB,
+        description="largest gRPC message, sent or received (gRPC's default is 4 MiB; "
+        "a max batch of float32 28x28 images needs max_batch_size x 3136 bytes)",
+    )
+    shutdown_grace_seconds: float = Field(
+        10.0, ge=0, description="time in-flight calls get to finish on SIGTERM/SIGINT"
+    )
+    tls_cert: Path | None = Field(None, description="PEM server certificate (enables TLS)")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    tls_client_ca: Path | None = Field(
+        None, description="PEM CA bundle; when set, clients must present a certificate it signed"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="DEBUG adds one log line per request"
+    )
+    log_format: Literal["json", "text"] = Field("json", description="structured JSON lines or text")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key")
+        return self
+
+    @property
+    def address(self) -> str:
+        """``host:port`` to bind (IPv6 hosts bracketed)."""
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"{host}:{self.port}"

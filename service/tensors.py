@@ -1,0 +1,32 @@
+"""Raw-bytes ↔ numpy conversion shared by the protocol adapters (no protocol types here)."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from .errors import InvalidArgument
+
+
+def from_bytes(raw: bytes, dtype: np.dtype, shape: Sequence[int], what: str) -> np.ndarray:
+    """Interpret ``raw`` as a C-order little-endian tensor of ``dtype`` and ``shape``.
+
+    Raises InvalidArgument when a dimension is negative or the byte length does not match.
+    """
+    shape = tuple(int(d) for d in shape)
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"{what}: dimensions must be >= 0, got shape {list(shape)}")
+    dtype = np.dtype(dtype).newbyteorder("<")
+    expected = math.prod(shape) * dtype.itemsize
+    if len(raw) != expected:
+        raise InvalidArgument(
+            f"{what}: shape {list(shape)} of {dtype.name} needs {expected} bytes "
+            f"({math.prod(shape)} x {dtype.itemsize}), got {len(raw)}"
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def to_bytes(array: np.ndarray) -> bytes:
+    """C-order little-endian bytes of ``array``."""
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
