@@ -1,0 +1,229 @@
+"""Typed API adapter (``serving.v1.ModelService``): decode protobuf → core → encode protobuf."""
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from ..errors import InvalidArgument, ServingError, abort
+from ..generated.serving.v1 import serving_pb2 as pb
+from ..generated.serving.v1 import serving_pb2_grpc as pb_grpc
+from ..logs import annotate
+from ..repository import Model, ModelRepository
+from ..settings import Settings
+from ..tensors import from_bytes
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelService"].full_name
+DEFAULT_CLASSIFIER = "fashion_softmax"
+DEFAULT_PROFIT = "profit"
+DEFAULT_HOUSE_PRICE = "house_price"
+
+_DTYPES = {pb.DATA_TYPE_UINT8: np.dtype(np.uint8), pb.DATA_TYPE_FLOAT32: np.dtype("<f4")}
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+def _grpc_errors(
+    method: Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]:
+    """Turn a ServingError raised by a unary method into its gRPC status."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        try:
+            return await method(self, request, context)
+        except ServingError as err:
+            await abort(context, err)
+
+    return wrapper
+
+
+def _images(tensor: pb.Tensor, want: np.dtype) -> np.ndarray:
+    """Decode the request's image tensor into the model input's dtype."""
+    dtype = _DTYPES.get(tensor.dtype)
+    if dtype is None:
+        got = pb.DataType.Name(tensor.dtype) if tensor.dtype in pb.DataType.values() else tensor.dtype
+        raise InvalidArgument(f"images.dtype must be DATA_TYPE_UINT8 or DATA_TYPE_FLOAT32, got {got}")
+    images = from_bytes(tensor.data, dtype, tensor.shape, "images")
+    if dtype == want:
+        return images
+    if dtype.kind == "f" and want == np.uint8:
+        finite = np.isfinite(images)
+        if not finite.all():
+            first = tuple(int(i) for i in np.argwhere(~finite)[0])
+            raise InvalidArgument(
+                f"images: float32 pixels must be finite numbers in [0, 1], got "
+                f"{int((~finite).sum())} NaN/inf value(s), the first at index {first}"
+            )
+        if images.size and (images.min() < 0 or images.max() > 1):
+            raise InvalidArgument(
+                f"images: float32 pixels must be in [0, 1], got values from "
+                f"{float(images.min())} to {float(images.max())}"
+            )
+        return np.rint(images * 255).astype(np.uint8)
+    if dtype == np.uint8 and want.kind == "f":
+        return (images / np.float32(255)).astype(want)
+    raise InvalidArgument(f"images: the model takes {want}; {dtype} cannot be converted to it")
+
+
+class TypedModelService(pb_grpc.ModelServiceServicer):
+    """serving.v1.ModelService over a :class:`ModelRepository`."""
+
+    def __init__(self, repository: ModelRepository) -> None:
+        self.repository = repository
+
+    def _model(self, ref: pb.ModelRef, default: str) -> Model:
+        if ref.version < 0:
+            raise InvalidArgument(f"model.version must be >= 0 (0 = latest), got {ref.version}")
+        model = self.repository.get(ref.name or default, ref.version or None)
+        annotate(model=model.name, version=model.version)
+        return model
+
+    @staticmethod
+    def _ref(model: Model) -> pb.ModelRef:
+        return pb.ModelRef(name=model.name, version=model.version)
+
+    # -- classification ---------------------------------------------------------------------
+
+    async def _classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        model = self._model(request.model, DEFAULT_CLASSIFIER)
+        if len(model.inputs) != 1 or len(model.outputs[0].shape) != 2:
+            raise InvalidArgument(
+                f"{model} is not an image classifier (inputs {[s.name for s in model.inputs]}, "
+                f"output shape {model.outputs[0].shape_str()}); expected one image input and "
+                "[N, classes] probabilities"
+            )
+        spec, output = model.inputs[0], model.outputs[0]
+        images = _images(request.images, spec.dtype)
+        annotate(batch=int(images.shape[0]) if images.ndim else 0)
+        result = await model.infer(
+            {spec.name: images}, [output.name], timeout=context.time_remaining()
+        )
+        probs = result[output.name]
+        n_classes = probs.shape[1]
+        if request.top_k > n_classes:
+            raise InvalidArgument(f"top_k must be at most {n_classes} (the class count), got {request.top_k}")
+        labels = model.class_names if len(model.class_names) == n_classes else [str(i) for i in range(n_classes)]
+        ranked = np.argsort(-probs, axis=1, kind="stable")
+        results = []
+        for row, order in zip(probs, ranked):
+            best = int(order[0])
+            top = [
+                pb.ClassScore(index=int(i), label=labels[i], probability=float(row[i]))
+                for i in order[: request.top_k]
+            ]
+            results.append(
+                pb.Classification(
+                    probabilities=row.tolist(), class_index=best, label=labels[best], top_k=top
+                )
+            )
+        return pb.ClassifyResponse(model=self._ref(model), results=results, request_id=request.request_id)
+
+    @_grpc_errors
+    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        return await self._classify(request, context)
+
+    async def ClassifyStream(
+        self, requests: AsyncIterator[pb.ClassifyRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ClassifyResponse]:
+        count = 0
+        async for request in requests:
+            try:
+                response = await self._classify(request, context)
+            except ServingError as err:
+                where = f"batch {count} (request_id {request.request_id!r})"
+                await abort(context, type(err)(f"{where}: {err}"))
+            count += 1
+            annotate(batches=count)
+            yield response
+
+    # -- regression -------------------------------------------------------------------------
+
+    async def _regress(self, model: Model, features: np.ndarray, context: grpc.aio.ServicerContext) -> list[float]:
+        """Run a one-input regression model on float32 [N, k] features; return N values."""
+        spec, output = model.inputs[0], model.outputs[0]
+        if len(model.inputs) != 1:
+            raise InvalidArgument(f"{model} takes inputs {[s.name for s in model.inputs]}; expected one")
+        annotate(batch=int(features.shape[0]))
+        result = await model.infer({spec.name: features}, [output.name], timeout=context.time_remaining())
+        values = result[output.name]
+        if values.size != features.shape[0]:
+            raise InvalidArgument(
+                f"{model} returns {output.name} of shape {list(values.shape)}, "
+                f"not one value per input row ({features.shape[0]})"
+            )
+        return values.reshape(-1).tolist()
+
+    @_grpc_errors
+    async def PredictProfit(
+        self, request: pb.PredictProfitRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PredictProfitResponse:
+        model = self._model(request.model, DEFAULT_PROFIT)
+        features = np.asarray(request.population, dtype=np.float32).reshape(-1, 1)
+        profit = await self._regress(model, features, context)
+        return pb.PredictProfitResponse(model=self._ref(model), profit_usd=profit)
+
+    @_grpc_errors
+    async def PredictHousePrice(
+        self, request: pb.PredictHousePriceRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PredictHousePriceResponse:
+        model = self._model(request.model, DEFAULT_HOUSE_PRICE)
+        features = np.array(
+            [(h.size_sqft, h.bedrooms) for h in request.houses], dtype=np.float32
+        ).reshape(-1, 2)
+        prices = await self._regress(model, features, context)
+        return pb.PredictHousePriceResponse(model=self._ref(model), price_usd=prices)
+
+    # -- metadata ---------------------------------------------------------------------------
+
+    def _metadata(self, model: Model) -> pb.ModelMetadata:
+        def tensors(specs: list) -> list[pb.TensorMetadata]:
+            return [
+                pb.TensorMetadata(
+                    name=s.name, dtype=s.dtype.name, shape=list(s.shape), unit=model.units.get(s.name, "")
+                )
+                for s in specs
+            ]
+
+        return pb.ModelMetadata(
+            name=model.name,
+            version=model.version,
+            versions=self.repository.versions(model.name),
+            platform="onnxruntime",
+            execution_provider=model.provider,
+            inputs=tensors(model.inputs),
+            outputs=tensors(model.outputs),
+            class_names=model.class_names,
+            metrics=model.metrics,
+            max_batch_size=model.max_batch_size,
+            properties=model.metadata,
+        )
+
+    @_grpc_errors
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        if request.name:
+            self.repository.get(request.name)  # NotFound with the available names
+        models = [m for m in self.repository.models() if not request.name or m.name == request.name]
+        return pb.ListModelsResponse(
+            models=[self._metadata(m) for m in models], failed=self.repository.failed
+        )
+
+    @_grpc_errors
+    async def GetModelMetadata(
+        self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadata:
+        if not request.model.name:
+            raise InvalidArgument(f"model.name is required; available models: {self.repository.names()}")
+        return self._metadata(self._model(request.model, ""))
+
+
+def add_to_server(server: grpc.aio.Server, repository: ModelRepository, settings: Settings) -> list[str]:
+    """Register the typed servicer on ``server``; return its full service name for reflection."""
+    pb_grpc.add_ModelServiceServicer_to_server(TypedModelService(repository), server)
+    return [SERVICE_NAME]
