@@ -1,0 +1,128 @@
+"""Assembles one grpc.aio server: typed + V2 adapters, health, reflection; runs it until a signal."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from .api import typed, v2
+from .logs import RequestLogInterceptor
+from .repository import ModelRepository
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+@dataclass
+class ServingServer:
+    """The assembled server; health reports NOT_SERVING until :meth:`load_models` succeeds."""
+
+    settings: Settings
+    server: grpc.aio.Server
+    repository: ModelRepository
+    health: health_aio.HealthServicer
+    port: int
+    services: list[str] = field(default_factory=list)
+
+    async def start(self) -> None:
+        await self.server.start()
+
+    async def load_models(self) -> None:
+        """Load the repository off the event loop, then flip health to SERVING."""
+        await asyncio.get_running_loop().run_in_executor(None, self.repository.load)
+        for name in self.repository.names():
+            await self.health.set(name, SERVING)
+        for name in self.repository.failed:
+            if name.split("/")[0] not in self.repository.names():
+                await self.health.set(name.split("/")[0], NOT_SERVING)
+        status = SERVING if self.repository.ready else NOT_SERVING
+        for service in ["", *self.services]:
+            await self.health.set(service, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health → NOT_SERVING, let in-flight calls finish within ``grace`` seconds, stop."""
+        grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        self.repository.close()
+
+
+async def build_server(settings: Settings, repository: ModelRepository | None = None) -> ServingServer:
+    """Create the server with every service registered and its port bound (not yet started)."""
+    if repository is None:
+        repository = ModelRepository(settings.model_repository, settings)
+    server = grpc.aio.server(
+        interceptors=[RequestLogInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+        ],
+    )
+    services = typed.add_to_server(server, repository, settings)
+    services += v2.add_to_server(server, repository, settings)
+
+    health = health_aio.HealthServicer()
+    for service in ["", *services]:
+        await health.set(service, NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection([*services, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
+
+    credentials = _credentials(settings)
+    if credentials is None:
+        port = server.add_insecure_port(settings.address)
+    else:
+        port = server.add_secure_port(settings.address, credentials)
+    return ServingServer(settings, server, repository, health, port, services)
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT, then shut down gracefully."""
+    repository = ModelRepository(settings.model_repository, settings)  # provider check first
+    app = await build_server(settings, repository)
+    await app.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    await app.load_models()
+    log.info(
+        "server started",
+        extra={
+            "address": f"{settings.host}:{app.port}",
+            "tls": settings.tls_cert is not None,
+            "providers": sorted({m.provider for m in repository.models()}),
+            "models": {m: repository.versions(m) for m in repository.names()},
+            "failed": repository.failed,
+            "services": app.services,
+            "ready": repository.ready,
+        },
+    )
+    if not repository.ready:
+        log.error("no model could be loaded; health stays NOT_SERVING", extra={"failed": repository.failed})
+
+    await stop.wait()
+    log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace_seconds})
+    await app.stop()
+    log.info("server stopped")
