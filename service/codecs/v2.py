@@ -2,7 +2,8 @@
 
 The V2 datatype ⇄ numpy mapping lives here, along with decoding of request inputs (raw bytes or
 typed contents) and encoding of response outputs (raw bytes). Raw tensors are row-major and
-little-endian; they are decoded with one ``np.frombuffer`` and encoded with one ``tobytes()``.
+little-endian; they go through :mod:`service.tensors` (one ``np.frombuffer`` in, one
+``tobytes()`` out), shared with the typed API.
 Functions take and fill protobuf messages duck-typed by their V2 field names, so this module has
 no import-time dependency on the generated code.
 """
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from service.errors import InvalidArgument
+from service.tensors import from_bytes, to_bytes
 
 #: V2 datatype string → numpy dtype (native byte order). BYTES and BF16 are not supported:
 #: no model here takes strings, and numpy has no bfloat16.
@@ -100,15 +102,8 @@ def _check_parameters(where: str, parameters: Mapping[str, Any]) -> None:
 
 
 def _from_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> np.ndarray:
-    dtype = dtype_of(datatype)
-    expected = math.prod(shape) * dtype.itemsize
-    if len(raw) != expected:
-        raise InvalidArgument(
-            f"input {name!r}: raw_input_contents has {len(raw)} bytes, but {datatype} "
-            f"shape {list(shape)} needs {expected}"
-        )
-    array = np.frombuffer(raw, dtype=dtype.newbyteorder("<"))
-    return array.astype(dtype, copy=False).reshape(shape)
+    what = f"input {name!r} ({datatype} in raw_input_contents)"
+    return from_bytes(raw, dtype_of(datatype), shape, what).astype(dtype_of(datatype), copy=False)
 
 
 def _from_contents(name: str, datatype: str, shape: tuple[int, ...], contents: Any) -> np.ndarray:
@@ -192,5 +187,4 @@ def encode_outputs(response: Any, outputs: Mapping[str, np.ndarray], order: Sequ
         tensor.name = name
         tensor.datatype = datatype_of(array.dtype)
         tensor.shape.extend(array.shape)
-        little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-        response.raw_output_contents.append(little.tobytes())
+        response.raw_output_contents.append(to_bytes(array))
