@@ -23,6 +23,7 @@ from service.errors import InvalidArgument, NotFound, ServingError, abort
 from service.generated.inference import grpc_service_pb2 as pb
 from service.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from service.generated.inference import model_config_pb2 as config_pb
+from service.logs import annotate
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +163,12 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         model = self._repository.get(request.model_name, _version(request.model_version))
+        annotate(model=model.name, version=model.version, request_id=request.id)
         _check_datatypes(model, request)
         inputs = codec.decode_inputs(request)
+        first = next(iter(inputs.values()), None)
+        if first is not None and first.ndim:
+            annotate(batch=int(first.shape[0]))
         requested = codec.requested_outputs(request)
         outputs = await model.infer(inputs, requested or None, timeout=context.time_remaining())
         response = pb.ModelInferResponse(
