@@ -104,54 +104,65 @@ class Model:
         # A static leading dimension caps the batch.
         static = [s.shape[0] for s in self.inputs if s.shape[0] > 0]
         self.max_batch_size = min([max_batch_size, *static])
+        self._check_declared()
         self._session = session
         self._executor = executor
 
     def __repr__(self) -> str:
         return f"model '{self.name}' version {self.version}"
 
-    # -- metadata read from the ONNX file --------------------------------------------------
+    # -- metadata read from the ONNX file (keys written by training/export) -----------------
+
+    def _declared(self, key: str) -> list[dict]:
+        """Metadata ``inputs``/``outputs``: JSON list of {name, dtype, shape, unit, ...}."""
+        parsed = _json_or_none(self.metadata.get(key))
+        return [t for t in parsed if isinstance(t, dict)] if isinstance(parsed, list) else []
+
+    def _check_declared(self) -> None:
+        """Tensors declared in the metadata must be the graph's own (catches export mix-ups)."""
+        for key, specs in (("inputs", self.inputs), ("outputs", self.outputs)):
+            declared = self._declared(key)
+            if not declared:
+                continue
+            want = [
+                (str(t.get("name")), str(t.get("dtype")), tuple(d if isinstance(d, int) else -1 for d in t.get("shape", [])))
+                for t in declared
+            ]
+            have = [(s.name, s.dtype.name, s.shape) for s in specs]
+            if want != have:
+                raise ValueError(f"metadata '{key}' declares {want} but the graph has {have}")
 
     @cached_property
     def class_names(self) -> list[str]:
-        """Class labels in output order: metadata ``class_names`` (JSON list or comma-separated)."""
-        raw = self.metadata.get("class_names") or self.metadata.get("labels")
-        if not raw:
-            return []
-        parsed = _json_or_none(raw)
-        if isinstance(parsed, list):
-            return [str(x) for x in parsed]
-        return [x.strip() for x in raw.split(",")]
+        """Class labels in output order: metadata ``class_names`` (a JSON list)."""
+        parsed = _json_or_none(self.metadata.get("class_names"))
+        return [str(x) for x in parsed] if isinstance(parsed, list) else []
 
     @cached_property
     def units(self) -> dict[str, str]:
-        """Tensor name → physical unit: metadata ``units`` (JSON object) or ``unit.<tensor>``."""
-        units: dict[str, str] = {}
-        parsed = _json_or_none(self.metadata.get("units"))
-        if isinstance(parsed, dict):
-            units.update({str(k): str(v) for k, v in parsed.items()})
-        for key, value in self.metadata.items():
-            if key.startswith("unit.") or key.startswith("units."):
-                units[key.split(".", 1)[1]] = value
-        return units
+        """Tensor name → physical unit, from the ``unit`` of each declared input/output."""
+        return {
+            str(t["name"]): str(t["unit"])
+            for key in ("inputs", "outputs")
+            for t in self._declared(key)
+            if t.get("name") and t.get("unit")
+        }
 
     @cached_property
     def metrics(self) -> dict[str, float]:
-        """Numeric metrics: metadata ``metrics`` (JSON object) and ``metric.<name>`` keys."""
-        found: dict[str, object] = {}
+        """The numeric entries of metadata ``metrics`` (a JSON object)."""
         parsed = _json_or_none(self.metadata.get("metrics"))
-        if isinstance(parsed, dict):
-            found.update(parsed)
-        for key, value in self.metadata.items():
-            if key.startswith("metric.") or key.startswith("metrics."):
-                found[key.split(".", 1)[1]] = value
-        metrics: dict[str, float] = {}
-        for key, value in found.items():
-            try:
-                metrics[str(key)] = float(value)  # type: ignore[arg-type]
-            except (TypeError, ValueError):
-                continue
-        return metrics
+        if not isinstance(parsed, dict):
+            return {}
+        return {
+            str(k): float(v)
+            for k, v in parsed.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+
+    @property
+    def description(self) -> str:
+        return self.metadata.get("description", "")
 
     # -- inference -------------------------------------------------------------------------
 

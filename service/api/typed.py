@@ -91,13 +91,13 @@ class TypedModelService(pb_grpc.ModelServiceServicer):
 
     async def _classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         model = self._model(request.model, DEFAULT_CLASSIFIER)
-        if len(model.inputs) != 1 or len(model.outputs[0].shape) != 2:
-            raise InvalidArgument(
-                f"{model} is not an image classifier (inputs {[s.name for s in model.inputs]}, "
-                f"output shape {model.outputs[0].shape_str()}); expected one image input and "
-                "[N, classes] probabilities"
-            )
         spec, output = model.inputs[0], model.outputs[0]
+        if len(model.inputs) != 1 or len(spec.shape) != 4 or len(output.shape) != 2:
+            raise InvalidArgument(
+                f"{model} is not an image classifier (inputs "
+                f"{[f'{s.name} {s.shape_str()}' for s in model.inputs]}, output {output.shape_str()}); "
+                "expected one [N, C, H, W] image input and [N, classes] probabilities"
+            )
         images = _images(request.images, spec.dtype)
         annotate(batch=int(images.shape[0]) if images.ndim else 0)
         result = await model.infer(
@@ -201,6 +201,7 @@ class TypedModelService(pb_grpc.ModelServiceServicer):
             metrics=model.metrics,
             max_batch_size=model.max_batch_size,
             properties=model.metadata,
+            description=model.description,
         )
 
     @_grpc_errors
