@@ -1,0 +1,174 @@
+"""Shared fixtures: a real server subprocess on a free loopback port, and the Fashion-MNIST test set.
+
+``server`` (session-scoped) serves the bundled ``models/`` repository; tests that need their own
+repository, flags or env use :func:`start_server` as a context manager.
+"""
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODELS = REPO_ROOT / "models"
+START_TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    """A running ``python -m service`` subprocess."""
+
+    address: str
+    port: int
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def health(self, service: str = "", timeout: float = 2.0) -> int:
+        """The grpc.health.v1 status of ``service`` (raises grpc.RpcError e.g. NOT_FOUND)."""
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout).status
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, wait for exit (SIGKILL after ``timeout``); return the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def _wait_serving(server: ServerProcess, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log()[-4000:]}")
+        try:
+            status = server.health(timeout=1.0)
+        except grpc.RpcError:
+            status = None
+        if status == health_pb2.HealthCheckResponse.SERVING:
+            return
+        if status == health_pb2.HealthCheckResponse.NOT_SERVING and '"server started"' in server.log():
+            raise RuntimeError(f"server started but is NOT_SERVING (no model loaded?):\n{server.log()[-4000:]}")
+        time.sleep(0.1)
+    raise TimeoutError(f"server not SERVING after {timeout:.0f} s:\n{server.log()[-4000:]}")
+
+
+@contextlib.contextmanager
+def start_server(
+    tmp_path: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    wait: bool = True,
+    timeout: float = START_TIMEOUT_S,
+) -> Iterator[ServerProcess]:
+    """Run ``python -m service --host 127.0.0.1 --port <free> *args``; stop it on exit.
+
+    With ``wait`` the server must reach SERVING first. ``env`` is added to the environment
+    (any inherited ``SERVING_*`` variables are dropped so tests see only what they set).
+    """
+    port = free_port()
+    log_path = tmp_path / f"server-{port}.log"
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SERVING_")}
+    full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
+    command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), *args]
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            command, cwd=REPO_ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+    server = ServerProcess(f"127.0.0.1:{port}", port, process, log_path)
+    try:
+        if wait:
+            _wait_serving(server, timeout)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server over the bundled models/ repository for the whole session."""
+    with start_server(tmp_path_factory.mktemp("server"), "--model-repository", str(MODELS)) as proc:
+        yield proc
+
+
+@pytest.fixture
+def channel(server: ServerProcess) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(
+        server.address, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    ) as ch:
+        yield ch
+
+
+# -- Fashion-MNIST -----------------------------------------------------------------------------
+
+
+def fashion_data_dir() -> Path | None:
+    """First directory holding the Fashion-MNIST test IDX files, or None."""
+    candidates = []
+    if os.environ.get("FASHION_DATA_DIR"):
+        candidates.append(Path(os.environ["FASHION_DATA_DIR"]))
+    if os.environ.get("DATA_DIR"):
+        candidates += [Path(os.environ["DATA_DIR"]) / "fashion-mnist", Path(os.environ["DATA_DIR"])]
+    candidates += [REPO_ROOT / "data" / "fashion-mnist", REPO_ROOT.parent / "shared" / "data" / "fashion-mnist"]
+    for directory in candidates:
+        if any((directory / f"t10k-images-idx3-ubyte{ext}").is_file() for ext in (".gz", "")):
+            return directory
+    return None
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """A (gzip) IDX file as a numpy array; prefers the training package's checked reader."""
+    try:
+        from training.data import read_idx as training_read_idx
+    except ImportError:
+        raw = path.read_bytes()
+        raw = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+        assert raw[:3] == b"\x00\x00\x08", f"{path}: not a uint8 IDX file"
+        ndim = raw[3]
+        shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+        return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    return training_read_idx(path)
+
+
+@pytest.fixture(scope="session")
+def fashion_test_set() -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [10000, 1, 28, 28], labels int64 [10000]) of the Fashion-MNIST test split."""
+    directory = fashion_data_dir()
+    if directory is None:
+        pytest.skip("Fashion-MNIST test files not found (set FASHION_DATA_DIR)")
+
+    def load(stem: str) -> np.ndarray:
+        path = next(p for p in (directory / f"{stem}.gz", directory / stem) if p.is_file())
+        return read_idx(path)
+
+    images = load("t10k-images-idx3-ubyte").astype(np.uint8).reshape(-1, 1, 28, 28)
+    labels = load("t10k-labels-idx1-ubyte").astype(np.int64)
+    return images, labels
