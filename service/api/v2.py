@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from service.codecs import v2 as codec
-from service.errors import InvalidArgument, NotFound, ServingError, abort
+from service.errors import InvalidArgument, NotFound, ServingError, Unavailable, abort
 from service.generated.inference import grpc_service_pb2 as pb
 from service.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from service.generated.inference import model_config_pb2 as config_pb
@@ -86,11 +86,11 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=bool(self._repository.ready))
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
-        """Ready = loaded. An unknown model or version is not ready (no error), as in Triton;
-        a version that is not an integer is INVALID_ARGUMENT."""
+        """Ready = loaded. An unknown model or version, or a repository still loading, is not
+        ready (no error), as in Triton; a version that is not an integer is INVALID_ARGUMENT."""
         try:
             self._repository.get(request.name, _version(request.version))
-        except NotFound:
+        except (NotFound, Unavailable):
             return pb.ModelReadyResponse(ready=False)
         except ServingError as err:
             await abort(context, err)
