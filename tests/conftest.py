@@ -42,13 +42,20 @@ class ServerProcess:
     port: int
     process: subprocess.Popen
     log_path: Path
+    credentials: grpc.ChannelCredentials | None = None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def channel(self) -> grpc.Channel:
+        """A new client channel (TLS when the server was started with credentials)."""
+        if self.credentials is None:
+            return grpc.insecure_channel(self.address)
+        return grpc.secure_channel(self.address, self.credentials)
+
     def health(self, service: str = "", timeout: float = 2.0) -> int:
         """The grpc.health.v1 status of ``service`` (raises grpc.RpcError e.g. NOT_FOUND)."""
-        with grpc.insecure_channel(self.address) as channel:
+        with self.channel() as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout).status
 
@@ -88,10 +95,11 @@ def start_server(
     env: dict[str, str] | None = None,
     wait: bool = True,
     timeout: float = START_TIMEOUT_S,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> Iterator[ServerProcess]:
     """Run ``python -m service --host 127.0.0.1 --port <free> *args``; stop it on exit.
 
-    With ``wait`` the server must reach SERVING first. ``env`` is added to the environment
+    With ``wait`` the server must reach SERVING first (checked over ``credentials`` for TLS). ``env`` is added to the environment
     (any inherited ``SERVING_*`` variables are dropped so tests see only what they set).
     """
     port = free_port()
@@ -103,7 +111,7 @@ def start_server(
         process = subprocess.Popen(
             command, cwd=REPO_ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT
         )
-    server = ServerProcess(f"127.0.0.1:{port}", port, process, log_path)
+    server = ServerProcess(f"127.0.0.1:{port}", port, process, log_path, credentials)
     try:
         if wait:
             _wait_serving(server, timeout)
