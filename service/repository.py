@@ -21,6 +21,7 @@ import onnxruntime as ort
 from .errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, Unavailable
 from .runtime import Runtime
 from .settings import Settings
+from .tensors import check_finite
 
 log = logging.getLogger(__name__)
 
@@ -200,14 +201,7 @@ class Model:
                     f"{what} has a batch of {batch}, over the maximum of {self.max_batch_size}; "
                     "split it into smaller requests"
                 )
-            if array.dtype.kind == "f":
-                finite = np.isfinite(array)
-                if not finite.all():
-                    bad = np.argwhere(~finite)
-                    raise InvalidArgument(
-                        f"{what} expects finite numbers, got {len(bad)} NaN/inf value(s), "
-                        f"the first at index {tuple(int(i) for i in bad[0])}"
-                    )
+            check_finite(array, what)
             feeds[spec.name] = np.ascontiguousarray(array)
         return feeds
 

@@ -51,11 +51,11 @@ class ServingServer:
     async def load_models(self) -> None:
         """Load the repository off the event loop, then flip health to SERVING."""
         await asyncio.get_running_loop().run_in_executor(None, self.repository.load)
-        for name in self.repository.names():
+        loaded = set(self.repository.names())
+        for name in loaded:
             await self.health.set(name, SERVING)
-        for name in self.repository.failed:
-            if name.split("/")[0] not in self.repository.names():
-                await self.health.set(name.split("/")[0], NOT_SERVING)
+        for name in {key.split("/")[0] for key in self.repository.failed} - loaded:
+            await self.health.set(name, NOT_SERVING)  # every version failed
         status = SERVING if self.repository.ready else NOT_SERVING
         for service in ["", *self.services]:
             await self.health.set(service, status)

@@ -27,6 +27,19 @@ def from_bytes(raw: bytes, dtype: np.dtype, shape: Sequence[int], what: str) -> 
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
+def check_finite(array: np.ndarray, what: str, expected: str = "finite numbers") -> None:
+    """Raise InvalidArgument naming the count and first index of NaN/inf values in a float array."""
+    if array.dtype.kind != "f":
+        return
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = np.argwhere(~finite)
+        raise InvalidArgument(
+            f"{what} expects {expected}, got {len(bad)} NaN/inf value(s), "
+            f"the first at index {tuple(int(i) for i in bad[0])}"
+        )
+
+
 def to_bytes(array: np.ndarray) -> bytes:
     """C-order little-endian bytes of ``array``."""
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()

@@ -156,7 +156,7 @@ ERROR_CASES = {
     ),
     "NaN pixel": (
         "Classify", pb.ClassifyRequest(images=images_tensor(NAN_IMG)), INVALID,
-        ["must be finite numbers in [0, 1]", "1 NaN/inf value(s), the first at index (1, 0, 3, 4)"],
+        ["images expects float32 pixels as finite numbers in [0, 1], got 1 NaN/inf value(s), the first at index (1, 0, 3, 4)"],
     ),
     "float pixel out of range": (
         "Classify", pb.ClassifyRequest(images=images_tensor(F32 * 255)), INVALID,

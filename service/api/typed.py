@@ -14,7 +14,7 @@ from ..generated.serving.v1 import serving_pb2_grpc as pb_grpc
 from ..logs import annotate
 from ..repository import Model, ModelRepository
 from ..settings import Settings
-from ..tensors import from_bytes
+from ..tensors import check_finite, from_bytes
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelService"].full_name
 DEFAULT_CLASSIFIER = "fashion_softmax"
@@ -52,13 +52,7 @@ def _images(tensor: pb.Tensor, want: np.dtype) -> np.ndarray:
     if dtype == want:
         return images
     if dtype.kind == "f" and want == np.uint8:
-        finite = np.isfinite(images)
-        if not finite.all():
-            first = tuple(int(i) for i in np.argwhere(~finite)[0])
-            raise InvalidArgument(
-                f"images: float32 pixels must be finite numbers in [0, 1], got "
-                f"{int((~finite).sum())} NaN/inf value(s), the first at index {first}"
-            )
+        check_finite(images, "images", "float32 pixels as finite numbers in [0, 1]")
         if images.size and (images.min() < 0 or images.max() > 1):
             raise InvalidArgument(
                 f"images: float32 pixels must be in [0, 1], got values from "
