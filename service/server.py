@@ -77,6 +77,8 @@ async def build_server(settings: Settings, repository: ModelRepository | None = 
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
+            # A port already in use is an error, not a second server silently sharing it.
+            ("grpc.so_reuseport", 0),
         ],
     )
     services = typed.add_to_server(server, repository, settings)

@@ -4,12 +4,14 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import ServerProcess, start_server
+from conftest import MODELS, REPO_ROOT, ServerProcess, start_server
 from google.protobuf import descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -47,6 +49,15 @@ def test_call_through_reflection_without_proto_files(server: ServerProcess) -> N
         response = call(request_cls(population=[35000]), timeout=10)
     assert response.model.name == "profit"
     assert len(response.profit_usd) == 1
+
+
+def test_port_in_use_is_refused(server: ServerProcess) -> None:
+    command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(server.port),
+               "--model-repository", str(MODELS)]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"model-serving: error: Failed to bind to address 127.0.0.1:{server.port}" in result.stderr
+    assert server.health() == SERVING  # the running server is untouched
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
