@@ -8,6 +8,8 @@ and type.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,3 +114,17 @@ def test_model_config_is_a_wire_compatible_subset(
     numbers = {f.name: f.number for f in config.field}
     assert numbers | {"name": 1, "platform": 2, "max_batch_size": 4, "input": 5, "output": 6,
                       "backend": 17} == numbers
+
+
+@pytest.mark.xfail(
+    reason="service/generated/inference registers in protobuf's default descriptor pool, where "
+    "tritonclient's identical symbols already are; needs the private pool in scripts/gen_proto.py",
+    strict=False,
+)
+def test_server_and_tritonclient_import_in_one_process() -> None:
+    """A process may hold both our V2 code and Triton's client (tests, proxies, benchmarks)."""
+    code = "import tritonclient.grpc, service.server; import service.api.v2"
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=PROTO_DIR.parent, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
