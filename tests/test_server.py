@@ -1,6 +1,7 @@
 """Server-level behaviour through real processes: reflection, graceful shutdown, TLS."""
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import signal
@@ -20,6 +21,8 @@ from onnx_models import linear, save, slow
 
 from service.generated.serving.v1 import serving_pb2 as pb
 from service.generated.serving.v1 import serving_pb2_grpc as pb_grpc
+from service.server import build_server
+from service.settings import Settings
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -49,6 +52,35 @@ def test_call_through_reflection_without_proto_files(server: ServerProcess) -> N
         response = call(request_cls(population=[35000]), timeout=10)
     assert response.model.name == "profit"
     assert len(response.profit_usd) == 1
+
+
+def test_not_serving_until_models_are_loaded(tmp_path: Path) -> None:
+    """In process: a real server and client, with loading driven step by step."""
+    save(linear(1, [2.0], 1.0, "population", "profit"), tmp_path / "good", "profit")
+    (tmp_path / "bad" / "broken" / "1").mkdir(parents=True)
+
+    async def scenario(repo: Path) -> tuple[int, grpc.StatusCode, int, int]:
+        settings = Settings(model_repository=repo, host="127.0.0.1", port=0, provider="cpu")
+        app = await build_server(settings)
+        await app.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                check = health_pb2.HealthCheckRequest(service="")
+                before = (await health.Check(check)).status
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await pb_grpc.ModelServiceStub(channel).PredictProfit(pb.PredictProfitRequest(population=[1]))
+                await app.load_models()
+                after = (await health.Check(check)).status
+                typed = (await health.Check(health_pb2.HealthCheckRequest(service="serving.v1.ModelService"))).status
+                return before, info.value.code(), after, typed
+        finally:
+            await app.stop(0)
+
+    assert asyncio.run(scenario(tmp_path / "good")) == (NOT_SERVING, grpc.StatusCode.UNAVAILABLE, SERVING, SERVING)
+    # Nothing loadable: it keeps answering, but never reports SERVING.
+    before, _, after, typed = asyncio.run(scenario(tmp_path / "bad"))
+    assert (before, after, typed) == (NOT_SERVING, NOT_SERVING, NOT_SERVING)
 
 
 def test_port_in_use_is_refused(server: ServerProcess) -> None:
