@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from .api import typed, v2
+from .generated._pool import POOL
 from .logs import RequestLogInterceptor
 from .repository import ModelRepository
 from .settings import Settings
@@ -88,7 +89,13 @@ async def build_server(settings: Settings, repository: ModelRepository | None = 
     for service in ["", *services]:
         await health.set(service, NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection([*services, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
+    # Our generated code lives in a private descriptor pool; reflection serves that pool, so the
+    # health and reflection protos (from the default pool) are added to it too (idempotent).
+    for module in (health_pb2, reflection_pb2):
+        POOL.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
+    reflection.enable_server_reflection(
+        [*services, HEALTH_SERVICE, reflection.SERVICE_NAME], server, pool=POOL
+    )
 
     credentials = _credentials(settings)
     if credentials is None:

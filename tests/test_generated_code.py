@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,3 +38,30 @@ def test_check_detects_stale_code(tmp_path: Path) -> None:
     problems = gen.check(out)
     assert "stale: serving/v1/serving_pb2.py" in problems
     assert "extra: serving/v1/extra.py" in problems
+
+
+def test_private_pool_takes_well_known_types(tmp_path: Path, monkeypatch) -> None:
+    """Generated code registers in its own pool, well-known-type imports included."""
+    import importlib
+
+    from google.protobuf import descriptor_pool
+
+    proto_dir = tmp_path / "proto" / "demo" / "v1"
+    proto_dir.mkdir(parents=True)
+    (proto_dir / "demo.proto").write_text(
+        'syntax = "proto3";\npackage demo.v1;\nimport "google/protobuf/timestamp.proto";\n'
+        "message Event { google.protobuf.Timestamp at = 1; string what = 2; }\n"
+    )
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    load_gen_proto().generate(tmp_path / "pkg" / "generated", tmp_path / "proto")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    demo = importlib.import_module("pkg.generated.demo.v1.demo_pb2")
+    pool = importlib.import_module("pkg.generated._pool").POOL
+    assert demo.DESCRIPTOR.pool is pool
+    assert pool.FindMessageTypeByName("google.protobuf.Timestamp")
+    with pytest.raises(KeyError):
+        descriptor_pool.Default().FindMessageTypeByName("demo.v1.Event")
+    event = demo.Event(what="x")
+    event.at.FromSeconds(5)
+    assert demo.Event.FromString(event.SerializeToString()).at.seconds == 5

@@ -41,6 +41,7 @@ def test_call_through_reflection_without_proto_files(server: ServerProcess) -> N
     """What grpcurl does: fetch descriptors by reflection, build messages, call."""
     with server.channel() as channel:
         pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+        assert pool.FindServiceByName("grpc.health.v1.Health").methods_by_name["Check"]
         method = pool.FindServiceByName("serving.v1.ModelService").methods_by_name["PredictProfit"]
         request_cls = message_factory.GetMessageClass(method.input_type)
         response_cls = message_factory.GetMessageClass(method.output_type)
