@@ -116,11 +116,6 @@ def test_model_config_is_a_wire_compatible_subset(
                       "backend": 17} == numbers
 
 
-@pytest.mark.xfail(
-    reason="service/generated/inference registers in protobuf's default descriptor pool, where "
-    "tritonclient's identical symbols already are; needs the private pool in scripts/gen_proto.py",
-    strict=False,
-)
 def test_server_and_tritonclient_import_in_one_process() -> None:
     """A process may hold both our V2 code and Triton's client (tests, proxies, benchmarks)."""
     code = "import tritonclient.grpc, service.server; import service.api.v2"
