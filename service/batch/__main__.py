@@ -16,7 +16,7 @@ from pathlib import Path
 from types import FrameType
 
 from ..client import RpcError, ServingClient
-from .backends import Backend, BackendError, LocalBackend, RemoteBackend, connect_retry
+from .backends import Backend, BackendError, LocalBackend, RemoteBackend, connect_retry, is_transient
 from .inputs import InputError, open_images, open_populations
 from .job import Job, JobConfig, JobError
 
@@ -36,38 +36,52 @@ def build_parser() -> argparse.ArgumentParser:
         "(+ accuracy and confusion_matrix.csv/.png with --labels).",
     )
     classify.add_argument("input", type=Path, help="IDX file, .npy file, or folder of .png files")
-    classify.add_argument("--labels", type=Path, help="true labels (IDX idx1 or 1-D .npy): report accuracy and a confusion matrix")
+    classify.add_argument(
+        "--labels", type=Path, help="true labels (IDX idx1 or 1-D .npy): report accuracy and a confusion matrix"
+    )
     profit = tasks.add_parser(
         "profit", help="predict food-truck profits",
-        description="Profit (US dollars) per city population (people) from a CSV; writes profits.npy and profits.csv.",
+        description="Profit (US dollars) per city population (people) from a CSV; "
+        "writes profits.npy and profits.csv.",
     )
-    profit.add_argument("input", type=Path, help="CSV: one column of populations, or a header with a 'population' column")
+    profit.add_argument(
+        "input", type=Path, help="CSV: one column of populations, or a header with a 'population' column"
+    )
     for sub in (classify, profit):
-        sub.add_argument("-o", "--output", type=Path, required=True, help="output folder (created; re-running resumes)")
+        add = sub.add_argument
+        add("-o", "--output", type=Path, required=True, help="output folder (created; re-running resumes)")
         where = sub.add_mutually_exclusive_group(required=True)
         where.add_argument("--server", metavar="HOST:PORT", help="run against this server (typed gRPC API)")
         where.add_argument("--local", action="store_true", help="run in this process with onnxruntime")
-        sub.add_argument("--model", help="model name (default: fashion_softmax / profit)")
-        sub.add_argument("--version", type=int, default=0, help="model version (default: the latest, pinned for the job)")
-        sub.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help=f"rows per request and per commit [default {DEFAULT_CHUNK}]")
-        sub.add_argument("--retries", type=int, default=5, help="retries of transient errors (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED) without progress [default 5]")
-        sub.add_argument("--timeout", type=float, default=60.0, help="deadline per chunk in seconds (remote) [default 60]")
-        sub.add_argument("--restart", action="store_true", help="discard earlier (partial or finished) results in --output and start over")
-        sub.add_argument("--progress", choices=["auto", "bar", "log", "none"], default="auto",
-                         help="progress display: bar on a terminal, periodic lines otherwise [default auto]")
-        sub.add_argument("--no-fsync", dest="sync", action="store_false",
-                         help="skip fsync after each chunk (faster; a crash of the machine, not of the job, may then lose the journal)")
+        add("--model", help="model name (default: fashion_softmax / profit)")
+        add("--version", type=int, default=0, help="model version (default: the latest, pinned for the job)")
+        add("--chunk-size", type=int, default=DEFAULT_CHUNK,
+            help=f"rows per request and per commit [default {DEFAULT_CHUNK}]")
+        add("--retries", type=int, default=5,
+            help="retries of transient errors (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED) "
+            "in a row without progress [default 5]")
+        add("--timeout", type=float, default=60.0, help="deadline per chunk in seconds (remote) [default 60]")
+        add("--restart", action="store_true",
+            help="discard earlier (partial or finished) results in --output and start over")
+        add("--progress", choices=["auto", "bar", "log", "none"], default="auto",
+            help="progress display: bar on a terminal, periodic lines otherwise [default auto]")
+        add("--no-fsync", dest="sync", action="store_false",
+            help="skip fsync after each chunk (faster; a crash of the machine, not of the job, may then lose "
+            "the last chunks)")
         remote = sub.add_argument_group("remote (--server) options")
         remote.add_argument("--tls-ca", type=Path, help="PEM CA bundle: connect over TLS")
         remote.add_argument("--tls-cert", type=Path, help="PEM client certificate (mutual TLS)")
         remote.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
         remote.add_argument("--server-name", help="name to check the server certificate against")
-        remote.add_argument("--token-file", type=Path, help="file holding a bearer token sent as 'authorization' metadata")
-        remote.add_argument("--wait", type=float, default=30.0, help="seconds to wait for an unreachable server at start [default 30]")
+        remote.add_argument("--token-file", type=Path,
+                            help="file holding a bearer token sent as 'authorization' metadata")
+        remote.add_argument("--wait", type=float, default=30.0,
+                            help="seconds to wait for an unreachable server at start [default 30]")
         local = sub.add_argument_group("local (--local) options")
         local.add_argument("--model-repository", type=Path, default=None,
                            help="model repository [default: $SERVING_MODEL_REPOSITORY, else the bundled models/]")
-        local.add_argument("--provider", choices=["auto", "cpu", "cuda"], help="onnxruntime execution provider [default: $SERVING_PROVIDER, else auto]")
+        local.add_argument("--provider", choices=["auto", "cpu", "cuda"],
+                           help="onnxruntime execution provider [default: $SERVING_PROVIDER, else auto]")
     return parser
 
 
@@ -133,7 +147,8 @@ def _main(args: argparse.Namespace) -> int:
     except (BackendError, JobError) as exc:
         return fail(str(exc), 1)
     except RpcError as exc:
-        return fail(f"{exc} (re-run the same command to resume)", 1)
+        hint = " (re-run the same command to resume)" if is_transient(exc) else ""
+        return fail(f"{exc}{hint}", 1)
     except OSError as exc:
         return fail(str(exc), 1)
     except KeyboardInterrupt:

@@ -68,6 +68,7 @@ class RemoteBackend(Backend):
     """A server reached with :class:`~service.client.ServingClient`."""
 
     mode = "remote"
+    stream_chunks = 64  # chunks per ClassifyStream call (the job reopens streams as it goes)
 
     def __init__(
         self,
@@ -115,8 +116,6 @@ class RemoteBackend(Backend):
                     chunk, model=self.model.name, version=self.model.version,
                     batch_size=max(len(chunk), 1), timeout=self.chunk_timeout,
                 )
-
-    stream_chunks = 64  # chunks per ClassifyStream call (the job reopens streams as it goes)
 
     def close(self) -> None:
         self.client.close()

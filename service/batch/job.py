@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from . import report
-from .backends import Backend, BackendError, is_transient
+from .backends import Backend, is_transient
 from .inputs import InputError, Source, read_labels
 from .progress import Progress
 
@@ -236,7 +236,8 @@ class ProfitTask(Task):
         seen_at, populations = self._last_inputs
         if seen_at != start or populations is None or len(populations) != len(profits):
             raise JobError(f"internal error: no populations recorded for the chunk at row {start}")
-        lines = [[start + i, format(p, ".9g"), f"{v:.2f}"] for i, (p, v) in enumerate(zip(populations.tolist(), profits.tolist()))]
+        pairs = zip(populations.tolist(), profits.tolist())
+        lines = [[start + i, format(p, ".9g"), f"{v:.2f}"] for i, (p, v) in enumerate(pairs)]
         return {"profits.npy": profits}, lines
 
 
@@ -452,7 +453,9 @@ class Job:
                         ) from exc
                     pause = min(30.0, cfg.backoff * 2 ** (failures - 1))
                     progress_note = f"row {journal['rows_done']:,}/{n:,}"
-                    self.log(f"\ntransient error at {progress_note} ({exc}); retry {failures}/{cfg.retries} in {pause:.1f} s")
+                    newline = "\n" if progress.mode == "bar" else ""  # off the bar's line
+                    self.log(f"{newline}transient error at {progress_note} ({exc}); "
+                             f"retry {failures}/{cfg.retries} in {pause:.1f} s")
                     time.sleep(pause)
         finally:
             progress.close()
