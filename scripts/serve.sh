@@ -14,6 +14,11 @@ stamp=.venv-serve/.installed-$( (cat pyproject.toml; echo "$EXTRA") | sha256sum 
 if [ ! -f "$stamp" ]; then
   .venv-serve/bin/python -m pip install -q --upgrade pip
   .venv-serve/bin/python -m pip install -q -e ".${EXTRA:+[$EXTRA]}"
+  if [ "$EXTRA" = gpu ]; then
+    # onnxruntime (a base dependency) and onnxruntime-gpu share one package folder: make the GPU build own it.
+    .venv-serve/bin/python -m pip uninstall -y onnxruntime
+    .venv-serve/bin/python -m pip install --force-reinstall --no-deps "onnxruntime-gpu>=1.20"
+  fi
   rm -f .venv-serve/.installed-*; touch "$stamp"
 fi
 exec .venv-serve/bin/python -m service --model-repository models "$@"

@@ -404,11 +404,16 @@ def _steps(commands: list[list[str]], extra: str = "") -> list[tuple]:
     return steps
 
 
-def _serve_sh_commands() -> list[list[str]]:
-    commands = []
+def _serve_sh_commands(extra: str = "") -> list[list[str]]:
+    """pip/venv commands serve.sh runs for ``extra`` (lines in its `if [ "$EXTRA" = gpu ]` block only for gpu)."""
+    commands, in_gpu_block = [], False
     for line in SERVE_SH.read_text().splitlines():
         line = line.strip()
-        if "-m venv" in line or "-m pip" in line:
+        if line.startswith('if [ "$EXTRA" = gpu ]'):
+            in_gpu_block = True
+        elif line == "fi":
+            in_gpu_block = False
+        elif ("-m venv" in line or "-m pip" in line) and (extra == "gpu" or not in_gpu_block):
             commands.append(shlex.split(line))
     return commands
 
@@ -417,11 +422,12 @@ def test_dockerfile_installs_like_serve_sh(stages: dict[str, Stage]) -> None:
     serve_sh = SERVE_SH.read_text()
     assert "SERVING_EXTRA:-" in serve_sh and "SERVING_EXTRA=gpu" in serve_sh  # the documented extras: none or gpu
     cpu_script = _steps(_serve_sh_commands(), extra="")
-    gpu_script = _steps(_serve_sh_commands(), extra="gpu")
+    gpu_script = _steps(_serve_sh_commands("gpu"), extra="gpu")
     assert cpu_script == [("venv",), ("upgrade-pip",), ("install", (), ())]
     assert _steps(stages["build"].run_commands()) == cpu_script
     gpu = _steps(stages["build-gpu"].run_commands())
-    assert gpu[:3] == gpu_script == [("venv",), ("upgrade-pip",), ("install", ("gpu",), ())]
+    assert gpu[:3] == gpu_script[:3] == [("venv",), ("upgrade-pip",), ("install", ("gpu",), ())]
+    assert gpu == gpu_script
     # The one extra GPU step: make onnxruntime-gpu, not the CPU build, own the onnxruntime package.
     try:
         import tomllib
