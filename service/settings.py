@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 BUNDLED_MODELS = Path(__file__).resolve().parents[1] / "models"
 MiB = 1024 * 1024
@@ -55,6 +55,49 @@ class Settings(BaseSettings):
         "INFO", description="DEBUG adds one log line per request"
     )
     log_format: Literal["json", "text"] = Field("json", description="structured JSON lines or text")
+    # -- hardening (docs/hardening.md) --------------------------------------------------------
+    auth_tokens: Annotated[list[str], NoDecode] = Field(
+        [],
+        description="bearer tokens accepted as 'authorization: Bearer <token>' metadata, "
+        "comma-separated (prefer auth_token_file: flags show up in ps); none here and no "
+        "auth_token_file = no auth. Health checks and reflection need no token",
+    )
+    auth_token_file: Path | None = Field(
+        None,
+        description="file with one bearer token per line (blank lines and # comments ignored); "
+        "re-read when it changes",
+    )
+    max_concurrent_requests: int = Field(
+        256, ge=1, description="calls handled at once, health checks and streams included; "
+        "more → RESOURCE_EXHAUSTED"
+    )
+    max_metadata_bytes: int = Field(
+        16 * 1024, ge=1024, description="largest request metadata (headers), in bytes; "
+        "more → RESOURCE_EXHAUSTED"
+    )
+    reload_interval_seconds: float = Field(
+        0.0, ge=0, description="poll the model repository this often: new versions are loaded, "
+        "removed ones drained and unloaded, changed files reloaded (0 = no polling)"
+    )
+    allow_model_control: bool = Field(
+        False, description="serve V2 RepositoryModelLoad/RepositoryModelUnload (load, reload or "
+        "drain a model on request); off, they answer FAILED_PRECONDITION"
+    )
+
+    @field_validator("auth_tokens", mode="before")
+    @classmethod
+    def _split_tokens(cls, value: object) -> object:
+        if isinstance(value, str):  # from a flag or env var: comma-separated
+            return [t.strip() for t in value.split(",") if t.strip()]
+        return value
+
+    @field_validator("auth_tokens")
+    @classmethod
+    def _token_chars(cls, tokens: list[str]) -> list[str]:
+        for token in tokens:
+            if not token or not all(33 <= ord(c) <= 126 for c in token):
+                raise ValueError("auth tokens must be non-empty printable ASCII without spaces")
+        return tokens
 
     @field_validator("log_level", mode="before")
     @classmethod
