@@ -58,7 +58,23 @@ class Unauthenticated(ServingError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+#: Longest status message sent (characters). Messages quote client input (names, shapes), and the
+#: message travels in a trailer: one over the client's metadata limit (16 KiB by default) would
+#: reach the client as RESOURCE_EXHAUSTED instead of the real error.
+MAX_MESSAGE_CHARS = 1000
+
+
+def clip(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``message`` cut to ``limit`` characters (marked), and to ASCII-safe size once
+    percent-encoded (non-ASCII characters take up to 12 bytes on the wire)."""
+    if len(message) > limit:
+        message = message[: limit - 15] + " …(truncated)"
+    if not message.isascii() and len(message.encode()) * 3 > 4 * limit:
+        message = message.encode()[: (4 * limit) // 3].decode(errors="ignore") + " …(truncated)"
+    return message
+
+
 async def abort(context: grpc.aio.ServicerContext, err: ServingError) -> NoReturn:
-    """End the current RPC with ``err``'s status code and message."""
-    await context.abort(err.code, str(err))
+    """End the current RPC with ``err``'s status code and message (clipped, see :func:`clip`)."""
+    await context.abort(err.code, clip(str(err)))
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover

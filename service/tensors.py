@@ -8,15 +8,33 @@ import numpy as np
 
 from .errors import InvalidArgument
 
+#: Most dimensions a request tensor may have (numpy's own limit is 64; models here use <= 4).
+MAX_RANK = 32
+#: Largest element count of any request tensor, empty ones included (numpy refuses shapes whose
+#: non-zero dimensions multiply past the address space, even when another dimension is 0).
+MAX_ELEMENTS = 2**40
+
+
+def check_shape(shape: Sequence[int], what: str) -> tuple[int, ...]:
+    """``shape`` as a tuple, or InvalidArgument for a negative dimension, more than
+    :data:`MAX_RANK` dimensions, or more than :data:`MAX_ELEMENTS` elements (zeros ignored)."""
+    shape = tuple(int(d) for d in shape)
+    if len(shape) > MAX_RANK:
+        raise InvalidArgument(f"{what}: at most {MAX_RANK} dimensions, got {len(shape)}")
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"{what}: dimensions must be >= 0, got shape {list(shape)}")
+    if math.prod(d for d in shape if d) > MAX_ELEMENTS:
+        raise InvalidArgument(f"{what}: shape {list(shape)} is far too large (over {MAX_ELEMENTS} elements)")
+    return shape
+
 
 def from_bytes(raw: bytes, dtype: np.dtype, shape: Sequence[int], what: str) -> np.ndarray:
     """Interpret ``raw`` as a C-order little-endian tensor of ``dtype`` and ``shape``.
 
-    Raises InvalidArgument when a dimension is negative or the byte length does not match.
+    Raises InvalidArgument when the shape is invalid (:func:`check_shape`) or the byte length does
+    not match.
     """
-    shape = tuple(int(d) for d in shape)
-    if any(d < 0 for d in shape):
-        raise InvalidArgument(f"{what}: dimensions must be >= 0, got shape {list(shape)}")
+    shape = check_shape(shape, what)
     dtype = np.dtype(dtype).newbyteorder("<")
     expected = math.prod(shape) * dtype.itemsize
     if len(raw) != expected:

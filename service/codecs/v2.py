@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from service.errors import InvalidArgument
-from service.tensors import from_bytes, to_bytes
+from service.tensors import check_shape, from_bytes, to_bytes
 
 #: V2 datatype string → numpy dtype (native byte order). BYTES and BF16 are not supported:
 #: no model here takes strings, and numpy has no bfloat16.
@@ -92,7 +92,7 @@ def _shape(name: str, shape: Sequence[int]) -> tuple[int, ...]:
     dims = tuple(int(d) for d in shape)
     if any(d < 0 for d in dims):
         raise InvalidArgument(f"input {name!r}: shape {list(dims)} has a negative dimension")
-    return dims
+    return check_shape(dims, f"input {name!r}")
 
 
 def _check_parameters(where: str, parameters: Mapping[str, Any]) -> None:
