@@ -328,7 +328,18 @@ class ModelRepository:
         return sorted(self._models.get(name, {}))
 
     def models(self) -> list[Model]:
-        return [self._models[n][v] for n in self.names() for v in self.versions(n)]
+        snapshot = self._models  # read once: a reload swaps in a whole new dict
+        return [snapshot[n][v] for n in sorted(snapshot) for v in sorted(snapshot[n])]
+
+    def snapshot(self) -> dict[str, dict[int, Model]]:
+        """The served versions, name → version → model. Once published, a snapshot is never
+        mutated: :mod:`service.reload` builds a new one and :meth:`publish` swaps it in."""
+        return self._models
+
+    def publish(self, models: dict[str, dict[int, Model]], failed: dict[str, str]) -> None:
+        """Serve ``models`` from now on (one assignment: readers see the old set or the new)."""
+        self.failed = failed
+        self._models = models
 
     def get(self, name: str, version: int | str | None = None) -> Model:
         """The model version asked for; ``None`` or ``""`` → the latest version."""
