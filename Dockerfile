@@ -9,7 +9,7 @@
 #
 # The install steps are the ones ./scripts/serve.sh runs (a venv, pip upgraded, then `pip install`
 # of this project, with the `gpu` extra for the CUDA target); tests/test_deploy_files.py checks
-# that both stay the same. Settings come from SERVING_* env vars (docs/serving.md).
+# that both stay the same. Settings come from SERVING_* env vars (README, "Serve the models").
 
 ARG PYTHON_VERSION=3.12
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04

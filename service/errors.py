@@ -58,6 +58,13 @@ class Unauthenticated(ServingError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class FailedPrecondition(ServingError):
+    """The operation is refused in the server's current state (model control disabled, a model
+    on disk that does not load)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 #: Longest status message sent (characters). Messages quote client input (names, shapes), and the
 #: message travels in a trailer: one over the client's metadata limit (16 KiB by default) would
 #: reach the client as RESOURCE_EXHAUSTED instead of the real error.

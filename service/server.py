@@ -12,8 +12,11 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from .api import typed, v2
+from .auth import BearerAuthInterceptor, TokenStore
 from .generated._pool import POOL
+from .guards import DecodeGuardInterceptor
 from .logs import RequestLogInterceptor
+from .reload import ModelReloader
 from .repository import ModelRepository
 from .settings import Settings
 
@@ -45,18 +48,29 @@ class ServingServer:
     health: health_aio.HealthServicer
     port: int
     services: list[str] = field(default_factory=list)
+    reloader: ModelReloader | None = None
+    _health_models: set[str] = field(default_factory=set)
 
     async def start(self) -> None:
         await self.server.start()
 
     async def load_models(self) -> None:
-        """Load the repository off the event loop, then flip health to SERVING."""
+        """Load the repository off the event loop, flip health to SERVING, start the reloader."""
         await asyncio.get_running_loop().run_in_executor(None, self.repository.load)
+        await self.refresh_health()
+        if self.reloader is not None:
+            self.reloader.listeners.append(self.refresh_health)
+            self.reloader.start()
+
+    async def refresh_health(self) -> None:
+        """Health from what is served now: each model, then the server and its services."""
         loaded = set(self.repository.names())
         for name in loaded:
             await self.health.set(name, SERVING)
-        for name in {key.split("/")[0] for key in self.repository.failed} - loaded:
-            await self.health.set(name, NOT_SERVING)  # every version failed
+        failed = {key.split("/")[0] for key in self.repository.failed}
+        for name in (failed | self._health_models) - loaded:
+            await self.health.set(name, NOT_SERVING)  # every version failed, or was unloaded
+        self._health_models |= loaded | failed
         status = SERVING if self.repository.ready else NOT_SERVING
         for service in ["", *self.services]:
             await self.health.set(service, status)
@@ -66,6 +80,8 @@ class ServingServer:
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.reloader is not None:
+            await self.reloader.stop()
         self.repository.close()
 
 
@@ -73,17 +89,29 @@ async def build_server(settings: Settings, repository: ModelRepository | None = 
     """Create the server with every service registered and its port bound (not yet started)."""
     if repository is None:
         repository = ModelRepository(settings.model_repository, settings)
+    # Outermost first: the request log sees every outcome, auth refuses before anything is
+    # decoded, the decode guard turns unparsable messages into INVALID_ARGUMENT.
+    interceptors: list[grpc.aio.ServerInterceptor] = [RequestLogInterceptor()]
+    tokens = TokenStore.from_settings(settings)  # AuthConfigError (refuse to start) on a bad file
+    if tokens is not None:
+        interceptors.append(BearerAuthInterceptor(tokens))
+    interceptors.append(DecodeGuardInterceptor())
     server = grpc.aio.server(
-        interceptors=[RequestLogInterceptor()],
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
+            # One limit, not gRPC's soft (random rejections) + hard pair.
+            ("grpc.max_metadata_size", settings.max_metadata_bytes),
+            ("grpc.absolute_max_metadata_size", settings.max_metadata_bytes),
             # A port already in use is an error, not a second server silently sharing it.
             ("grpc.so_reuseport", 0),
         ],
+        maximum_concurrent_rpcs=settings.max_concurrent_requests,
     )
+    reloader = ModelReloader(repository, settings)
     services = typed.add_to_server(server, repository, settings)
-    services += v2.add_to_server(server, repository, settings)
+    services += v2.add_to_server(server, repository, settings, reloader=reloader)
 
     health = health_aio.HealthServicer()
     for service in ["", *services]:
@@ -102,7 +130,7 @@ async def build_server(settings: Settings, repository: ModelRepository | None = 
         port = server.add_insecure_port(settings.address)
     else:
         port = server.add_secure_port(settings.address, credentials)
-    return ServingServer(settings, server, repository, health, port, services)
+    return ServingServer(settings, server, repository, health, port, services, reloader)
 
 
 async def serve(settings: Settings) -> None:
@@ -121,6 +149,9 @@ async def serve(settings: Settings) -> None:
         extra={
             "address": f"{settings.host}:{app.port}",
             "tls": settings.tls_cert is not None,
+            "mutual_tls": settings.tls_client_ca is not None,
+            "auth": bool(settings.auth_tokens or settings.auth_token_file),
+            "reload_interval_seconds": settings.reload_interval_seconds,
             "providers": sorted({m.provider for m in repository.models()}),
             "models": {m: repository.versions(m) for m in repository.names()},
             "failed": repository.failed,

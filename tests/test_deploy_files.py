@@ -39,7 +39,7 @@ DOCKERFILE = REPO_ROOT / "Dockerfile"
 SCHEMA = REPO_ROOT / "deploy" / "schema" / "compose-spec.json"
 PROMETHEUS = REPO_ROOT / "deploy" / "prometheus.yml"
 SERVE_SH = REPO_ROOT / "scripts" / "serve.sh"
-DEPLOY_DOC = REPO_ROOT / "docs" / "deploy.md"
+DEPLOY_DOC = REPO_ROOT / "README.md"
 SERVER_SERVICES = ["server", "server-gpu"]
 SETTINGS_ENV = {f"SERVING_{name.upper()}": name for name in Settings.model_fields}
 HAS_METRICS_PORT = "metrics_port" in Settings.model_fields
@@ -311,7 +311,7 @@ def test_compose_variables_are_documented() -> None:
     assert names
     doc = DEPLOY_DOC.read_text()
     missing = [n for n in sorted(names) if f"`{n}`" not in doc]
-    assert not missing, f"docs/deploy.md does not explain {missing}"
+    assert not missing, f"README.md does not explain {missing}"
 
 
 # -- Dockerfile ------------------------------------------------------------------------------------

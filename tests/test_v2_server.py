@@ -101,7 +101,7 @@ def test_health(client: tc.InferenceServerClient) -> None:
 def test_server_metadata(client: tc.InferenceServerClient) -> None:
     meta = client.get_server_metadata()
     assert meta.name == "model-serving" and meta.version
-    assert list(meta.extensions) == ["model_configuration"]
+    assert list(meta.extensions) == ["model_configuration", "model_repository"]
 
 
 @pytest.mark.parametrize("name", ["profit", "house_price", "fashion_softmax", "two_outputs"])
@@ -280,8 +280,9 @@ ERRORS: dict[str, tuple[Call, str, str]] = {
     "config, unknown model": (lambda t: t.get_model_config("no_such_model"), NOT_FOUND, "no_such_model"),
     "ready, bad version": (lambda t: t.is_model_ready("profit", "x"), INVALID, "integer"),
     "statistics": (lambda t: t.get_inference_statistics("profit"), UNIMPLEMENTED, "ModelStatistics"),
-    "load": (lambda t: t.load_model("profit"), UNIMPLEMENTED, "RepositoryModelLoad"),
-    "unload": (lambda t: t.unload_model("profit"), UNIMPLEMENTED, "RepositoryModelUnload"),
+    # Model control is off unless --allow-model-control (tests/test_reload.py turns it on).
+    "load": (lambda t: t.load_model("profit"), "StatusCode.FAILED_PRECONDITION", "--allow-model-control"),
+    "unload": (lambda t: t.unload_model("profit"), "StatusCode.FAILED_PRECONDITION", "--allow-model-control"),
     "system shared memory": (lambda t: t.get_system_shared_memory_status(), UNIMPLEMENTED, "SystemSharedMemoryStatus"),
     "cuda shared memory": (lambda t: t.get_cuda_shared_memory_status(), UNIMPLEMENTED, "CudaSharedMemoryStatus"),
     "trace": (lambda t: t.get_trace_settings(), UNIMPLEMENTED, "TraceSetting"),

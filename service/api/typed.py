@@ -93,7 +93,7 @@ class TypedModelService(pb_grpc.ModelServiceServicer):
                 "expected one [N, C, H, W] image input and [N, classes] probabilities"
             )
         images = _images(request.images, spec.dtype)
-        annotate(batch=int(images.shape[0]) if images.ndim else 0)
+        annotate(batch=int(images.shape[0]) if images.ndim else 0, request_id=request.request_id)
         result = await model.infer(
             {spec.name: images}, [output.name], timeout=context.time_remaining()
         )

@@ -5,9 +5,10 @@ A thin layer over the same core as the typed API: decode the V2 request, call
 become gRPC statuses via :func:`service.errors.abort`.
 
 Implemented: the KServe core (ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata,
-ModelInfer) and, from Triton's extensions, ModelConfig, ModelStreamInfer and RepositoryIndex.
-The other Triton RPCs (statistics, repository load/unload, shared memory, trace, logging)
-answer UNIMPLEMENTED with a message naming what is supported.
+ModelInfer) and, from Triton's extensions, ModelConfig, ModelStreamInfer, RepositoryIndex and
+RepositoryModelLoad/Unload (hot reload through :mod:`service.reload`; only with the
+``allow_model_control`` setting, else FAILED_PRECONDITION). The other Triton RPCs (statistics,
+shared memory, trace, logging) answer UNIMPLEMENTED with a message naming what is supported.
 """
 from __future__ import annotations
 
@@ -19,7 +20,15 @@ from typing import Any
 import grpc
 
 from service.codecs import v2 as codec
-from service.errors import InvalidArgument, NotFound, ServingError, Unavailable, abort
+from service.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ServingError,
+    Unavailable,
+    abort,
+    clip,
+)
 from service.generated.inference import grpc_service_pb2 as pb
 from service.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from service.generated.inference import model_config_pb2 as config_pb
@@ -31,15 +40,15 @@ SERVER_NAME = "model-serving"
 PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
 #: Triton extensions this adapter implements, as reported by ServerMetadata.
-EXTENSIONS = ["model_configuration"]
+EXTENSIONS = ["model_configuration", "model_repository"]
 SUPPORTED_RPCS = (
     "ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer, "
-    "ModelStreamInfer, ModelConfig, RepositoryIndex"
+    "ModelStreamInfer, ModelConfig, RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload"
 )
+#: Unload parameter Triton clients may send; there are no ensembles here, so it changes nothing.
+_IGNORED_UNLOAD_PARAMETERS = frozenset({"unload_dependents"})
 _UNIMPLEMENTED_RPCS = (
     "ModelStatistics",
-    "RepositoryModelLoad",
-    "RepositoryModelUnload",
     "SystemSharedMemoryStatus",
     "SystemSharedMemoryRegister",
     "SystemSharedMemoryUnregister",
@@ -71,7 +80,8 @@ def _version(version: str) -> str | None:
 class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     """``inference.GRPCInferenceService`` over a :class:`service.repository.ModelRepository`."""
 
-    def __init__(self, repository: Any, settings: Any = None) -> None:
+    def __init__(self, repository: Any, settings: Any = None, reloader: Any = None) -> None:
+        self._reloader = reloader
         self._repository = repository
         self._settings = settings
 
@@ -157,7 +167,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
                 failed = pb.ModelInferResponse(
                     model_name=request.model_name, model_version=request.model_version, id=request.id
                 )
-                yield pb.ModelStreamInferResponse(error_message=str(err), infer_response=failed)
+                yield pb.ModelStreamInferResponse(error_message=clip(str(err)), infer_response=failed)
             else:
                 yield pb.ModelStreamInferResponse(infer_response=response)
 
@@ -195,6 +205,59 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryIndexResponse(
             models=[index(name=m.name, version=str(m.version), state="READY") for m in models]
         )
+
+    # --- Triton model control (hot reload) --------------------------------------------------
+
+    def _model_control(self, request: Any, ignored: frozenset[str] = frozenset()) -> Any:
+        if self._reloader is None or not getattr(self._settings, "allow_model_control", False):
+            raise FailedPrecondition(
+                "model control is off on this server: start it with --allow-model-control true "
+                "(env SERVING_ALLOW_MODEL_CONTROL=true) to load/unload models by RPC, or with "
+                "--reload-interval-seconds N to follow the repository directory"
+            )
+        if request.repository_name:
+            raise InvalidArgument(
+                f"unknown repository {request.repository_name!r}; this server has one "
+                "repository, leave repository_name empty"
+            )
+        if not request.model_name:
+            raise InvalidArgument("model_name is required")
+        unsupported = sorted(set(request.parameters) - ignored)
+        if unsupported:
+            raise InvalidArgument(
+                f"parameters {unsupported} are not supported: models load from the repository "
+                "directory only (no config override or file upload)"
+            )
+        return self._reloader
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Any
+    ) -> pb.RepositoryModelLoadResponse:
+        """(Re)load a model from its directory: new versions served, removed ones drained,
+        changed files swapped; answers once done. A model unloaded by RPC is served again.
+        FAILED_PRECONDITION when a version on disk is rejected (the previous one keeps serving)."""
+        try:
+            report = await self._model_control(request).load(request.model_name)
+        except ServingError as err:
+            await abort(context, err)
+        log.info(
+            "model load requested",
+            extra={"model": request.model_name, "loaded": report.loaded, "unloaded": report.unloaded},
+        )
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Any
+    ) -> pb.RepositoryModelUnloadResponse:
+        """Stop serving every version of a model; answers once in-flight requests drained. It
+        stays unloaded (also across repository polls) until RepositoryModelLoad."""
+        try:
+            control = self._model_control(request, _IGNORED_UNLOAD_PARAMETERS)
+            report = await control.unload(request.model_name)
+        except ServingError as err:
+            await abort(context, err)
+        log.info("model unload requested", extra={"model": request.model_name, "unloaded": report.unloaded})
+        return pb.RepositoryModelUnloadResponse()
 
 
 def _check_datatypes(model: Any, request: pb.ModelInferRequest) -> None:
@@ -273,7 +336,8 @@ for _rpc in _UNIMPLEMENTED_RPCS:
     setattr(V2Servicer, _rpc, _unimplemented(_rpc))
 
 
-def add_to_server(server: grpc.aio.Server, repository: Any, settings: Any) -> list[str]:
-    """Register the V2 servicer on ``server``; return the full service names for reflection."""
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(V2Servicer(repository, settings), server)
+def add_to_server(server: grpc.aio.Server, repository: Any, settings: Any, reloader: Any = None) -> list[str]:
+    """Register the V2 servicer on ``server``; return the full service names for reflection.
+    ``reloader`` (a :class:`service.reload.ModelReloader`) backs RepositoryModelLoad/Unload."""
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(V2Servicer(repository, settings, reloader), server)
     return [pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]

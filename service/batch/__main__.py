@@ -1,5 +1,5 @@
 """CLI of the batch job: ``python -m service.batch {classify,profit} INPUT --output DIR (--server HOST:PORT | --local)``
-(also installed as ``model-batch``). See docs/batch.md.
+(also installed as ``model-batch``). See README.md, "Batch inference".
 
 Exit status: 0 done (or already done), 1 the job failed (server, model, retries exhausted, output
 directory holds another job), 2 bad input or usage, 130 interrupted (re-run to resume).

@@ -1,0 +1,126 @@
+"""Request guards that sit in front of every servicer.
+
+gRPC decodes each request message before our code sees it; a message that does not parse
+(truncated bytes, a wrong wire type, a ``string`` field that is not valid UTF-8) made grpc.aio
+answer ``UNKNOWN: Unexpected DecodeError``. :class:`DecodeGuardInterceptor` turns that into
+``INVALID_ARGUMENT`` naming the message type, for unary and streaming requests alike.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from .errors import clip
+
+
+class _Undecodable:
+    """Stands in for a request message that failed to parse."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _message_type(deserializer: Callable[[bytes], Any]) -> str:
+    owner = getattr(deserializer, "__self__", None)  # Message.FromString is a classmethod
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    return getattr(descriptor, "full_name", "request message")
+
+
+def _safe(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    type_name = _message_type(deserializer)
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError, or anything a parser raises
+            return _Undecodable(
+                clip(
+                    f"the request is not a valid {type_name} message ({len(data)} bytes): {exc}; "
+                    "truncated bytes, a wrong field type or a string that is not UTF-8"
+                )
+            )
+
+    return deserialize
+
+
+async def _reject(context: grpc.aio.ServicerContext, bad: _Undecodable) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad.message)
+
+
+async def _checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async for request in requests:
+        if type(request) is _Undecodable:
+            await _reject(context, request)
+        yield request
+
+
+def _wrap(behavior: Callable[..., Any], stream_request: bool) -> Callable[..., Any]:
+    """``behavior`` with undecodable requests rejected first; same kind (coroutine function or
+    async generator function), which grpc.aio looks at to drive it."""
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def generator(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if stream_request:
+                request = _checked(request, context)
+            elif type(request) is _Undecodable:
+                await _reject(context, request)
+            async for item in behavior(request, context):
+                yield item
+
+        return generator
+
+    async def coroutine(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if stream_request:
+            request = _checked(request, context)
+        elif type(request) is _Undecodable:
+            await _reject(context, request)
+        result = behavior(request, context)
+        return await result if inspect.isawaitable(result) else result
+
+    return coroutine
+
+
+def guard_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """``handler`` with a deserializer that never raises and a behaviour that answers
+    INVALID_ARGUMENT for a message that did not parse."""
+    if handler.unary_unary:
+        factory, behavior, stream_request = grpc.unary_unary_rpc_method_handler, handler.unary_unary, False
+    elif handler.unary_stream:
+        factory, behavior, stream_request = grpc.unary_stream_rpc_method_handler, handler.unary_stream, False
+    elif handler.stream_unary:
+        factory, behavior, stream_request = grpc.stream_unary_rpc_method_handler, handler.stream_unary, True
+    else:
+        factory, behavior, stream_request = grpc.stream_stream_rpc_method_handler, handler.stream_stream, True
+    return factory(
+        _wrap(behavior, stream_request),
+        request_deserializer=_safe(handler.request_deserializer),
+        response_serializer=handler.response_serializer,
+    )
+
+
+class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every method handler with :func:`guard_handler` (once per method, then cached)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        cached = self._cache.get(details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = guard_handler(handler)
+        self._cache[details.method] = (handler, wrapped)  # keys: registered methods only
+        return wrapped
