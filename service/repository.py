@@ -6,7 +6,6 @@ request is a :mod:`service.errors` exception whose message says what was expecte
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Sequence
@@ -18,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from .batching import Batcher, BatchingConfig, batchable
 from .errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, Unavailable
+from .metrics import Metrics
 from .runtime import Runtime
 from .settings import Settings
 from .tensors import check_finite
@@ -90,6 +91,9 @@ class Model:
         provider: str,
         max_batch_size: int,
         executor: ThreadPoolExecutor | None = None,
+        batching: BatchingConfig | None = None,
+        metrics: Metrics | None = None,
+        max_in_flight: int = 1,
     ) -> None:
         self.name = name
         self.version = version
@@ -108,6 +112,16 @@ class Model:
         self._check_declared()
         self._session = session
         self._executor = executor
+        #: Every inference goes through this queue (dynamic batching, or one request per batch).
+        self.batcher = Batcher(
+            str(self),
+            self.run,
+            executor,
+            batching or BatchingConfig(),
+            max_in_flight,
+            metrics.for_model(name, version) if metrics is not None else None,
+            batchable(self.inputs, self.outputs),
+        )
 
     def __repr__(self) -> str:
         return f"model '{self.name}' version {self.version}"
@@ -229,29 +243,38 @@ class Model:
         *,
         timeout: float | None = None,
     ) -> dict[str, np.ndarray]:
-        """Validate ``inputs`` and run the model off the event loop; return the named outputs.
+        """Validate ``inputs``, queue them in this version's batcher (:mod:`service.batching`)
+        and return the named outputs: this request's rows only, even when batched with others.
 
-        (A dynamic batcher can later queue validated feeds here instead of running directly.)
+        Raises DeadlineExceeded when ``timeout`` seconds pass first, ResourceExhausted when the
+        queue is full.
         """
         feeds = self.validate(inputs)
         names = self._output_names(outputs)
         if timeout is not None and timeout <= 0:
             raise DeadlineExceeded(f"deadline already passed before {self} ran")
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, self.run, feeds, names)
-        try:
-            return await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError:
-            raise DeadlineExceeded(f"{self} did not finish within the {timeout:.3f} s deadline") from None
+        return await self.batcher.submit(feeds, names, timeout)
+
+    def close(self) -> None:
+        """Stop queueing: waiting requests get UNAVAILABLE; running batches finish."""
+        self.batcher.close()
 
 
 class ModelRepository:
     """All model versions under ``root``; a version that fails to load is recorded, not fatal."""
 
-    def __init__(self, root: Path, settings: Settings, runtime: Runtime | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        settings: Settings,
+        runtime: Runtime | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.root = Path(root)
         self.settings = settings
         self.runtime = runtime if runtime is not None else Runtime(settings)
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.attach(self)
         self.failed: dict[str, str] = {}
         self._models: dict[str, dict[int, Model]] = {}
         self._loaded = False
@@ -305,13 +328,24 @@ class ModelRepository:
                     "provider": model.provider,
                     "inputs": [f"{s.name}:{s.dtype}{list(s.shape)}" for s in model.inputs],
                     "outputs": [f"{s.name}:{s.dtype}{list(s.shape)}" for s in model.outputs],
+                    "batching": {**model.batcher.config.describe(), "enabled": model.batcher.batching},
                 },
             )
 
     def _load_version(self, name: str, version: int, path: Path) -> Model:
+        batching = BatchingConfig.resolve(self.settings, name, path.parent.parent)
         session, provider = self.runtime.session(path)
         return Model(
-            name, version, path, session, provider, self.settings.max_batch_size, self._executor
+            name,
+            version,
+            path,
+            session,
+            provider,
+            self.settings.max_batch_size,
+            self._executor,
+            batching,
+            self.metrics,
+            self.settings.inference_workers,
         )
 
     # -- lookup ----------------------------------------------------------------------------
@@ -366,6 +400,8 @@ class ModelRepository:
         return versions[version]
 
     def close(self) -> None:
-        """Stop the inference threads (after the server stopped taking calls)."""
+        """Stop the queues and inference threads (after the server stopped taking calls)."""
+        for model in self.models():
+            model.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
 

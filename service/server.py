@@ -138,6 +138,9 @@ async def serve(settings: Settings) -> None:
     repository = ModelRepository(settings.model_repository, settings)  # provider check first
     app = await build_server(settings, repository)
     await app.start()
+    metrics_port = None
+    if settings.metrics_port:
+        metrics_port = repository.metrics.serve(settings.metrics_port, settings.host)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -148,6 +151,7 @@ async def serve(settings: Settings) -> None:
         "server started",
         extra={
             "address": f"{settings.host}:{app.port}",
+            "metrics_port": metrics_port,
             "tls": settings.tls_cert is not None,
             "mutual_tls": settings.tls_client_ca is not None,
             "auth": bool(settings.auth_tokens or settings.auth_token_file),
@@ -165,4 +169,5 @@ async def serve(settings: Settings) -> None:
     await stop.wait()
     log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace_seconds})
     await app.stop()
+    repository.metrics.close()
     log.info("server stopped")

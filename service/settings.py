@@ -1,14 +1,29 @@
 """Server settings: one pydantic-settings class, read from ``SERVING_*`` env vars and CLI flags."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 BUNDLED_MODELS = Path(__file__).resolve().parents[1] / "models"
 MiB = 1024 * 1024
+
+
+class BatchingOverride(BaseModel):
+    """Per-model dynamic batching settings; a field left out keeps the server-wide default.
+
+    Given in ``models/<name>/config.json`` under ``"batching"`` and/or in the ``batching``
+    setting (JSON object: model name → these fields), which wins."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool | None = None
+    max_batch_size: int | None = Field(None, ge=1)
+    max_queue_delay_us: int | None = Field(None, ge=0)
+    queue_capacity: int | None = Field(None, ge=1)
 
 
 class Settings(BaseSettings):
@@ -37,6 +52,32 @@ class Settings(BaseSettings):
         2, ge=1, description="threads running inference calls concurrently, off the event loop"
     )
     max_batch_size: int = Field(1024, ge=1, description="largest batch accepted per request")
+    dynamic_batching: bool = Field(
+        True,
+        description="batch concurrent requests for the same model version together "
+        "(per-model override: 'enabled')",
+    )
+    batch_max_size: int = Field(
+        64, ge=1, description="most rows in one executed batch; larger requests are split"
+    )
+    batch_max_queue_delay_us: int = Field(
+        0,
+        ge=0,
+        description="how long the oldest queued request may wait for more rows, in microseconds "
+        "(0 = no waiting: a batch is whatever queued while the workers were busy)",
+    )
+    batch_queue_capacity: int = Field(
+        512, ge=1, description="requests waiting per model version; more → RESOURCE_EXHAUSTED"
+    )
+    batching: dict[str, BatchingOverride] = Field(
+        {},
+        description="per-model batching overrides, JSON: "
+        '{"fashion_cnn": {"max_batch_size": 32, "max_queue_delay_us": 500}}; '
+        "wins over models/<name>/config.json",
+    )
+    metrics_port: int = Field(
+        8002, ge=0, le=65535, description="Prometheus /metrics HTTP port (0 = no metrics endpoint)"
+    )
     max_message_bytes: int = Field(
         64 * MiB,
         ge=4 * MiB,
@@ -98,6 +139,16 @@ class Settings(BaseSettings):
             if not token or not all(33 <= ord(c) <= 126 for c in token):
                 raise ValueError("auth tokens must be non-empty printable ASCII without spaces")
         return tokens
+
+    @field_validator("batching", mode="before")
+    @classmethod
+    def _json(cls, value: object) -> object:
+        if isinstance(value, str):  # from a CLI flag
+            try:
+                return json.loads(value) if value.strip() else {}
+            except ValueError as exc:
+                raise ValueError(f"batching must be a JSON object: {exc}") from None
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -105,6 +105,7 @@ def start_server(
     port = free_port()
     log_path = tmp_path / f"server-{port}.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("SERVING_")}
+    full_env["SERVING_METRICS_PORT"] = "0"  # no fixed metrics port: servers run side by side
     full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
     command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), *args]
     with open(log_path, "wb") as log_file:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -12,6 +13,7 @@ from ..errors import InvalidArgument, ServingError, abort
 from ..generated.serving.v1 import serving_pb2 as pb
 from ..generated.serving.v1 import serving_pb2_grpc as pb_grpc
 from ..logs import annotate
+from ..metrics import TYPED, resolved, status_code
 from ..repository import Model, ModelRepository
 from ..settings import Settings
 from ..tensors import check_finite, from_bytes
@@ -64,17 +66,45 @@ def _images(tensor: pb.Tensor, want: np.dtype) -> np.ndarray:
     raise InvalidArgument(f"images: the model takes {want}; {dtype} cannot be converted to it")
 
 
+def _inference(
+    method: Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]:
+    """:func:`_grpc_errors` for an inference RPC, which is also counted in the request metrics."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        start = time.perf_counter()
+        try:
+            response = await method(self, request, context)
+        except ServingError as err:
+            self._observe(status_code(context, err), start)
+            await abort(context, err)
+        except BaseException as exc:  # cancelled, or a bug (UNKNOWN)
+            self._observe(status_code(context, exc), start)
+            raise
+        self._observe("OK", start)
+        return response
+
+    return wrapper
+
+
 class TypedModelService(pb_grpc.ModelServiceServicer):
     """serving.v1.ModelService over a :class:`ModelRepository`."""
 
     def __init__(self, repository: ModelRepository) -> None:
         self.repository = repository
+        self._metrics = getattr(repository, "metrics", None)
+
+    def _observe(self, code: str, start: float) -> None:
+        if self._metrics is not None:
+            self._metrics.observe_request(TYPED, code, time.perf_counter() - start)
 
     def _model(self, ref: pb.ModelRef, default: str) -> Model:
         if ref.version < 0:
             raise InvalidArgument(f"model.version must be >= 0 (0 = latest), got {ref.version}")
         model = self.repository.get(ref.name or default, ref.version or None)
         annotate(model=model.name, version=model.version)
+        resolved(model.name, model.version)
         return model
 
     @staticmethod
@@ -102,22 +132,22 @@ class TypedModelService(pb_grpc.ModelServiceServicer):
         if request.top_k > n_classes:
             raise InvalidArgument(f"top_k must be at most {n_classes} (the class count), got {request.top_k}")
         labels = model.class_names if len(model.class_names) == n_classes else [str(i) for i in range(n_classes)]
-        ranked = np.argsort(-probs, axis=1, kind="stable")
-        results = []
-        for row, order in zip(probs, ranked):
-            best = int(order[0])
-            top = [
-                pb.ClassScore(index=int(i), label=labels[i], probability=float(row[i]))
-                for i in order[: request.top_k]
-            ]
-            results.append(
-                pb.Classification(
-                    probabilities=row.tolist(), class_index=best, label=labels[best], top_k=top
-                )
-            )
-        return pb.ClassifyResponse(model=self._ref(model), results=results, request_id=request.request_id)
+        response = pb.ClassifyResponse(model=self._ref(model), request_id=request.request_id)
+        # Whole-array numpy work, then one message per image (the proto has one per image).
+        rows = probs.tolist()
+        add = response.results.add
+        if request.top_k:
+            ranked = np.argsort(-probs, axis=1, kind="stable")[:, : request.top_k].tolist()
+            for row, order in zip(rows, ranked):
+                best = order[0]
+                top = [pb.ClassScore(index=i, label=labels[i], probability=row[i]) for i in order]
+                add(probabilities=row, class_index=best, label=labels[best], top_k=top)
+        else:
+            for row, best in zip(rows, probs.argmax(axis=1).tolist()):  # first max, as argsort
+                add(probabilities=row, class_index=best, label=labels[best])
+        return response
 
-    @_grpc_errors
+    @_inference
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         return await self._classify(request, context)
 
@@ -126,11 +156,17 @@ class TypedModelService(pb_grpc.ModelServiceServicer):
     ) -> AsyncIterator[pb.ClassifyResponse]:
         count = 0
         async for request in requests:
+            start = time.perf_counter()
             try:
                 response = await self._classify(request, context)
             except ServingError as err:
+                self._observe(status_code(context, err), start)
                 where = f"batch {count} (request_id {request.request_id!r})"
                 await abort(context, type(err)(f"{where}: {err}"))
+            except BaseException as exc:
+                self._observe(status_code(context, exc), start)
+                raise
+            self._observe("OK", start)
             count += 1
             annotate(batches=count)
             yield response
@@ -152,7 +188,7 @@ class TypedModelService(pb_grpc.ModelServiceServicer):
             )
         return values.reshape(-1).tolist()
 
-    @_grpc_errors
+    @_inference
     async def PredictProfit(
         self, request: pb.PredictProfitRequest, context: grpc.aio.ServicerContext
     ) -> pb.PredictProfitResponse:
@@ -161,7 +197,7 @@ class TypedModelService(pb_grpc.ModelServiceServicer):
         profit = await self._regress(model, features, context)
         return pb.PredictProfitResponse(model=self._ref(model), profit_usd=profit)
 
-    @_grpc_errors
+    @_inference
     async def PredictHousePrice(
         self, request: pb.PredictHousePriceRequest, context: grpc.aio.ServicerContext
     ) -> pb.PredictHousePriceResponse:

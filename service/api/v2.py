@@ -13,6 +13,7 @@ shared memory, trace, logging) answer UNIMPLEMENTED with a message naming what i
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from importlib import metadata
 from typing import Any
@@ -33,6 +34,7 @@ from service.generated.inference import grpc_service_pb2 as pb
 from service.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from service.generated.inference import model_config_pb2 as config_pb
 from service.logs import annotate
+from service.metrics import V2, resolved, status_code
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,11 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         self._reloader = reloader
         self._repository = repository
         self._settings = settings
+        self._metrics = getattr(repository, "metrics", None)
+
+    def _observe(self, code: str, start: float) -> None:
+        if self._metrics is not None:
+            self._metrics.observe_request(V2, code, time.perf_counter() - start)
 
     # --- health -----------------------------------------------------------------------------
 
@@ -150,10 +157,17 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     # --- inference --------------------------------------------------------------------------
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        start = time.perf_counter()
         try:
-            return await self._infer(request, context)
+            response = await self._infer(request, context)
         except ServingError as err:
+            self._observe(status_code(context, err), start)
             await abort(context, err)
+        except BaseException as exc:  # cancelled, or a bug (UNKNOWN)
+            self._observe(status_code(context, exc), start)
+            raise
+        self._observe("OK", start)
+        return response
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
@@ -161,18 +175,25 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         """Triton's bidirectional stream: one response per request, in order. A failed request
         answers with ``error_message`` (plus its id) and the stream goes on."""
         async for request in request_iterator:
+            start = time.perf_counter()
             try:
                 response = await self._infer(request, context)
             except ServingError as err:
+                self._observe(status_code(context, err), start)
                 failed = pb.ModelInferResponse(
                     model_name=request.model_name, model_version=request.model_version, id=request.id
                 )
                 yield pb.ModelStreamInferResponse(error_message=clip(str(err)), infer_response=failed)
+            except BaseException as exc:
+                self._observe(status_code(context, exc), start)
+                raise
             else:
+                self._observe("OK", start)
                 yield pb.ModelStreamInferResponse(infer_response=response)
 
     async def _infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         model = self._repository.get(request.model_name, _version(request.model_version))
+        resolved(model.name, model.version)
         annotate(model=model.name, version=model.version, request_id=request.id)
         _check_datatypes(model, request)
         inputs = codec.decode_inputs(request)

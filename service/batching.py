@@ -1,0 +1,422 @@
+"""Dynamic batching: one queue per model version, shared by both protocol adapters.
+
+Requests for the same model version that arrive while its inference workers are busy (or within
+``max_queue_delay_us`` of the oldest waiting request) are concatenated along the batch axis, run
+as one onnxruntime call, and split back by row offsets: every caller gets exactly its own rows.
+
+* **Batch size.** At most ``max_batch_size`` rows per executed batch. A request with more rows is
+  *split*: its rows are taken in order across consecutive batches (sharing them with other
+  requests) and its outputs joined again, so large requests neither block small ones for long nor
+  make one huge allocation. (The per-request limit is the separate server setting
+  ``max_batch_size``; over it a request is INVALID_ARGUMENT before it is queued.)
+* **When a batch runs.** As soon as a worker slot is free (at most ``inference_workers`` batches of
+  one model version run at once) and either the queue holds ``max_batch_size`` rows or the oldest
+  request has waited ``max_queue_delay_us``. With the default delay 0 nothing waits on purpose: a
+  batch is whatever queued while the previous batches ran, which is where batching pays off.
+* **Backpressure.** More than ``queue_capacity`` waiting requests → RESOURCE_EXHAUSTED at once.
+  A request whose deadline passes while it waits is answered DEADLINE_EXCEEDED and dropped before
+  compute; a caller that goes away (cancelled RPC) is dropped the same way. Both are counted.
+* **Off** (``enabled: false``, or a model whose inputs/outputs have no dynamic batch axis): each
+  request is its own batch, unsplit, through the same queue, limits and metrics.
+
+All queue state lives on the event loop thread (no locks); only onnxruntime (plus the input
+concatenation) runs on the inference threads. Inputs are used as given (views over the request
+bytes); the only copies are the concatenation of several requests and the caller's own encoding
+of its output rows, which are views into the batch output.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import DeadlineExceeded, Internal, ResourceExhausted, ServingError, Unavailable
+from .metrics import ModelMetrics
+from .settings import BatchingOverride, Settings
+
+log = logging.getLogger(__name__)
+
+#: Optional per-model file, next to the version directories: {"batching": {...}}.
+CONFIG_FILE = "config.json"
+
+Arrays = dict[str, np.ndarray]
+RunFn = Callable[[Arrays, list[str]], Arrays]
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """Resolved batching settings of one model version."""
+
+    enabled: bool = True
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 0
+    queue_capacity: int = 512
+
+    @classmethod
+    def resolve(cls, settings: Settings, name: str, model_dir: Path | None = None) -> BatchingConfig:
+        """Server defaults, then ``<model_dir>/config.json`` "batching", then ``settings.batching``.
+
+        Raises ValueError when the config file is not valid JSON or has unknown/invalid fields.
+        """
+        values: dict[str, Any] = {
+            "enabled": settings.dynamic_batching,
+            "max_batch_size": settings.batch_max_size,
+            "max_queue_delay_us": settings.batch_max_queue_delay_us,
+            "queue_capacity": settings.batch_queue_capacity,
+        }
+        overrides: list[BatchingOverride] = []
+        path = model_dir / CONFIG_FILE if model_dir is not None else None
+        if path is not None and path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except ValueError as exc:
+                raise ValueError(f"{path} is not valid JSON: {exc}") from None
+            unknown = sorted(set(data) - {"batching"}) if isinstance(data, dict) else None
+            if unknown is None or unknown:
+                raise ValueError(f'{path}: expected {{"batching": {{...}}}}, got keys {unknown}')
+            try:
+                overrides.append(BatchingOverride.model_validate(data.get("batching", {})))
+            except Exception as exc:  # pydantic.ValidationError: say which file
+                raise ValueError(f"{path}: {exc}") from None
+        if name in settings.batching:
+            overrides.append(settings.batching[name])
+        for override in overrides:
+            values.update(override.model_dump(exclude_none=True))
+        return cls(**values)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "enabled": self.enabled,
+            "max_batch_size": self.max_batch_size,
+            "max_queue_delay_us": self.max_queue_delay_us,
+            "queue_capacity": self.queue_capacity,
+        }
+
+
+class _Item:
+    """One queued request."""
+
+    __slots__ = (
+        "feeds", "names", "rows", "key", "future", "enqueued", "deadline", "timer", "taken",
+        "done_rows", "pieces", "counted",
+    )
+
+    def __init__(self, feeds: Arrays, names: list[str], rows: int, future: asyncio.Future, now: float) -> None:
+        self.feeds = feeds
+        self.names = names
+        self.rows = rows
+        # Requests batch together when their non-batch dimensions and outputs agree.
+        self.key = (tuple(a.shape[1:] for a in feeds.values()), tuple(names))
+        self.future = future
+        self.enqueued = now
+        self.deadline: float | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.taken = 0  # rows handed to batches so far
+        self.done_rows = 0  # rows whose outputs came back
+        self.pieces: dict[int, Arrays] = {}  # start row → outputs (split requests)
+        self.counted = False  # already counted as dropped
+
+
+Part = tuple[_Item, int, int]  # item, first row, end row
+
+
+class Batcher:
+    """The queue and batch scheduler of one model version (see the module docstring)."""
+
+    def __init__(
+        self,
+        label: str,
+        run: RunFn,
+        executor: Executor | None,
+        config: BatchingConfig,
+        max_in_flight: int,
+        metrics: ModelMetrics | None = None,
+        batchable: bool = True,
+    ) -> None:
+        self.label = label
+        self.config = config
+        self.batching = config.enabled and batchable
+        self._run = run
+        self._executor = executor
+        self._max_in_flight = max(1, max_in_flight)
+        self._metrics = metrics
+        self._delay = config.max_queue_delay_us / 1e6
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: deque[_Item] = deque()
+        self._in_flight = 0
+        self._scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    # -- state read by the metrics scrape ----------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting (not yet fully handed to a batch)."""
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    # -- callers -------------------------------------------------------------------------------
+
+    async def submit(self, feeds: Arrays, names: list[str], timeout: float | None = None) -> Arrays:
+        """Queue validated ``feeds`` (all with the same number of rows ≥ 1); return this request's
+        outputs ``names`` once computed. Raises ResourceExhausted (queue full), DeadlineExceeded
+        (``timeout`` seconds passed first), Unavailable (closed) or the run's ServingError."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._bind(loop)
+        if self._closed:
+            raise Unavailable(f"{self.label} is being unloaded; retry")
+        if len(self._queue) >= self.config.queue_capacity:
+            self._drop("queue_full")
+            raise ResourceExhausted(
+                f"{self.label} has {len(self._queue)} requests queued, its capacity; retry later"
+            )
+        rows = len(next(iter(feeds.values())))
+        now = loop.time()
+        item = _Item(feeds, names, rows, loop.create_future(), now)
+        if timeout is not None:
+            if timeout <= 0:
+                self._drop("deadline")
+                raise DeadlineExceeded(f"deadline already passed before {self.label} ran")
+            item.deadline = now + timeout
+            item.timer = loop.call_at(item.deadline, self._expire, item)
+        self._queue.append(item)
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._dispatch)  # requests arriving in this loop turn batch together
+        try:
+            return await item.future
+        finally:
+            if item.timer is not None:
+                item.timer.cancel()
+
+    def close(self) -> None:
+        """Fail waiting requests with UNAVAILABLE and refuse new ones (running batches finish)."""
+        self._closed = True
+        while self._queue:
+            item = self._queue.popleft()
+            if not item.future.done():
+                item.future.set_exception(Unavailable(f"{self.label} was unloaded before it ran"))
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # -- scheduling (event loop thread) --------------------------------------------------------
+
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Attach to the running loop (a new loop, e.g. another asyncio.run, starts afresh)."""
+        self._loop = loop
+        self._queue.clear()
+        self._in_flight = 0
+        self._scheduled = False
+        self._timer = None
+
+    def _drop(self, reason: str) -> None:
+        if self._metrics is not None:
+            self._metrics.dropped(reason)
+
+    def _expire(self, item: _Item) -> None:
+        """The item's deadline passed: answer it now; it leaves the queue at the next dispatch."""
+        item.timer = None
+        if item.future.done():
+            return
+        where = "in the queue" if item.taken == 0 else "while running"
+        item.future.set_exception(
+            DeadlineExceeded(f"{self.label}: the request's deadline passed {where}")
+        )
+        if item.taken == 0:
+            item.counted = True
+            self._drop("deadline")
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Start batches while worker slots are free and the queue has something due."""
+        self._scheduled = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        queue = self._queue
+        loop = self._loop
+        assert loop is not None
+        while queue and self._in_flight < self._max_in_flight:
+            now = loop.time()
+            self._purge(now)
+            if not queue:
+                return
+            if self.batching and self._delay > 0:
+                due = queue[0].enqueued + self._delay
+                if now < due and self._waiting_rows() < self.config.max_batch_size:
+                    self._timer = loop.call_at(due, self._on_timer)
+                    return
+            parts = self._gather()
+            if parts:
+                self._launch(parts, now)
+
+    def _waiting_rows(self) -> int:
+        total = 0
+        for item in self._queue:
+            total += item.rows - item.taken
+            if total >= self.config.max_batch_size:
+                break
+        return total
+
+    def _purge(self, now: float) -> None:
+        """Drop answered (expired) or cancelled requests from the head of the queue."""
+        queue = self._queue
+        while queue:
+            item = queue[0]
+            if item.future.done():
+                if not item.counted and item.taken == 0:
+                    late = item.deadline is not None and now >= item.deadline
+                    self._drop("deadline" if late else "cancelled")
+                queue.popleft()
+            elif item.deadline is not None and now >= item.deadline:
+                self._expire(item)
+                queue.popleft()
+            else:
+                return
+
+    def _gather(self) -> list[Part]:
+        """Take rows from the head of the queue into one batch."""
+        queue = self._queue
+        item = queue[0]
+        if not self.batching:
+            queue.popleft()
+            item.taken = item.rows
+            return [(item, 0, item.rows)]
+        limit = self.config.max_batch_size
+        parts: list[Part] = []
+        rows = 0
+        key = item.key
+        while queue and rows < limit:
+            item = queue[0]
+            if item.future.done():  # answered or cancelled meanwhile
+                if not item.counted and item.taken == 0:
+                    self._drop("cancelled")
+                queue.popleft()
+                continue
+            if item.key != key:
+                break  # different shape or outputs: next batch
+            start = item.taken
+            take = min(item.rows - start, limit - rows)
+            parts.append((item, start, start + take))
+            item.taken = start + take
+            rows += take
+            if item.taken == item.rows:
+                queue.popleft()
+        return parts
+
+    def _launch(self, parts: list[Part], now: float) -> None:
+        self._in_flight += 1
+        if self._metrics is not None:
+            observe = self._metrics.queue_wait.observe
+            for item, start, _ in parts:
+                if start == 0:
+                    observe(now - item.enqueued)
+        names = parts[0][0].names
+        loop = self._loop
+        assert loop is not None
+        done = partial(self._finished, parts, loop)
+        try:
+            future = self._submit(parts, names)
+        except RuntimeError as exc:  # executor shut down
+            self._in_flight -= 1
+            self._fail(parts, Unavailable(f"{self.label}: server is shutting down ({exc})"))
+            return
+        future.add_done_callback(lambda f: loop.call_soon_threadsafe(done, f))
+
+    def _submit(self, parts: list[Part], names: list[str]) -> Future:
+        if self._executor is None:
+            return asyncio.get_running_loop().run_in_executor(None, self._compute, parts, names)  # type: ignore[return-value]
+        return self._executor.submit(self._compute, parts, names)
+
+    def _compute(self, parts: list[Part], names: list[str]) -> tuple[Arrays, int, float]:
+        """Inference thread: build the batch, run it, check the outputs have one row per input row."""
+        started = time.perf_counter()
+        if len(parts) == 1:
+            item, start, end = parts[0]
+            if start == 0 and end == item.rows:
+                feeds = item.feeds
+            else:
+                feeds = {k: v[start:end] for k, v in item.feeds.items()}
+            rows = end - start
+        else:
+            first = parts[0][0].feeds
+            feeds = {
+                k: np.concatenate([item.feeds[k][start:end] for item, start, end in parts])
+                for k in first
+            }
+            rows = sum(end - start for _, start, end in parts)
+        outputs = self._run(feeds, names)
+        if self.batching:
+            bad = {k: list(v.shape) for k, v in outputs.items() if v.ndim == 0 or len(v) != rows}
+            if bad:
+                raise Internal(
+                    f"{self.label} returned {bad} for a batch of {rows} rows; "
+                    "outputs must have one row per input row to be batched"
+                )
+        return outputs, rows, time.perf_counter() - started
+
+    def _finished(self, parts: list[Part], loop: asyncio.AbstractEventLoop, future: Future) -> None:
+        """Event loop: hand each caller its rows, then start the next batch."""
+        if loop is not self._loop:
+            return  # from an event loop that is gone
+        self._in_flight -= 1
+        try:
+            outputs, rows, seconds = future.result()
+        except BaseException as exc:  # noqa: BLE001 - every caller must hear about it
+            err = exc if isinstance(exc, ServingError) else Internal(f"inference failed in {self.label}: {exc}")
+            self._fail(parts, err)
+        else:
+            if self._metrics is not None:
+                self._metrics.compute.observe(seconds)
+                self._metrics.batch_size.observe(rows)
+            offset = 0
+            for item, start, end in parts:
+                count = end - start
+                if not item.future.done():
+                    mine = {k: v[offset : offset + count] for k, v in outputs.items()}
+                    if count == item.rows:
+                        item.future.set_result(mine)
+                    else:
+                        self._piece(item, start, count, mine)
+                offset += count
+        if self._queue and not self._scheduled:
+            self._dispatch()
+
+    @staticmethod
+    def _piece(item: _Item, start: int, count: int, outputs: Arrays) -> None:
+        """One batch's share of a split request; join the pieces once all rows are back."""
+        item.pieces[start] = outputs
+        item.done_rows += count
+        if item.done_rows == item.rows:
+            ordered = [item.pieces[s] for s in sorted(item.pieces)]
+            item.pieces = {}
+            item.future.set_result({k: np.concatenate([p[k] for p in ordered]) for k in ordered[0]})
+
+    def _fail(self, parts: list[Part], err: ServingError) -> None:
+        for item, _, _ in parts:
+            if not item.future.done():
+                item.future.set_exception(type(err)(str(err)))
+
+
+def batchable(inputs: Sequence[Any], outputs: Sequence[Any]) -> bool:
+    """True when every input and output has a dynamic leading (batch) dimension."""
+    return all(s.shape and s.shape[0] < 0 for s in [*inputs, *outputs])
