@@ -1,9 +1,14 @@
-"""Request guards that sit in front of every servicer.
+"""Request guards in front of every servicer (:class:`GuardInterceptor`).
 
-gRPC decodes each request message before our code sees it; a message that does not parse
-(truncated bytes, a wrong wire type, a ``string`` field that is not valid UTF-8) made grpc.aio
-answer ``UNKNOWN: Unexpected DecodeError``. :class:`DecodeGuardInterceptor` turns that into
-``INVALID_ARGUMENT`` naming the message type, for unary and streaming requests alike.
+* **Undecodable messages.** gRPC decodes each request before our code sees it; a message that
+  does not parse (truncated bytes, a wrong wire type, a ``string`` field that is not valid UTF-8)
+  made grpc.aio answer ``UNKNOWN: Unexpected DecodeError``. Now: ``INVALID_ARGUMENT`` naming the
+  message type, for unary and streaming requests alike.
+* **Concurrent calls.** At most ``max_concurrent_requests`` calls run at once; one more is
+  answered ``RESOURCE_EXHAUSTED`` at once. A stream counts as one call while it is open. Health
+  checks are not counted and never refused, so probes keep working while the server is saturated.
+  (grpc.aio's own ``maximum_concurrent_rpcs`` counts the call it is waiting for as active and
+  refuses calls at random near the limit; this count is exact.)
 """
 from __future__ import annotations
 
@@ -52,6 +57,27 @@ async def _reject(context: grpc.aio.ServicerContext, bad: _Undecodable) -> None:
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad.message)
 
 
+#: Methods never refused by the concurrency limit (prefix match).
+UNLIMITED_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+class ConcurrencyLimit:
+    """Counts the calls running now (event loop only, no lock needed)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+        self.refused = 0
+
+    async def refuse(self, context: grpc.aio.ServicerContext) -> None:
+        self.refused += 1
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"the server is busy: {self.active} calls in progress, its max_concurrent_requests "
+            "limit; retry with backoff",
+        )
+
+
 async def _checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
     async for request in requests:
         if type(request) is _Undecodable:
@@ -59,36 +85,53 @@ async def _checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerConte
         yield request
 
 
-def _wrap(behavior: Callable[..., Any], stream_request: bool) -> Callable[..., Any]:
-    """``behavior`` with undecodable requests rejected first; same kind (coroutine function or
-    async generator function), which grpc.aio looks at to drive it."""
+def _wrap(behavior: Callable[..., Any], stream_request: bool, limit: ConcurrencyLimit | None) -> Callable[..., Any]:
+    """``behavior`` behind the concurrency limit (when given), with undecodable requests rejected
+    first; same kind (coroutine function or async generator function), which grpc.aio looks at
+    to drive it."""
 
     if inspect.isasyncgenfunction(behavior):
 
         async def generator(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if limit is not None and limit.active >= limit.limit:
+                await limit.refuse(context)
             if stream_request:
                 request = _checked(request, context)
             elif type(request) is _Undecodable:
                 await _reject(context, request)
-            async for item in behavior(request, context):
-                yield item
+            if limit is not None:
+                limit.active += 1
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            finally:
+                if limit is not None:
+                    limit.active -= 1
 
         return generator
 
     async def coroutine(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if limit is not None and limit.active >= limit.limit:
+            await limit.refuse(context)
         if stream_request:
             request = _checked(request, context)
         elif type(request) is _Undecodable:
             await _reject(context, request)
-        result = behavior(request, context)
-        return await result if inspect.isawaitable(result) else result
+        if limit is not None:
+            limit.active += 1
+        try:
+            result = behavior(request, context)
+            return await result if inspect.isawaitable(result) else result
+        finally:
+            if limit is not None:
+                limit.active -= 1
 
     return coroutine
 
 
-def guard_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def guard_handler(handler: grpc.RpcMethodHandler, limit: ConcurrencyLimit | None = None) -> grpc.RpcMethodHandler:
     """``handler`` with a deserializer that never raises and a behaviour that answers
-    INVALID_ARGUMENT for a message that did not parse."""
+    INVALID_ARGUMENT for a message that did not parse (and RESOURCE_EXHAUSTED over ``limit``)."""
     if handler.unary_unary:
         factory, behavior, stream_request = grpc.unary_unary_rpc_method_handler, handler.unary_unary, False
     elif handler.unary_stream:
@@ -98,16 +141,17 @@ def guard_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     else:
         factory, behavior, stream_request = grpc.stream_stream_rpc_method_handler, handler.stream_stream, True
     return factory(
-        _wrap(behavior, stream_request),
+        _wrap(behavior, stream_request, limit),
         request_deserializer=_safe(handler.request_deserializer),
         response_serializer=handler.response_serializer,
     )
 
 
-class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
+class GuardInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every method handler with :func:`guard_handler` (once per method, then cached)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_concurrent: int | None = None) -> None:
+        self.limit = ConcurrencyLimit(max_concurrent) if max_concurrent else None
         self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
@@ -121,6 +165,7 @@ class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
         cached = self._cache.get(details.method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = guard_handler(handler)
+        limit = None if details.method.startswith(UNLIMITED_PREFIXES) else self.limit
+        wrapped = guard_handler(handler, limit)
         self._cache[details.method] = (handler, wrapped)  # keys: registered methods only
         return wrapped

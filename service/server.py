@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from .api import typed, v2
 from .auth import BearerAuthInterceptor, TokenStore
 from .generated._pool import POOL
-from .guards import DecodeGuardInterceptor
+from .guards import GuardInterceptor
 from .logs import RequestLogInterceptor
 from .reload import ModelReloader
 from .repository import ModelRepository
@@ -90,12 +90,13 @@ async def build_server(settings: Settings, repository: ModelRepository | None = 
     if repository is None:
         repository = ModelRepository(settings.model_repository, settings)
     # Outermost first: the request log sees every outcome, auth refuses before anything is
-    # decoded, the decode guard turns unparsable messages into INVALID_ARGUMENT.
+    # decoded, the guard applies max_concurrent_requests and turns unparsable messages into
+    # INVALID_ARGUMENT.
     interceptors: list[grpc.aio.ServerInterceptor] = [RequestLogInterceptor()]
     tokens = TokenStore.from_settings(settings)  # AuthConfigError (refuse to start) on a bad file
     if tokens is not None:
         interceptors.append(BearerAuthInterceptor(tokens))
-    interceptors.append(DecodeGuardInterceptor())
+    interceptors.append(GuardInterceptor(settings.max_concurrent_requests))
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -107,7 +108,6 @@ async def build_server(settings: Settings, repository: ModelRepository | None = 
             # A port already in use is an error, not a second server silently sharing it.
             ("grpc.so_reuseport", 0),
         ],
-        maximum_concurrent_rpcs=settings.max_concurrent_requests,
     )
     reloader = ModelReloader(repository, settings)
     services = typed.add_to_server(server, repository, settings)

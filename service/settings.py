@@ -109,8 +109,8 @@ class Settings(BaseSettings):
         "re-read when it changes",
     )
     max_concurrent_requests: int = Field(
-        256, ge=1, description="calls handled at once, health checks and streams included; "
-        "more → RESOURCE_EXHAUSTED"
+        256, ge=1, description="calls handled at once (an open stream counts as one; health "
+        "checks are not counted); more → RESOURCE_EXHAUSTED"
     )
     max_metadata_bytes: int = Field(
         16 * 1024, ge=1024, description="largest request metadata (headers), in bytes; "
