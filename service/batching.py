@@ -19,8 +19,12 @@ as one onnxruntime call, and split back by row offsets: every caller gets exactl
 * **Off** (``enabled: false``, or a model whose inputs/outputs have no dynamic batch axis): each
   request is its own batch, unsplit, through the same queue, limits and metrics.
 
-All queue state lives on the event loop thread (no locks); only onnxruntime (plus the input
-concatenation) runs on the inference threads. Inputs are used as given (views over the request
+All queue state lives on the event loop thread (no locks). onnxruntime (plus the input
+concatenation) runs on the inference threads, except a batch expected to take less than
+``inline_compute_us`` (100 µs by default: the linear models, the softmax classifier up to ~20 rows),
+which runs on the event loop thread because handing it to a thread and back costs more CPU than
+the computation itself; the expectation comes from timing the model at load (1 and 16 rows) and is
+corrected by every batch run since. Inputs are used as given (views over the request
 bytes); the only copies are the concatenation of several requests and the caller's own encoding
 of its output rows, which are views into the batch output.
 """
@@ -142,6 +146,7 @@ class Batcher:
         max_in_flight: int,
         metrics: ModelMetrics | None = None,
         batchable: bool = True,
+        inline_compute_us: int = 0,
     ) -> None:
         self.label = label
         self.config = config
@@ -157,6 +162,33 @@ class Batcher:
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
+        self._inline_limit = inline_compute_us / 1e6
+        self._cost: tuple[float, float] | None = None  # seconds: fixed, per row
+        self._scale = 1.0  # measured / expected, smoothed
+
+    # -- cost model (inline or thread) ---------------------------------------------------------
+
+    def calibrate(self, fixed_s: float, per_row_s: float) -> None:
+        """Expected compute time of a batch: ``fixed_s + rows * per_row_s`` (from load-time runs)."""
+        self._cost = (max(fixed_s, 0.0), max(per_row_s, 0.0))
+        self._scale = 1.0
+
+    def expected_seconds(self, rows: int) -> float | None:
+        if self._cost is None:
+            return None
+        return (self._cost[0] + rows * self._cost[1]) * self._scale
+
+    def _inline(self, rows: int) -> bool:
+        if self._cost is None or self._inline_limit <= 0:
+            return False
+        return (self._cost[0] + rows * self._cost[1]) * self._scale < self._inline_limit
+
+    def _learn(self, rows: int, seconds: float) -> None:
+        if self._cost is not None:
+            expected = self._cost[0] + rows * self._cost[1]
+            if expected > 0:
+                ratio = min(max(seconds / expected, 0.25), 20.0)
+                self._scale = 0.9 * self._scale + 0.1 * ratio
 
     # -- state read by the metrics scrape ----------------------------------------------------
 
@@ -200,6 +232,9 @@ class Batcher:
             loop.call_soon(self._dispatch)  # requests arriving in this loop turn batch together
         try:
             return await item.future
+        except asyncio.CancelledError:  # the caller went away (client cancelled, or its deadline)
+            self._forget(item, "cancelled")
+            raise
         finally:
             if item.timer is not None:
                 item.timer.cancel()
@@ -230,7 +265,7 @@ class Batcher:
             self._metrics.dropped(reason)
 
     def _expire(self, item: _Item) -> None:
-        """The item's deadline passed: answer it now; it leaves the queue at the next dispatch."""
+        """The item's deadline passed: answer it now and take it out of the queue."""
         item.timer = None
         if item.future.done():
             return
@@ -238,9 +273,23 @@ class Batcher:
         item.future.set_exception(
             DeadlineExceeded(f"{self.label}: the request's deadline passed {where}")
         )
+        self._forget(item, "deadline")
+
+    def _forget(self, item: _Item, reason: str) -> None:
+        """Drop an answered or abandoned request from the queue; count it if it never ran."""
+        if item.counted:
+            return
+        item.counted = True
+        if item.taken < item.rows:
+            try:
+                self._queue.remove(item)
+            except ValueError:
+                pass
         if item.taken == 0:
-            item.counted = True
-            self._drop("deadline")
+            if reason == "cancelled" and item.deadline is not None and self._loop is not None:
+                if self._loop.time() >= item.deadline:
+                    reason = "deadline"  # gRPC cancelled the call at its deadline
+            self._drop(reason)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -283,13 +332,11 @@ class Batcher:
         while queue:
             item = queue[0]
             if item.future.done():
-                if not item.counted and item.taken == 0:
-                    late = item.deadline is not None and now >= item.deadline
-                    self._drop("deadline" if late else "cancelled")
-                queue.popleft()
+                self._forget(item, "cancelled")  # safety net: normally removed already
+                if queue and queue[0] is item:
+                    queue.popleft()
             elif item.deadline is not None and now >= item.deadline:
-                self._expire(item)
-                queue.popleft()
+                self._expire(item)  # removes it
             else:
                 return
 
@@ -308,9 +355,9 @@ class Batcher:
         while queue and rows < limit:
             item = queue[0]
             if item.future.done():  # answered or cancelled meanwhile
-                if not item.counted and item.taken == 0:
-                    self._drop("cancelled")
-                queue.popleft()
+                self._forget(item, "cancelled")
+                if queue and queue[0] is item:
+                    queue.popleft()
                 continue
             if item.key != key:
                 break  # different shape or outputs: next batch
@@ -324,28 +371,40 @@ class Batcher:
         return parts
 
     def _launch(self, parts: list[Part], now: float) -> None:
-        self._in_flight += 1
         if self._metrics is not None:
             observe = self._metrics.queue_wait.observe
             for item, start, _ in parts:
                 if start == 0:
                     observe(now - item.enqueued)
         names = parts[0][0].names
+        if self._inline(sum(end - start for _, start, end in parts)):
+            try:
+                outcome: tuple[Arrays, int, float] | BaseException = self._compute(parts, names)
+            except Exception as exc:  # noqa: BLE001 - handed to the callers
+                outcome = exc
+            self._complete(parts, outcome)
+            return
         loop = self._loop
         assert loop is not None
+        self._in_flight += 1
         done = partial(self._finished, parts, loop)
         try:
-            future = self._submit(parts, names)
+            if self._executor is None:
+                future: Future = loop.run_in_executor(None, self._compute, parts, names)  # type: ignore[assignment]
+            else:
+                future = self._executor.submit(self._compute, parts, names)
         except RuntimeError as exc:  # executor shut down
             self._in_flight -= 1
             self._fail(parts, Unavailable(f"{self.label}: server is shutting down ({exc})"))
             return
-        future.add_done_callback(lambda f: loop.call_soon_threadsafe(done, f))
 
-    def _submit(self, parts: list[Part], names: list[str]) -> Future:
-        if self._executor is None:
-            return asyncio.get_running_loop().run_in_executor(None, self._compute, parts, names)  # type: ignore[return-value]
-        return self._executor.submit(self._compute, parts, names)
+        def wake(f: Future) -> None:
+            try:
+                loop.call_soon_threadsafe(done, f)
+            except RuntimeError:  # the event loop is closed: nobody is waiting any more
+                pass
+
+        future.add_done_callback(wake)
 
     def _compute(self, parts: list[Part], names: list[str]) -> tuple[Arrays, int, float]:
         """Inference thread: build the batch, run it, check the outputs have one row per input row."""
@@ -375,16 +434,28 @@ class Batcher:
         return outputs, rows, time.perf_counter() - started
 
     def _finished(self, parts: list[Part], loop: asyncio.AbstractEventLoop, future: Future) -> None:
-        """Event loop: hand each caller its rows, then start the next batch."""
+        """Event loop, after an inference thread ran a batch: results out, next batch in."""
         if loop is not self._loop:
             return  # from an event loop that is gone
         self._in_flight -= 1
         try:
-            outputs, rows, seconds = future.result()
+            outcome: tuple[Arrays, int, float] | BaseException = future.result()
         except BaseException as exc:  # noqa: BLE001 - every caller must hear about it
-            err = exc if isinstance(exc, ServingError) else Internal(f"inference failed in {self.label}: {exc}")
+            outcome = exc
+        self._complete(parts, outcome)
+        if self._queue and not self._scheduled:
+            self._dispatch()
+
+    def _complete(self, parts: list[Part], outcome: tuple[Arrays, int, float] | BaseException) -> None:
+        """Hand each caller its rows of the batch outputs (or the batch's error)."""
+        if isinstance(outcome, BaseException):
+            err = outcome if isinstance(outcome, ServingError) else Internal(
+                f"inference failed in {self.label}: {outcome}"
+            )
             self._fail(parts, err)
         else:
+            outputs, rows, seconds = outcome
+            self._learn(rows, seconds)
             if self._metrics is not None:
                 self._metrics.compute.observe(seconds)
                 self._metrics.batch_size.observe(rows)
@@ -398,8 +469,6 @@ class Batcher:
                     else:
                         self._piece(item, start, count, mine)
                 offset += count
-        if self._queue and not self._scheduled:
-            self._dispatch()
 
     @staticmethod
     def _piece(item: _Item, start: int, count: int, outputs: Arrays) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -94,6 +95,7 @@ class Model:
         batching: BatchingConfig | None = None,
         metrics: Metrics | None = None,
         max_in_flight: int = 1,
+        inline_compute_us: int = 0,
     ) -> None:
         self.name = name
         self.version = version
@@ -121,10 +123,36 @@ class Model:
             max_in_flight,
             metrics.for_model(name, version) if metrics is not None else None,
             batchable(self.inputs, self.outputs),
+            inline_compute_us,
         )
+        self._warm_up()
 
     def __repr__(self) -> str:
         return f"model '{self.name}' version {self.version}"
+
+    def _warm_up(self) -> None:
+        """Run the model on zeros before it serves (onnxruntime's first call is slow) and time
+        1 and 16 rows: the batcher's cost model (which batches are cheap enough to run inline)."""
+        if any(d < 0 for s in self.inputs for d in s.shape[1:]):
+            return  # a dynamic non-batch dimension: no canonical input to try
+        names = [s.name for s in self.outputs]
+        timings: dict[int, float] = {}
+        try:
+            for rows in (1, 16):
+                if rows > self.max_batch_size or (rows > 1 and not self.batcher.batching):
+                    break
+                feeds = {s.name: np.zeros((rows, *s.shape[1:]), s.dtype) for s in self.inputs}
+                best = float("inf")
+                for _ in range(3):
+                    start = time.perf_counter()
+                    self._session.run(names, feeds)
+                    best = min(best, time.perf_counter() - start)
+                timings[rows] = best
+        except Exception as exc:  # noqa: BLE001 - zeros may be invalid input for some graphs
+            log.warning("warm-up run failed", extra={"model": self.name, "version": self.version, "error": str(exc)})
+            return
+        per_row = (timings[16] - timings[1]) / 15 if 16 in timings else 0.0
+        self.batcher.calibrate(timings[1] - per_row, per_row)
 
     # -- metadata read from the ONNX file (keys written by training/export) -----------------
 
@@ -346,6 +374,7 @@ class ModelRepository:
             batching,
             self.metrics,
             self.settings.inference_workers,
+            self.settings.inline_compute_us,
         )
 
     # -- lookup ----------------------------------------------------------------------------

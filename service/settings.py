@@ -43,7 +43,11 @@ class Settings(BaseSettings):
         "cpu, or cuda (refuse to start without it)",
     )
     intra_op_threads: int = Field(
-        0, ge=0, description="onnxruntime threads inside one operator (0 = onnxruntime default)"
+        1,
+        ge=0,
+        description="onnxruntime threads inside one operator (0 = onnxruntime default: one per "
+        "core); with inference_workers batches running at once, workers x threads <= cores "
+        "keeps the CPU from being oversubscribed",
     )
     inter_op_threads: int = Field(
         1, ge=0, description="onnxruntime threads across operators (0 = onnxruntime default)"
@@ -65,6 +69,12 @@ class Settings(BaseSettings):
         ge=0,
         description="how long the oldest queued request may wait for more rows, in microseconds "
         "(0 = no waiting: a batch is whatever queued while the workers were busy)",
+    )
+    inline_compute_us: int = Field(
+        100,
+        ge=0,
+        description="a batch expected to compute in less than this many microseconds runs on the "
+        "event loop thread: handing it to an inference thread costs more (0 = never)",
     )
     batch_queue_capacity: int = Field(
         512, ge=1, description="requests waiting per model version; more → RESOURCE_EXHAUSTED"
