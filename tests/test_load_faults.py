@@ -1,0 +1,197 @@
+"""Load and faults through real server processes: a short soak (the full one is
+``benchmarks/soak.py``), SIGTERM under load (nothing accepted is lost), and cancelled or
+disconnected callers in the middle of a batch (the others in that batch are unaffected)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+from conftest import REPO_ROOT, ServerProcess, start_server
+from grpc_health.v1 import health_pb2
+from onnx_models import save, slow, tiny_repository
+
+from service.generated.inference import grpc_service_pb2 as v2
+from service.generated.inference import grpc_service_pb2_grpc as v2_grpc
+from service.generated.serving.v1 import serving_pb2 as pb
+from service.generated.serving.v1 import serving_pb2_grpc as pb_grpc
+from service.settings import Settings
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+import soak  # noqa: E402
+
+OK = grpc.StatusCode.OK
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def _batching_args(delay_us: int) -> list[str]:
+    """Dynamic batching flags, where this server has them."""
+    if "batch_max_queue_delay_us" not in Settings.model_fields:
+        return []
+    return ["--dynamic-batching", "true", "--batch-max-queue-delay-us", str(delay_us)]
+
+
+def _request_lines(proc: ServerProcess) -> list[dict]:
+    return [json.loads(line) for line in proc.log().splitlines() if '"msg": "request"' in line]
+
+
+def test_short_soak(tmp_path: Path) -> None:
+    repo = tiny_repository(tmp_path / "models")
+    with start_server(tmp_path, "--model-repository", str(repo), "--provider", "cpu") as proc:
+        result = asyncio.run(soak.soak(proc.address, proc.process.pid, requests=2000, concurrency=32, warmup=500))
+        assert proc.health() == SERVING
+    print(f"short soak: {result['ok']} ok, {result['throughput_rps']} req/s, RSS {result['rss_mib']}, growth {result['rss_growth_pct']} %")
+    assert result["errors"] == {}, result["first_errors"]
+    assert result["mismatches"] == {} and result["ok"] == 2000
+    kinds = set(result["per_kind"])
+    assert len(kinds) == 6 and {k.split()[0] for k in kinds} == {"typed", "V2"}  # (no fashion_cnn here)
+    assert result["rss_growth_pct"] < 20  # the 10 % bound is checked on the full 100,000 (docs/hardening.md)
+
+
+# --- SIGTERM under load ---------------------------------------------------------------------------
+
+
+async def _client(address: str, index: int, outcomes: dict[str, grpc.StatusCode], stop: asyncio.Event, rows: int) -> None:
+    """Send calls back to back (typed Classify or V2 ModelInfer on the slow model, alternating
+    per client), each with a unique id, until the server is gone; record every outcome."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        typed = pb_grpc.ModelServiceStub(channel)
+        infer = v2_grpc.GRPCInferenceServiceStub(channel)
+        image = pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=[2, 1, 28, 28], data=bytes(2 * 784))
+        x = np.full((rows, 1), 0.5, "<f4").tobytes()
+        n = 0
+        while not stop.is_set():
+            n += 1
+            rid = f"c{index}-{n}"
+            try:
+                if index % 2:
+                    await typed.Classify(pb.ClassifyRequest(images=image, request_id=rid), timeout=60)
+                else:
+                    request = v2.ModelInferRequest(
+                        model_name="slow", id=rid, raw_input_contents=[x],
+                        inputs=[v2.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[rows, 1])],
+                    )
+                    await infer.ModelInfer(request, timeout=60)
+                outcomes[rid] = OK
+            except grpc.aio.AioRpcError as err:
+                outcomes[rid] = err.code()
+                if err.code() == UNAVAILABLE:
+                    await asyncio.sleep(0.02)
+
+
+def test_sigterm_under_load_loses_nothing(tmp_path: Path) -> None:
+    """Every call either completed (OK) or was refused with UNAVAILABLE before the server
+    accepted it: the server's own request log (one line per accepted call, with its id) holds
+    exactly the calls the clients saw succeed, and none of the refused ones."""
+    repo = tiny_repository(tmp_path / "models")
+    save(slow(layers=10), repo, "slow")
+    rows = 300
+    args = ["--model-repository", str(repo), "--provider", "cpu", "--log-level", "debug",
+            "--shutdown-grace-seconds", "30", "--max-batch-size", str(rows)]
+    outcomes: dict[str, grpc.StatusCode] = {}
+
+    async def scenario(proc: ServerProcess) -> float:
+        stop = asyncio.Event()
+        clients = [asyncio.create_task(_client(proc.address, i, outcomes, stop, rows)) for i in range(24)]
+        await asyncio.sleep(1.5)
+        proc.process.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        await asyncio.get_running_loop().run_in_executor(None, proc.process.wait, 60)
+        exit_s = time.monotonic() - sent
+        await asyncio.sleep(0.5)  # clients now see the port closed
+        stop.set()
+        await asyncio.gather(*clients)
+        return exit_s
+
+    with start_server(tmp_path, *args) as proc:
+        exit_s = asyncio.run(scenario(proc))
+    assert proc.process.returncode == 0
+
+    codes = Counter(outcomes.values())
+    assert set(codes) <= {OK, UNAVAILABLE}, codes  # never CANCELLED, INTERNAL, UNKNOWN...
+    lines = _request_lines(proc)
+    served = {line["request_id"]: line["code"] for line in lines if line.get("request_id")}
+    assert set(served.values()) == {"OK"}, Counter(served.values())
+    client_ok = {rid for rid, code in outcomes.items() if code == OK}
+    refused = {rid for rid, code in outcomes.items() if code == UNAVAILABLE}
+    assert set(served) == client_ok  # every accepted call completed, and its client got the answer
+    assert not refused & set(served)  # every UNAVAILABLE was refused before acceptance
+    log = proc.log()
+    after_signal = log[log.index('"shutting down"'):]
+    in_flight = sum('"msg": "request"' in line and '"request_id"' in line for line in after_signal.splitlines())
+    print(f"SIGTERM under load: {len(client_ok)} completed ({in_flight} finished after the signal), "
+          f"{len(refused)} refused with UNAVAILABLE, exit after {exit_s:.2f} s")
+    assert in_flight > 0, "no call was in flight at SIGTERM: the test proves nothing"
+    assert refused, "no call was refused: the clients stopped too early"
+    assert '"server stopped"' in log
+
+
+# --- cancelled and disconnected callers mid-batch -----------------------------------------------
+
+
+def test_cancelled_and_disconnected_callers_do_not_disturb_their_batch(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    path = save(slow(layers=20), repo, "slow")
+    rows = 2000  # ~0.1 s of CPU per request: the 16 take well over a second
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs = [np.linspace(-1, 1, rows, dtype=np.float32).reshape(rows, 1) * (i + 1) / 10 for i in range(16)]
+    expected = [session.run(["y"], {"x": x})[0] for x in inputs]
+    args = ["--model-repository", str(repo), "--provider", "cpu", "--log-level", "debug",
+            "--max-batch-size", str(rows), *_batching_args(30_000)]
+
+    def request(i: int) -> v2.ModelInferRequest:
+        return v2.ModelInferRequest(
+            model_name="slow", id=f"r{i}", raw_input_contents=[inputs[i].tobytes()],
+            inputs=[v2.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[rows, 1])],
+        )
+
+    async def scenario(address: str) -> dict[int, object]:
+        results: dict[int, object] = {}
+        async with grpc.aio.insecure_channel(address) as staying, grpc.aio.insecure_channel(address) as leaving:
+            stay, leave = v2_grpc.GRPCInferenceServiceStub(staying), v2_grpc.GRPCInferenceServiceStub(leaving)
+            calls = {i: (leave if i in (4, 5) else stay).ModelInfer(request(i), timeout=60) for i in range(16)}
+            await asyncio.sleep(0.01)
+            calls[0].cancel()  # while queued
+            await asyncio.sleep(0.05)
+            calls[1].cancel()
+            calls[2].cancel()
+            await leaving.close()  # a client that goes away with two calls in the batch
+            await asyncio.sleep(0.1)
+            calls[3].cancel()  # while its batch runs
+            for i, call in calls.items():
+                try:
+                    response = await call
+                    results[i] = np.frombuffer(response.raw_output_contents[0], "<f4").reshape(rows, 1)
+                except (grpc.aio.AioRpcError, asyncio.CancelledError) as err:
+                    results[i] = err.code() if isinstance(err, grpc.aio.AioRpcError) else grpc.StatusCode.CANCELLED
+        return results
+
+    with start_server(tmp_path, *args) as proc:
+        results = asyncio.run(scenario(proc.address))
+        assert proc.health() == SERVING
+        with proc.channel() as channel:  # and it still answers
+            response = v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request(7), timeout=60)
+        assert np.allclose(np.frombuffer(response.raw_output_contents[0], "<f4").reshape(rows, 1), expected[7], rtol=1e-5, atol=1e-5)
+
+    for i in range(6, 16):  # every caller that stayed got exactly its own rows
+        assert isinstance(results[i], np.ndarray), (i, results[i])
+        assert np.allclose(results[i], expected[i], rtol=1e-5, atol=1e-5), i
+    for i in range(6):
+        assert isinstance(results[i], np.ndarray) or results[i] == grpc.StatusCode.CANCELLED, (i, results[i])
+    served = {line["request_id"]: line["code"] for line in _request_lines(proc) if line.get("request_id")}
+    assert all(served[f"r{i}"] == "OK" for i in range(6, 16)), served
+    gone = [i for i in range(6) if not isinstance(results[i], np.ndarray)]
+    print(f"mid-batch: callers {gone} cancelled or disconnected, the other {16 - len(gone)} answered correctly; server codes {Counter(served.values())}")
+    assert len(gone) >= 4, "the cancellations came too late to test anything"
+    assert set(served.values()) <= {"OK", "CANCELLED"}, served
+    log = proc.log()
+    assert "Traceback" not in log and '"level": "ERROR"' not in log
