@@ -184,6 +184,8 @@ class Batcher:
         return (self._cost[0] + rows * self._cost[1]) * self._scale < self._inline_limit
 
     def _learn(self, rows: int, seconds: float) -> None:
+        """Correct the cost model with an inline run (a thread's time would include its wait
+        for the GIL after onnxruntime returns, which says nothing about the model)."""
         if self._cost is not None:
             expected = self._cost[0] + rows * self._cost[1]
             if expected > 0:
@@ -382,6 +384,8 @@ class Batcher:
                 outcome: tuple[Arrays, int, float] | BaseException = self._compute(parts, names)
             except Exception as exc:  # noqa: BLE001 - handed to the callers
                 outcome = exc
+            else:
+                self._learn(outcome[1], outcome[2])
             self._complete(parts, outcome)
             return
         loop = self._loop
@@ -455,7 +459,6 @@ class Batcher:
             self._fail(parts, err)
         else:
             outputs, rows, seconds = outcome
-            self._learn(rows, seconds)
             if self._metrics is not None:
                 self._metrics.compute.observe(seconds)
                 self._metrics.batch_size.observe(rows)

@@ -80,6 +80,21 @@ def _json_or_none(text: str | None) -> object:
         return None
 
 
+class _Lazy:
+    """``input 'NAME' of MODEL`` for error messages, formatted only when one is raised."""
+
+    __slots__ = ("name", "model")
+
+    def __init__(self, name: str, model: object) -> None:
+        self.name, self.model = name, model
+
+    def __str__(self) -> str:
+        return f"input '{self.name}' of {self.model}"
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
 class Model:
     """One loaded model version: its tensors, ONNX metadata, provider and session."""
 
@@ -220,7 +235,7 @@ class Model:
         feeds: dict[str, np.ndarray] = {}
         for spec in self.inputs:
             array = inputs[spec.name]
-            what = f"input '{spec.name}' of {self}"
+            what = _Lazy(spec.name, self)
             if not isinstance(array, np.ndarray):
                 raise InvalidArgument(f"{what} must be an array, got {type(array).__name__}")
             if array.dtype != spec.dtype:

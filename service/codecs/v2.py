@@ -9,6 +9,7 @@ no import-time dependency on the generated code.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from service.errors import InvalidArgument
-from service.tensors import check_shape, from_bytes, to_bytes
+from service.tensors import MAX_ELEMENTS, MAX_RANK, check_shape, from_bytes, to_bytes
 
 #: V2 datatype string → numpy dtype (native byte order). BYTES and BF16 are not supported:
 #: no model here takes strings, and numpy has no bfloat16.
@@ -35,6 +36,7 @@ DATATYPES: dict[str, np.dtype] = {
     "FP64": np.dtype(np.float64),
 }
 _NAMES: dict[np.dtype, str] = {dtype: name for name, dtype in DATATYPES.items()}
+_LITTLE_ENDIAN: dict[str, np.dtype] = {name: dtype.newbyteorder("<") for name, dtype in DATATYPES.items()}
 
 #: V2 datatype → the InferTensorContents field that carries it in typed form (FP16: raw only).
 CONTENTS_FIELD: dict[str, str] = {
@@ -69,6 +71,7 @@ _UNSUPPORTED_PARAMETERS = {
 }
 
 
+@functools.lru_cache(maxsize=128)  # on every request's path; a miss raises (nothing cached)
 def datatype_of(dtype: np.dtype | type) -> str:
     """V2 datatype string for a numpy dtype (e.g. float32 → ``FP32``)."""
     try:
@@ -89,6 +92,9 @@ def dtype_of(datatype: str) -> np.dtype:
 
 
 def _shape(name: str, shape: Sequence[int]) -> tuple[int, ...]:
+    dims = tuple(shape)
+    if dims and len(dims) <= MAX_RANK and min(dims) > 0 and math.prod(dims) <= MAX_ELEMENTS:
+        return dims  # the usual case, checked at once; anything else gets the full checks below
     dims = tuple(int(d) for d in shape)
     if any(d < 0 for d in dims):
         raise InvalidArgument(f"input {name!r}: shape {list(dims)} has a negative dimension")
@@ -102,6 +108,10 @@ def _check_parameters(where: str, parameters: Mapping[str, Any]) -> None:
 
 
 def _from_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> np.ndarray:
+    dtype = _LITTLE_ENDIAN.get(datatype)
+    if dtype is not None and len(raw) == math.prod(shape) * dtype.itemsize:
+        # ``shape`` is checked already (_shape): one view over the request bytes, no copy.
+        return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(DATATYPES[datatype], copy=False)
     what = f"input {name!r} ({datatype} in raw_input_contents)"
     return from_bytes(raw, dtype_of(datatype), shape, what).astype(dtype_of(datatype), copy=False)
 
@@ -140,7 +150,8 @@ def decode_inputs(request: Any) -> dict[str, np.ndarray]:
     input comes in its typed ``contents``; mixing them, duplicate names, negative dims and
     byte/element counts that do not match the shape are InvalidArgument.
     """
-    _check_parameters("request", request.parameters)
+    if request.parameters:
+        _check_parameters("request", request.parameters)
     raw = request.raw_input_contents
     if raw:
         typed = [t.name for t in request.inputs if t.HasField("contents")]
@@ -159,7 +170,8 @@ def decode_inputs(request: Any) -> dict[str, np.ndarray]:
         name = tensor.name
         if name in arrays:
             raise InvalidArgument(f"input {name!r} appears more than once")
-        _check_parameters(f"input {name!r}", tensor.parameters)
+        if tensor.parameters:
+            _check_parameters(f"input {name!r}", tensor.parameters)
         shape = _shape(name, tensor.shape)
         if raw:
             arrays[name] = _from_raw(name, tensor.datatype, shape, raw[index])
@@ -172,7 +184,8 @@ def requested_outputs(request: Any) -> list[str]:
     """Names of the outputs the request asks for, in order (empty = all)."""
     names: list[str] = []
     for tensor in request.outputs:
-        _check_parameters(f"output {tensor.name!r}", tensor.parameters)
+        if tensor.parameters:
+            _check_parameters(f"output {tensor.name!r}", tensor.parameters)
         if tensor.name in names:
             raise InvalidArgument(f"output {tensor.name!r} is requested more than once")
         names.append(tensor.name)
