@@ -1,0 +1,246 @@
+"""The Ray Data pipeline (python -m service.batch.ray_pipeline) against the single-machine batch job.
+
+A local Ray instance (2 CPUs, no dashboard) runs the pipeline on the real Fashion-MNIST test set —
+IDX (gzip) with 2 actors, Parquet with 1 actor, .npy through the CLI — and every run must give the
+batch job's predictions row for row (probabilities bitwise equal where the batches line up) and the
+model's recorded test accuracy. Errors in the input, model or settings fail before Ray starts.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+from data_fixtures import fashion_files  # noqa: F401
+from service.batch.__main__ import main as batch_main
+from service.batch.inputs import InputError
+from service.batch.ray_pipeline import (
+    OnnxPredictor,
+    PipelineConfig,
+    PipelineError,
+    build_parser,
+    main,
+    plan_input,
+    resolve_model,
+    run_pipeline,
+)
+
+ray = pytest.importorskip("ray")
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+pytestmark = pytest.mark.slow
+MODELS = REPO_ROOT / "models"
+MODEL = "fashion_softmax"
+CHUNK = 256  # the batch job's default --chunk-size and the pipeline's default --batch-size
+
+
+def quiet(**kwargs: object) -> PipelineConfig:
+    return PipelineConfig(model_repository=MODELS, log=lambda message: None, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> object:
+    """One local Ray instance for the module: 2 CPUs like this machine, no dashboard."""
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def fashion(fashion_files: dict[str, Path]) -> dict[str, Path]:  # noqa: F811
+    return {"images": fashion_files["t10k-images-idx3-ubyte"], "labels": fashion_files["t10k-labels-idx1-ubyte"]}
+
+
+@pytest.fixture(scope="module")
+def batch_job(fashion: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The single-machine batch job, in-process onnxruntime, over the 10,000 test images."""
+    out = tmp_path_factory.mktemp("batch") / "out"
+    assert batch_main(["classify", str(fashion["images"]), "--labels", str(fashion["labels"]), "-o", str(out),
+                       "--local", "--model-repository", str(MODELS), "--model", MODEL, "--chunk-size", str(CHUNK),
+                       "--progress", "none", "--no-fsync"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def test_set(fashion: dict[str, Path]) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, 28, 28], labels int64 [N]) read by the training package's own IDX parser."""
+    import gzip
+
+    from training.data import parse_idx
+
+    def load(path: Path) -> np.ndarray:
+        raw = path.read_bytes()
+        return parse_idx(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw, path.name)
+
+    return load(fashion["images"]).astype(np.uint8), load(fashion["labels"]).astype(np.int64)
+
+
+def recorded_accuracy() -> float:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(MODELS / MODEL / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    return json.loads(session.get_modelmeta().custom_metadata_map["metrics"])["test_accuracy"]
+
+
+def ray_output(out: Path) -> dict[str, np.ndarray]:
+    table = pq.read_table(out / "predictions").sort_by("row")
+    columns = {name: table.column(name).to_numpy() for name in table.column_names
+               if name not in ("probabilities", "label", "true_label")}
+    columns["probabilities"] = table.column("probabilities").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
+    columns["label"] = np.asarray(table.column("label").to_pylist())
+    return columns
+
+
+def assert_same_as_batch_job(out: Path, batch_job: Path, *, bitwise: bool) -> dict:
+    got = ray_output(out)
+    want_predictions = np.load(batch_job / "predictions.npy")
+    want_probabilities = np.load(batch_job / "probabilities.npy")
+    assert np.array_equal(got["row"], np.arange(len(want_predictions)))  # every row exactly once
+    assert np.array_equal(got["predicted"], want_predictions)
+    if bitwise:
+        assert np.array_equal(got["probabilities"], want_probabilities)
+    else:
+        np.testing.assert_allclose(got["probabilities"], want_probabilities, rtol=1e-5, atol=1e-7)
+    assert np.array_equal(got["probability"], got["probabilities"].max(axis=1))
+    summary = json.loads((out / "summary.json").read_text())
+    batch_summary = json.loads((batch_job / "summary.json").read_text())
+    assert summary["complete"] and summary["rows"] == batch_summary["rows"] == 10_000
+    assert summary["model"]["name"] == MODEL and summary["model"]["version"] == batch_summary["model"]["version"]
+    assert summary["accuracy"] == batch_summary["accuracy"] == pytest.approx(recorded_accuracy(), abs=5e-5)
+    assert summary["correct"] == batch_summary["correct"]
+    assert (out / "confusion_matrix.csv").read_bytes() == (batch_job / "confusion_matrix.csv").read_bytes()
+    assert not list(out.glob(".predictions-*"))
+    return summary
+
+
+# -- the real thing on a local Ray ----------------------------------------------------------------
+
+
+def test_idx_on_two_actors_equals_the_batch_job(
+    local_ray: object, fashion: dict[str, Path], batch_job: Path, test_set: tuple[np.ndarray, np.ndarray],
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "ray"
+    summary = run_pipeline(quiet(inputs=[fashion["images"]], labels=fashion["labels"], output=out, model=MODEL,
+                                 actors=2, cpus_per_actor=1, rows_per_read=2048))
+    # Batches start at multiples of 256 like the batch job's chunks: identical bytes.
+    summary = assert_same_as_batch_job(out, batch_job, bitwise=True)
+    assert summary["actors"] == {"min": 2, "max": 2, "cpus_each": 1.0, "gpus_each": 0.0, "intra_op_threads": 1}
+    assert summary["input"]["kind"] == "idx" and summary["input"]["sha256"]
+    got = ray_output(out)
+    assert np.array_equal(got["true"], test_set[1])
+    assert np.array_equal(got["correct"], got["true"] == got["predicted"]) and got["correct"].sum() == summary["correct"]
+    # A second run into the same folder is refused unless told to overwrite.
+    with pytest.raises(PipelineError, match="already holds results"):
+        run_pipeline(quiet(inputs=[fashion["images"]], output=out, model=MODEL))
+
+
+def test_parquet_on_one_actor_equals_the_batch_job(
+    local_ray: object, test_set: tuple[np.ndarray, np.ndarray], batch_job: Path, tmp_path: Path
+) -> None:
+    images, labels = test_set
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    # Two files, row groups of 3,000 images: raw 784-byte binary images plus a label column.
+    for name, rows in (("part-0.parquet", slice(0, 6000)), ("part-1.parquet", slice(6000, 10_000))):
+        table = pa.table({
+            "image": pa.array([img.tobytes() for img in images[rows]], pa.binary()),
+            "label": pa.array(labels[rows]),
+        })
+        pq.write_table(table, folder / name, row_group_size=3000)
+    plan = plan_input([folder], rows_per_read=CHUNK)
+    assert plan.rows == 10_000 and plan.label_column == "label"
+    assert [(u["start"], u["stop"]) for u in plan.units] == [(0, 3000), (3000, 6000), (6000, 9000), (9000, 10_000)]
+    out = tmp_path / "ray"
+    summary = run_pipeline(quiet(inputs=[folder], output=out, model=MODEL, actors=1))
+    # Row groups of 3,000 do not start on multiples of 256, so batches differ: same predictions,
+    # probabilities equal to float32 rounding.
+    assert_same_as_batch_job(out, batch_job, bitwise=False)
+    assert summary["input"]["kind"] == "parquet" and summary["labels"] == "label"
+
+
+def test_npy_through_the_cli(
+    local_ray: object, test_set: tuple[np.ndarray, np.ndarray], fashion: dict[str, Path], batch_job: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    images, _ = test_set
+    npy = tmp_path / "images.npy"
+    np.save(npy, images)  # [N, 28, 28]
+    out = tmp_path / "ray"
+    assert main([str(npy), "--labels", str(fashion["labels"]), "-o", str(out), "--model", MODEL,
+                 "--model-repository", str(MODELS), "--actors", "1", "--max-actors", "2"]) == 0
+    assert "accuracy 0.8469" in capsys.readouterr().err
+    summary = assert_same_as_batch_job(out, batch_job, bitwise=True)
+    assert summary["input"]["kind"] == "npy" and summary["actors"]["max"] == 2
+
+
+# -- checks before any Ray work ---------------------------------------------------------------------
+
+
+def test_bad_inputs_and_settings_fail_before_ray(tmp_path: Path, fashion: dict[str, Path]) -> None:
+    truncated = tmp_path / "short-images-idx3-ubyte"
+    truncated.write_bytes(bytes([0, 0, 8, 3]) + (10).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + b"\0" * 100)
+    with pytest.raises(InputError, match="truncated"):
+        run_pipeline(quiet(inputs=[truncated], output=tmp_path / "a"))
+    with pytest.raises(PipelineError, match="multiple of --batch-size"):
+        run_pipeline(quiet(inputs=[fashion["images"]], output=tmp_path / "b", batch_size=256, rows_per_read=300))
+    with pytest.raises(PipelineError, match="model 'nope' not found"):
+        run_pipeline(quiet(inputs=[fashion["images"]], output=tmp_path / "c", model="nope"))
+    with pytest.raises(PipelineError, match="one image input"):
+        run_pipeline(quiet(inputs=[fashion["images"]], output=tmp_path / "d", model="profit"))
+    wrong = tmp_path / "wrong.parquet"
+    pq.write_table(pa.table({"pixels": pa.array([b"\0" * 784])}), wrong)
+    with pytest.raises(InputError, match="no column 'image'"):
+        run_pipeline(quiet(inputs=[wrong], output=tmp_path / "e"))
+    labels = tmp_path / "labels.npy"
+    np.save(labels, np.zeros(3, np.int64))
+    with pytest.raises(InputError, match="3 labels for 10000 input rows"):
+        run_pipeline(quiet(inputs=[fashion["images"]], labels=labels, output=tmp_path / "f"))
+
+
+def test_cli_exit_codes_and_help(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(tmp_path / "missing.npy"), "-o", str(tmp_path / "out")]) == 2
+    assert "bad input" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing.npy"), "-o", str(tmp_path / "out"), "--actors", "0"]) == 1
+    help_text = build_parser().format_help()
+    for flag in ("--actors", "--max-actors", "--cpus-per-actor", "--gpus-per-actor", "--address", "--batch-size"):
+        assert flag in help_text
+
+
+def test_parquet_image_encodings(test_set: tuple[np.ndarray, np.ndarray]) -> None:
+    """The image column may be raw bytes, flat or nested uint8 lists, or a Ray-style tensor column."""
+    from service.batch.ray_pipeline import _images_from_arrow
+
+    images = test_set[0][:5]
+    shape = (1, 28, 28)
+    encodings = {
+        "binary": pa.array([i.tobytes() for i in images], pa.binary()),
+        "fixed_binary": pa.array([i.tobytes() for i in images], pa.binary(784)),
+        "flat list": pa.array([i.reshape(-1).tolist() for i in images], pa.list_(pa.uint8())),
+        "nested list": pa.array([i.tolist() for i in images], pa.list_(pa.list_(pa.uint8()))),
+        "int64 list": pa.array([i.reshape(-1).astype(np.int64).tolist() for i in images], pa.list_(pa.int64())),
+        "fixed list": pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1)), 784),
+    }
+    for name, column in encodings.items():
+        assert np.array_equal(_images_from_arrow(column, shape, name), images[:, None]), name
+    with pytest.raises(InputError, match="expected 784"):
+        _images_from_arrow(pa.array([b"\0" * 783]), shape, "short")
+    with pytest.raises(InputError, match="uint8 0-255"):
+        _images_from_arrow(pa.array([[300] * 784], pa.list_(pa.int64())), shape, "range")
+
+
+def test_predictor_runs_the_servers_model_code() -> None:
+    """The actor class without Ray: same session options and validation as the server."""
+    plan = resolve_model(MODELS, MODEL, 0, "cpu", 1, CHUNK)
+    assert plan.version == 1 and plan.input_shape == (-1, 1, 28, 28) and len(plan.class_names) == 10
+    predictor = OnnxPredictor(plan, Path(plan.path).read_bytes(), None)  # type: ignore[arg-type]
+    probabilities = predictor.predict(np.zeros((3, 1, 28, 28), np.uint8))
+    assert probabilities.shape == (3, 10) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+    with pytest.raises(PipelineError, match="do not match"):
+        OnnxPredictor(plan, b"not the model", None)  # type: ignore[arg-type]
