@@ -92,7 +92,11 @@ async def build_server(settings: Settings, repository: ModelRepository | None = 
     # Outermost first: the request log sees every outcome, auth refuses before anything is
     # decoded, the guard applies max_concurrent_requests and turns unparsable messages into
     # INVALID_ARGUMENT.
-    interceptors: list[grpc.aio.ServerInterceptor] = [RequestLogInterceptor()]
+    # The request log only exists at DEBUG: at other levels it would be a pass-through that
+    # still costs every call an interceptor hop.
+    interceptors: list[grpc.aio.ServerInterceptor] = (
+        [RequestLogInterceptor()] if settings.log_level == "DEBUG" else []
+    )
     tokens = TokenStore.from_settings(settings)  # AuthConfigError (refuse to start) on a bad file
     if tokens is not None:
         interceptors.append(BearerAuthInterceptor(tokens))

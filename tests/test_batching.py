@@ -54,8 +54,8 @@ def batching_server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
     """Bundled models; batches of at most 16 rows gathered for up to 2 ms, so concurrent requests
     from many clients really share batches and large ones are split."""
     metrics_port = free_port()
-    args = ["--model-repository", str(MODELS), "--batch-max-size", str(MAX_ROWS),
-            "--batch-max-queue-delay-us", "2000", "--metrics-port", str(metrics_port)]
+    overrides = {"fashion_cnn": {"max_batch_size": MAX_ROWS, "max_queue_delay_us": 2000}}  # over config.json
+    args = ["--model-repository", str(MODELS), "--batching", json.dumps(overrides), "--metrics-port", str(metrics_port)]
     with start_server(tmp_path_factory.mktemp("batching"), *args) as proc:
         proc.metrics_port = metrics_port  # type: ignore[attr-defined]
         yield proc
@@ -283,3 +283,11 @@ def test_per_model_config_file_and_setting(tmp_path: Path) -> None:
         assert repository.get("a").batcher.expected_seconds(1) is not None  # timed at load
     finally:
         repository.close()
+
+
+def test_bundled_batching_configs() -> None:
+    """The bundled per-model files: the tiny softmax runs whole 256-row requests in one call, the
+    CNN is split into 64-row batches (its per-row cost grows past that, and two workers share)."""
+    settings = Settings(provider="cpu")
+    assert BatchingConfig.resolve(settings, "fashion_softmax", MODELS / "fashion_softmax").max_batch_size == 256
+    assert BatchingConfig.resolve(settings, "fashion_cnn", MODELS / "fashion_cnn").max_batch_size == 64
