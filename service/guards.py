@@ -9,10 +9,17 @@
   checks are not counted and never refused, so probes keep working while the server is saturated.
   (grpc.aio's own ``maximum_concurrent_rpcs`` counts the call it is waiting for as active and
   refuses calls at random near the limit; this count is exact.)
+* **Draining** (shutdown). Once :meth:`GuardInterceptor.start_draining` is called, every new call
+  (health checks aside) is answered ``UNAVAILABLE`` at once, before any work, while the calls
+  already running finish; :attr:`ConcurrencyLimit.active` tells when they have. The server stops
+  gRPC only then: calls that reach gRPC's queue as it shuts down are cancelled by gRPC itself
+  (``CANCELLED``), and an event loop that answers new calls at once keeps that queue empty.
 """
 from __future__ import annotations
 
+import asyncio
 import inspect
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -62,15 +69,31 @@ UNLIMITED_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
 class ConcurrencyLimit:
-    """Counts the calls running now (event loop only, no lock needed)."""
+    """Counts the calls running now (event loop only, no lock needed); ``limit`` None = no cap."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit if limit else None
         self.active = 0
         self.refused = 0
+        self.draining = False
+        self.last_call = 0.0  # time.monotonic() when the last call (refused or not) came in
 
-    async def refuse(self, context: grpc.aio.ServicerContext) -> None:
+    def admit(self) -> str | None:
+        """Why a new call is refused now, or None (then the caller counts itself in)."""
+        self.last_call = time.monotonic()
+        if self.draining:
+            return "draining"
+        if self.limit is not None and self.active >= self.limit:
+            return "busy"
+        return None
+
+    async def refuse(self, context: grpc.aio.ServicerContext, why: str) -> None:
         self.refused += 1
+        if why == "draining":
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "the server is shutting down and takes no new calls; retry (another replica)",
+            )
         await context.abort(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"the server is busy: {self.active} calls in progress, its max_concurrent_requests "
@@ -93,8 +116,8 @@ def _wrap(behavior: Callable[..., Any], stream_request: bool, limit: Concurrency
     if inspect.isasyncgenfunction(behavior):
 
         async def generator(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            if limit is not None and limit.active >= limit.limit:
-                await limit.refuse(context)
+            if limit is not None and (why := limit.admit()) is not None:
+                await limit.refuse(context, why)
             if stream_request:
                 request = _checked(request, context)
             elif type(request) is _Undecodable:
@@ -111,8 +134,8 @@ def _wrap(behavior: Callable[..., Any], stream_request: bool, limit: Concurrency
         return generator
 
     async def coroutine(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if limit is not None and limit.active >= limit.limit:
-            await limit.refuse(context)
+        if limit is not None and (why := limit.admit()) is not None:
+            await limit.refuse(context, why)
         if stream_request:
             request = _checked(request, context)
         elif type(request) is _Undecodable:
@@ -151,8 +174,38 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every method handler with :func:`guard_handler` (once per method, then cached)."""
 
     def __init__(self, max_concurrent: int | None = None) -> None:
-        self.limit = ConcurrencyLimit(max_concurrent) if max_concurrent else None
+        self.limit = ConcurrencyLimit(max_concurrent)
         self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    @property
+    def active(self) -> int:
+        """Calls running now (health checks not counted)."""
+        return self.limit.active
+
+    def start_draining(self) -> None:
+        """From now on answer every new call (health aside) UNAVAILABLE."""
+        self.limit.draining = True
+
+    async def drain(self, timeout: float, quiet: float = 0.05, linger: float = 2.0) -> dict[str, float]:
+        """Refuse new calls and wait (at most ``timeout`` s) until none is running and either no
+        call came in for ``quiet`` s (gRPC's queue of arrived-but-unstarted calls is then empty,
+        since an idle event loop starts them at once) or ``linger`` s passed. Returns figures."""
+        self.start_draining()
+        start = time.monotonic()
+        running_at_start = self.limit.active
+        while True:
+            now = time.monotonic()
+            if now - start >= timeout:
+                break
+            if not self.limit.active and (now - self.limit.last_call >= quiet or now - start >= linger):
+                break
+            await asyncio.sleep(0.002)
+        return {
+            "running_at_signal": running_at_start,
+            "still_running": self.limit.active,
+            "refused_while_draining": self.limit.refused,
+            "drain_seconds": round(time.monotonic() - start, 3),
+        }
 
     async def intercept_service(
         self,

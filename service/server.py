@@ -49,6 +49,7 @@ class ServingServer:
     port: int
     services: list[str] = field(default_factory=list)
     reloader: ModelReloader | None = None
+    guard: GuardInterceptor | None = None
     _health_models: set[str] = field(default_factory=set)
 
     async def start(self) -> None:
@@ -76,10 +77,23 @@ class ServingServer:
             await self.health.set(service, status)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Health → NOT_SERVING, let in-flight calls finish within ``grace`` seconds, stop."""
+        """Health → NOT_SERVING; new calls → UNAVAILABLE while the running ones finish (within
+        ``grace`` seconds); then gRPC stops (cancelling whatever still runs) and so do we.
+
+        Draining before ``server.stop`` matters: when gRPC stops, it cancels (CANCELLED, before
+        any work) the calls that reached it but had not started. Refusing new calls UNAVAILABLE
+        until the running ones are done and none came in for 50 ms (:meth:`GuardInterceptor.drain`)
+        leaves that queue empty when gRPC stops. (A client that ignores UNAVAILABLE and retries
+        with no backoff can still land a call in that millisecond: docs/hardening.md.)
+        """
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        if self.guard is not None:
+            figures = await self.guard.drain(max(deadline - loop.time(), 0.0))
+            log.info("drained: stopping gRPC", extra=figures)
+        await self.server.stop(max(deadline - loop.time(), 0.0))
         if self.reloader is not None:
             await self.reloader.stop()
         self.repository.close()
@@ -100,7 +114,8 @@ async def build_server(settings: Settings, repository: ModelRepository | None = 
     tokens = TokenStore.from_settings(settings)  # AuthConfigError (refuse to start) on a bad file
     if tokens is not None:
         interceptors.append(BearerAuthInterceptor(tokens))
-    interceptors.append(GuardInterceptor(settings.max_concurrent_requests))
+    guard = GuardInterceptor(settings.max_concurrent_requests)
+    interceptors.append(guard)
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -134,7 +149,7 @@ async def build_server(settings: Settings, repository: ModelRepository | None = 
         port = server.add_insecure_port(settings.address)
     else:
         port = server.add_secure_port(settings.address, credentials)
-    return ServingServer(settings, server, repository, health, port, services, reloader)
+    return ServingServer(settings, server, repository, health, port, services, reloader, guard)
 
 
 async def serve(settings: Settings) -> None:
