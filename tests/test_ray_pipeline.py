@@ -7,17 +7,22 @@ model's recorded test accuracy. Errors in the input, model or settings fail befo
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import os
 
-import numpy as np
-import pytest
+# Before Ray is imported: a local instance listens on loopback only (see ray_pipeline.LOCAL_ONLY_ENV).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from conftest import REPO_ROOT
-from data_fixtures import fashion_files  # noqa: F401
-from service.batch.__main__ import main as batch_main
-from service.batch.inputs import InputError
-from service.batch.ray_pipeline import (
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from conftest import REPO_ROOT  # noqa: E402
+from data_fixtures import fashion_files  # noqa: F401,E402
+from service.batch.__main__ import main as batch_main  # noqa: E402
+from service.batch.inputs import InputError  # noqa: E402
+from service.batch.ray_pipeline import (  # noqa: E402
     OnnxPredictor,
     PipelineConfig,
     PipelineError,
@@ -44,10 +49,10 @@ def quiet(**kwargs: object) -> PipelineConfig:
 
 @pytest.fixture(scope="module")
 def local_ray() -> object:
-    """One local Ray instance for the module: 2 CPUs like this machine, no dashboard."""
+    """One new local Ray instance for the module: 2 CPUs like this machine, no dashboard."""
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -77,7 +77,14 @@ class PipelineError(Exception):
     """The pipeline cannot run (model, settings, output folder, Ray)."""
 
 
-def _require_ray() -> Any:
+# Ray's switch for single-machine instances: with it off, a local instance's processes listen on
+# and talk over loopback (127.0.0.1) only, instead of the machine's network address.
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _require_ray(local: bool = False) -> Any:
+    if local and "ray" not in sys.modules:
+        os.environ.setdefault(LOCAL_ONLY_ENV, "0")  # read when ray is first imported
     try:
         import ray
     except ImportError:
@@ -214,8 +221,9 @@ def _parquet_files(inputs: Sequence[Path]) -> list[Path]:
 
 def plan_input(inputs: Sequence[Path], *, rows_per_read: int, image_column: str = "image",
                label_column: str | None = None, verify: bool = True) -> InputPlan:
-    """Open and check the input; cut it into read units."""
-    inputs = [Path(p) for p in inputs]
+    """Open and check the input; cut it into read units. Paths become absolute: Ray workers do not
+    run in the driver's working directory."""
+    inputs = [Path(p).resolve() for p in inputs]
     if not inputs:
         raise InputError("no input given")
     first = inputs[0]
@@ -498,7 +506,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     from ..settings import BUNDLED_MODELS
 
     _check_config(cfg)
-    ray = _require_ray()
+    address = cfg.address or os.environ.get("RAY_ADDRESS") or "local"
+    ray = _require_ray(local=address == "local")
     started = time.monotonic()
     repository = Path(cfg.model_repository or os.environ.get("SERVING_MODEL_REPOSITORY", BUNDLED_MODELS))
     provider = _provider(cfg)
@@ -523,17 +532,17 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
             raise InputError(f"{cfg.labels}: labels range from {labels.min()} to {labels.max()}; model "
                              f"'{model.name}' has classes 0 to {len(model.class_names) - 1}")
     has_labels = labels is not None or source.label_column is not None
-    out = Path(cfg.output)
+    out = Path(cfg.output).resolve()
     _prepare_output(out, cfg.overwrite)
 
     ours = not ray.is_initialized()
     if ours:
-        init: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-        if cfg.address:
-            import service
-
-            # Ship this package with the job; workers still need its dependencies installed.
-            init.update(address=cfg.address, runtime_env={"py_modules": [service]})
+        # address "local" always starts a new instance (a bare ray.init() would join one that
+        # `ray start` left on this machine).
+        init: dict[str, Any] = {"address": address, "include_dashboard": False, "log_to_driver": False}
+        if address != "local":
+            # Ship this package (its folder) with the job; workers still need its dependencies.
+            init["runtime_env"] = {"py_modules": [str(Path(__file__).resolve().parents[1])]}
         elif cfg.num_cpus:
             init["num_cpus"] = cfg.num_cpus
         ray.init(**init)
@@ -590,7 +599,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
                    "gpus_each": cfg.gpus_per_actor, "intra_op_threads": model.intra_op_threads},
         "batch_size": cfg.batch_size,
         "rows_per_read": cfg.rows_per_read,
-        "ray": {"version": ray.__version__, "address": cfg.address or "local",
+        "ray": {"version": ray.__version__, "address": address if ours else "connected before the job",
                 "cpus": resources.get("CPU", 0), "gpus": resources.get("GPU", 0)},
         "seconds": round(seconds, 3),
         "images_per_second": round(source.rows / max(seconds, 1e-9), 1),
