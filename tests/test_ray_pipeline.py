@@ -1,9 +1,10 @@
 """The Ray Data pipeline (python -m service.batch.ray_pipeline) against the single-machine batch job.
 
 A local Ray instance (2 CPUs, no dashboard) runs the pipeline on the real Fashion-MNIST test set —
-IDX (gzip) with 2 actors, Parquet with 1 actor, .npy through the CLI — and every run must give the
-batch job's predictions row for row (probabilities bitwise equal where the batches line up) and the
-model's recorded test accuracy. Errors in the input, model or settings fail before Ray starts.
+IDX (gzip) with 2 actors, Parquet with 1 actor — and the CLI joins a running `ray start` cluster
+with --address for a .npy input; every run must give the batch job's predictions row for row
+(probabilities bitwise equal where the batches line up) and the model's recorded test accuracy.
+Errors in the input, model or settings fail before Ray starts. Everything listens on loopback.
 """
 from __future__ import annotations
 
@@ -170,19 +171,67 @@ def test_parquet_on_one_actor_equals_the_batch_job(
     assert summary["input"]["kind"] == "parquet" and summary["labels"] == "label"
 
 
-def test_npy_through_the_cli(
-    local_ray: object, test_set: tuple[np.ndarray, np.ndarray], fashion: dict[str, Path], batch_job: Path,
-    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An existing one-node Ray cluster (`ray start --head`), on loopback, in its own temp dir;
+    yields its address and is killed (its whole process group) afterwards."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from conftest import free_port
+
+    port = free_port()
+    temp_dir = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths live under it
+    log = tmp_path_factory.mktemp("ray-head") / "head.log"
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    with open(log, "wb") as out:
+        head = subprocess.Popen([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2",
+                                 "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+                                 "--block"], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while b"Ray runtime started" not in log.read_bytes():
+            assert head.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # `ray start`, GCS, raylet, workers: one process group
+        except ProcessLookupError:
+            pass
+        head.wait(timeout=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_npy_through_the_cli_on_an_existing_cluster(
+    ray_cluster: str, test_set: tuple[np.ndarray, np.ndarray], fashion: dict[str, Path], batch_job: Path,
+    tmp_path: Path,
 ) -> None:
+    """The CLI in its own process joins a running cluster with --address: the service package
+    travels as py_modules, relative paths work although workers run elsewhere, the pool autoscales."""
+    import subprocess
+    import sys
+
     images, _ = test_set
-    npy = tmp_path / "images.npy"
-    np.save(npy, images)  # [N, 28, 28]
-    out = tmp_path / "ray"
-    assert main([str(npy), "--labels", str(fashion["labels"]), "-o", str(out), "--model", MODEL,
-                 "--model-repository", str(MODELS), "--actors", "1", "--max-actors", "2"]) == 0
-    assert "accuracy 0.8469" in capsys.readouterr().err
-    summary = assert_same_as_batch_job(out, batch_job, bitwise=True)
+    np.save(tmp_path / "images.npy", images)  # [N, 28, 28]
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "service.batch.ray_pipeline", "images.npy", "--labels", str(fashion["labels"]),
+         "-o", "out", "--model", MODEL, "--model-repository", str(MODELS), "--actors", "1", "--max-actors", "2",
+         "--address", ray_cluster],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "accuracy 0.8469" in result.stderr
+    summary = assert_same_as_batch_job(tmp_path / "out", batch_job, bitwise=True)
     assert summary["input"]["kind"] == "npy" and summary["actors"]["max"] == 2
+    assert summary["ray"]["address"] == ray_cluster
 
 
 # -- checks before any Ray work ---------------------------------------------------------------------
@@ -227,6 +276,9 @@ def test_parquet_image_encodings(test_set: tuple[np.ndarray, np.ndarray]) -> Non
     encodings = {
         "binary": pa.array([i.tobytes() for i in images], pa.binary()),
         "fixed_binary": pa.array([i.tobytes() for i in images], pa.binary(784)),
+        "large_binary": pa.array([i.tobytes() for i in images], pa.large_binary()),
+        "chunked slices": pa.chunked_array([pa.array([b"x" * 784] + [i.tobytes() for i in images]).slice(1, 2),
+                                            pa.array([i.tobytes() for i in images[2:]])]),
         "flat list": pa.array([i.reshape(-1).tolist() for i in images], pa.list_(pa.uint8())),
         "nested list": pa.array([i.tolist() for i in images], pa.list_(pa.list_(pa.uint8()))),
         "int64 list": pa.array([i.reshape(-1).astype(np.int64).tolist() for i in images], pa.list_(pa.int64())),

@@ -291,8 +291,14 @@ def _images_from_arrow(column: Any, item_shape: tuple[int, ...], where: str) -> 
             bad = int(np.argmax(lengths != item)) if lengths is not None else 0
             raise InputError(f"{where}: image {bad} has {lengths[bad] if lengths is not None else kind.byte_width} "
                              f"bytes, expected {item} ({'x'.join(map(str, item_shape))} uint8)")
-        data = b"".join(column.to_pylist()) if lengths is not None else column.buffers()[1].to_pybytes()
-        return np.frombuffer(data, np.uint8)[: n * item].reshape(n, *item_shape)
+        buffers = column.buffers()  # [validity, offsets, data] or, fixed size, [validity, data]
+        if lengths is None:
+            first = column.offset * item
+        else:
+            offsets = np.frombuffer(buffers[1], np.int64 if pa.types.is_large_binary(kind) else np.int32)
+            first = int(offsets[column.offset])  # every length is `item`: the bytes are contiguous
+        data = np.frombuffer(buffers[-1], np.uint8)[first : first + n * item]
+        return data.reshape(n, *item_shape).copy()
     flat = column
     while pa.types.is_list(flat.type) or pa.types.is_large_list(flat.type) or pa.types.is_fixed_size_list(flat.type):
         flat = flat.flatten()
