@@ -1,0 +1,640 @@
+"""Throughput and latency benchmark: our server vs in-process onnxruntime, a do-nothing gRPC
+server and MLServer, on this machine, in one command:
+
+    .venv/bin/python benchmarks/run.py                 # everything (~6-8 min; MLServer installed on first run)
+    .venv/bin/python benchmarks/run.py --skip-mlserver --duration 2
+
+Prints a table and the goal ratios, writes benchmarks/results/benchmark.json and
+benchmarks/results/benchmark.png. Every server runs as its own process on 127.0.0.1; the load
+comes from benchmarks/loadgen.py (grpc.aio, pre-serialised request bytes, responses not decoded),
+one process per measurement, whose CPU use is reported next to each result. Server CPU is the
+server process tree's CPU time during the measurement.
+
+Measurements:
+1. ceilings: in-process onnxruntime (batch 1/64/256; onnxruntime's default threads with one caller,
+   and our server's session options with two callers — the better is the compute ceiling), and a
+   do-nothing grpc.aio server that parses the same request and answers an empty message (the
+   transport ceiling);
+2. our server, V2 and typed API, fashion_softmax and fashion_cnn, batch 1/64/256;
+3. fashion_cnn, batch-1 clients 1/8/32/64, dynamic batching on vs off;
+4. fashion_softmax unloaded batch-1 round trip p50/p99;
+5. MLServer (its own venv, benchmarks/.venv-mlserver) with a small onnxruntime runtime
+   (benchmarks/mlserver_runtime.py) loading the same ONNX files, same V2 requests.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from service.generated.inference import grpc_service_pb2 as v2  # noqa: E402
+from service.generated.serving.v1 import serving_pb2 as typed_pb  # noqa: E402
+
+PY = sys.executable
+MODELS = ROOT / "models"
+RESULTS = HERE / "results"
+MLSERVER_VENV = HERE / ".venv-mlserver"
+# uvloop 0.21+ breaks MLServer 1.7.1's worker processes (parallel_workers >= 1: "There is no
+# current event loop in thread 'MainThread'"), so it is pinned below that.
+MLSERVER_REQUIREMENTS = ["mlserver==1.7.1", "onnxruntime", "uvloop<0.21"]
+V2_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+TYPED_METHOD = "/serving.v1.ModelService/Classify"
+SOFTMAX, CNN = "fashion_softmax", "fashion_cnn"
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# -- requests ----------------------------------------------------------------------------------
+
+
+def images(batch: int) -> np.ndarray:
+    return np.random.default_rng(batch).integers(0, 256, (batch, 1, 28, 28), dtype=np.uint8)
+
+
+def write_payloads(directory: Path) -> dict[tuple[str, str, int], Path]:
+    """Serialised requests: (protocol, model, batch) → file."""
+    paths = {}
+    for model in (SOFTMAX, CNN):
+        for batch in (1, 64, 256):
+            x = images(batch)
+            tensor = v2.ModelInferRequest.InferInputTensor(name="image", datatype="UINT8", shape=x.shape)
+            requests = {
+                "v2": v2.ModelInferRequest(model_name=model, inputs=[tensor], raw_input_contents=[x.tobytes()]),
+                "typed": typed_pb.ClassifyRequest(
+                    model=typed_pb.ModelRef(name=model),
+                    images=typed_pb.Tensor(dtype=typed_pb.DATA_TYPE_UINT8, shape=x.shape, data=x.tobytes()),
+                ),
+            }
+            for protocol, request in requests.items():
+                path = directory / f"{protocol}-{model}-{batch}.bin"
+                path.write_bytes(request.SerializeToString())
+                paths[(protocol, model, batch)] = path
+    return paths
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and all its descendants."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ppid = int(fields[1])
+        children.setdefault(ppid, []).append(int(entry))
+        stats[int(entry)] = (int(fields[11]) + int(fields[12])) / CLK
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        total += stats.get(current, 0.0)
+        todo += children.get(current, [])
+    return total
+
+
+@dataclass
+class Server:
+    name: str
+    process: subprocess.Popen
+    port: int
+    log_path: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def wait_ready(server: Server, model: str | None, timeout: float = 120) -> None:
+    """Until ModelReady(model) (or ServerReady) answers true over V2."""
+    import grpc
+
+    from service.generated.inference import grpc_service_pb2_grpc as v2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = v2_grpc.GRPCInferenceServiceStub(channel)
+        while time.monotonic() < deadline:
+            if server.process.poll() is not None:
+                raise RuntimeError(f"{server.name} exited:\n{server.log_path.read_text()[-3000:]}")
+            try:
+                if model is None:
+                    return  # the null server: answers as soon as it listens
+                if stub.ModelReady(v2.ModelReadyRequest(name=model), timeout=2).ready:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.3)
+    raise TimeoutError(f"{server.name} not ready after {timeout} s:\n{server.log_path.read_text()[-3000:]}")
+
+
+def start(name: str, command: list[str], port: int, workdir: Path, env: dict[str, str] | None = None,
+          ready_model: str | None = SOFTMAX) -> Server:
+    log_path = workdir / f"{name}.log"
+    with open(log_path, "wb") as out:
+        process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server(name, process, port, log_path)
+    if ready_model is None:
+        for _ in range(200):  # the null server prints "ready"
+            if b"ready" in log_path.read_bytes() or process.poll() is not None:
+                break
+            time.sleep(0.05)
+    wait_ready(server, ready_model)
+    return server
+
+
+def start_ours(workdir: Path, *args: str) -> Server:
+    port = free_port()
+    command = [PY, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--provider", "cpu",
+               "--metrics-port", str(free_port()), "--log-level", "WARNING", *args]
+    server = start("ours" + "".join(a.strip("-") for a in args), command, port, workdir)
+    wait_ready(server, CNN)
+    return server
+
+
+def start_null(workdir: Path) -> Server:
+    port = free_port()
+    return start("null", [PY, str(HERE / "null_server.py"), str(port)], port, workdir, ready_model=None)
+
+
+# -- MLServer ------------------------------------------------------------------------------------
+
+
+def mlserver_python(install: bool) -> Path | str:
+    """The MLServer venv's python (created and installed on first use), or why there is none."""
+    python = MLSERVER_VENV / "bin" / "python"
+    mlserver = MLSERVER_VENV / "bin" / "mlserver"
+    marker = MLSERVER_VENV / "benchmark-requirements.txt"
+    wanted = "\n".join(MLSERVER_REQUIREMENTS)
+    if mlserver.exists() and marker.exists() and marker.read_text() == wanted:
+        return python
+    if not install:
+        return f"{MLSERVER_VENV} lacks {MLSERVER_REQUIREMENTS} and --no-install was given"
+    log(f"installing {' '.join(MLSERVER_REQUIREMENTS)} into {MLSERVER_VENV} ...")
+    base = getattr(sys, "_base_executable", sys.executable)
+    try:
+        if not python.exists():
+            subprocess.run([base, "-m", "venv", str(MLSERVER_VENV)], check=True, capture_output=True, text=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *MLSERVER_REQUIREMENTS],
+                       check=True, capture_output=True, text=True, timeout=1200)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        output = getattr(exc, "stderr", "") or getattr(exc, "stdout", "") or str(exc)
+        return f"pip install {' '.join(MLSERVER_REQUIREMENTS)} failed: {str(output)[-1500:]}"
+    if not mlserver.exists():
+        return "pip finished but installed no mlserver command"
+    marker.write_text(wanted)
+    return python
+
+
+def start_mlserver(workdir: Path, python: Path, parallel_workers: int) -> Server:
+    repo = workdir / "mlserver-models"
+    shutil.rmtree(repo, ignore_errors=True)
+    port, http_port, metrics_port = free_port(), free_port(), free_port()
+    repo.mkdir(parents=True)
+    (repo / "settings.json").write_text(json.dumps({
+        "grpc_port": port, "http_port": http_port, "metrics_port": metrics_port, "host": "127.0.0.1",
+        "parallel_workers": parallel_workers, "debug": False,
+    }))
+    for model in (SOFTMAX, CNN):
+        (repo / model).mkdir()
+        (repo / model / "model-settings.json").write_text(json.dumps({
+            "name": model, "implementation": "mlserver_runtime.OnnxRuntime",
+            "parameters": {"uri": str(MODELS / model / "1" / "model.onnx")},
+        }))
+    env = {"PYTHONPATH": str(HERE), "MLSERVER_LOGGING_LEVEL": "WARNING"}
+    command = [str(Path(python).parent / "mlserver"), "start", str(repo)]
+    server = start(f"mlserver-pw{parallel_workers}", command, port, workdir, env=env, ready_model=SOFTMAX)
+    wait_ready(server, CNN)
+    return server
+
+
+# -- measurements -------------------------------------------------------------------------------
+
+
+@dataclass
+class Point:
+    system: str  # null | ours | ours-nobatch | mlserver
+    protocol: str  # v2 | typed
+    model: str
+    batch: int
+    concurrency: int
+    requests: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    client_cpu: float = 0.0  # cores
+    server_cpu: float = 0.0  # cores
+    p50_ms: float = 0.0
+    p90_ms: float = 0.0
+    p99_ms: float = 0.0
+    note: str = ""
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rps * self.batch
+
+    def key(self) -> str:
+        return f"{self.system}/{self.protocol}/{self.model}/b{self.batch}/c{self.concurrency}"
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d.update(rps=self.rps, rows_per_s=self.rows_per_s)
+        return d
+
+
+def measure(server: Server, system: str, protocol: str, model: str, batch: int, concurrency: int,
+            payloads: dict, duration: float, warmup: float, repeat: int = 1) -> Point:
+    """The best of ``repeat`` runs (highest throughput, with that run's latencies): the machine
+    is shared, and another tenant's burst should not decide a result. Same rule for every system."""
+    runs = [_measure_once(server, system, protocol, model, batch, concurrency, payloads, duration, warmup)
+            for _ in range(max(1, repeat))]
+    best = max(runs, key=lambda p: p.rps)
+    best.note = (best.note + " " if best.note else "") + f"best of {len(runs)}: " + ", ".join(f"{p.rps:.0f}" for p in runs) + " req/s"
+    return best
+
+
+def _measure_once(server: Server, system: str, protocol: str, model: str, batch: int, concurrency: int,
+                  payloads: dict, duration: float, warmup: float) -> Point:
+    spec = {
+        "target": f"127.0.0.1:{server.port}",
+        "method": V2_METHOD if protocol == "v2" else TYPED_METHOD,
+        "payload_file": str(payloads[(protocol, model, batch)]),
+        "concurrency": concurrency,
+        "duration_s": duration,
+        "warmup_s": warmup,
+        "channels": 1 if concurrency < 8 else 4,
+    }
+    process = subprocess.Popen([PY, str(HERE / "loadgen.py"), json.dumps(spec)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, cwd=ROOT)
+    # Server CPU over the measured window only: sample when the window starts and ends.
+    cpu: dict[str, float] = {}
+
+    def sample_cpu() -> None:
+        time.sleep(0.8 + warmup)  # process start + channel set-up + warm-up (approximate)
+        cpu["start"], cpu["t0"] = tree_cpu(server.process.pid), time.monotonic()
+        time.sleep(duration * 0.9)
+        cpu["end"], cpu["t1"] = tree_cpu(server.process.pid), time.monotonic()
+
+    sampler = threading.Thread(target=sample_cpu, daemon=True)
+    sampler.start()
+    out, err = process.communicate(timeout=duration + warmup + 120)
+    sampler.join()
+    point = Point(system, protocol, model, batch, concurrency)
+    if process.returncode != 0:
+        point.note = f"load generator failed: {err.decode()[-500:]}"
+        return point
+    result = json.loads(out)
+    latencies = np.asarray(result["latencies_s"]) * 1000
+    point.requests, point.errors, point.seconds = result["requests"], result["errors"], result["wall_s"]
+    point.client_cpu = result["cpu_s"] / result["wall_s"]
+    if "end" in cpu:
+        point.server_cpu = (cpu["end"] - cpu["start"]) / (cpu["t1"] - cpu["t0"])
+    if len(latencies):
+        point.p50_ms, point.p90_ms, point.p99_ms = (float(np.percentile(latencies, q)) for q in (50, 90, 99))
+    log(f"  {point.key():45s} {point.rps:9.0f} req/s {point.rows_per_s:10.0f} rows/s  p50 {point.p50_ms:7.2f}"
+        f"  p99 {point.p99_ms:7.2f} ms  client {point.client_cpu:.2f} server {point.server_cpu:.2f} cores"
+        + (f"  errors {point.errors}" if point.errors else ""))
+    return point
+
+
+def inprocess_ceiling(duration: float) -> list[dict[str, Any]]:
+    """Run in a subprocess (its threads must not linger): rows/s of onnxruntime called directly."""
+    code = f"""
+import json, sys, threading, time
+import numpy as np, onnxruntime as ort
+sys.path.insert(0, {str(HERE)!r})
+from run import images
+out = []
+def session(path, intra):
+    o = ort.SessionOptions()
+    if intra:
+        o.intra_op_num_threads = intra
+        o.inter_op_num_threads = 1
+        o.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
+for model in ("fashion_softmax", "fashion_cnn"):
+    path = {str(MODELS)!r} + "/" + model + "/1/model.onnx"
+    for label, intra, callers in (("onnxruntime defaults, 1 caller", 0, 1), ("server options (1 thread), 2 callers", 1, 2)):
+        s = session(path, intra)
+        for batch in (1, 64, 256):
+            x = images(batch)
+            for _ in range(5): s.run(None, {{"image": x}})
+            counts, lat = [0] * callers, []
+            stop = time.perf_counter() + {duration}
+            def work(i):
+                while time.perf_counter() < stop:
+                    t = time.perf_counter(); s.run(None, {{"image": x}}); lat.append(time.perf_counter() - t); counts[i] += 1
+            t0 = time.perf_counter()
+            threads = [threading.Thread(target=work, args=(i,)) for i in range(callers)]
+            [t.start() for t in threads]; [t.join() for t in threads]
+            wall = time.perf_counter() - t0
+            l = np.asarray(lat) * 1000
+            out.append(dict(model=model, config=label, batch=batch, callers=callers, rows_per_s=sum(counts) * batch / wall,
+                            calls_per_s=sum(counts) / wall, p50_ms=float(np.percentile(l, 50)), p99_ms=float(np.percentile(l, 99))))
+print(json.dumps(out))
+"""
+    result = subprocess.run([PY, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=600)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr)
+    rows = json.loads(result.stdout)
+    for r in rows:
+        log(f"  in-process {r['model']:16s} b{r['batch']:<4d} {r['config']:38s} {r['rows_per_s']:10.0f} rows/s "
+            f"p50 {r['p50_ms']:.3f} ms")
+    return rows
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def find(points: list[Point], system: str, protocol: str, model: str, batch: int, concurrency: int) -> Point | None:
+    for p in points:
+        if (p.system, p.protocol, p.model, p.batch, p.concurrency) == (system, protocol, model, batch, concurrency):
+            return p
+    return None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def goals(points: list[Point], ceilings: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def rows(system: str, protocol: str, model: str, batch: int, concurrency: int) -> float | None:
+        p = find(points, system, protocol, model, batch, concurrency)
+        return p.rows_per_s if p else None
+
+    def p99(system: str, protocol: str, model: str, batch: int, concurrency: int) -> float | None:
+        p = find(points, system, protocol, model, batch, concurrency)
+        return round(p.p99_ms, 2) if p else None
+
+    def ceiling(model: str, batch: int) -> float | None:
+        values = [c["rows_per_s"] for c in ceilings if c["model"] == model and c["batch"] == batch]
+        return max(values) if values else None
+
+    out = []
+
+    def goal(name: str, value: float | None, target: float, better: str, detail: str) -> None:
+        met = None if value is None else (value >= target if better == "higher" else value <= target)
+        out.append({"goal": name, "value": value, "target": target, "better": better, "met": met, "detail": detail})
+
+    for protocol in ("v2", "typed"):
+        goal(f"softmax b256 (8 clients), {protocol}: ours / transport ceiling",
+             ratio(rows("ours", protocol, SOFTMAX, 256, 8), rows("null", protocol, SOFTMAX, 256, 8)), 0.85, "higher",
+             "do-nothing server, same request bytes")
+        goal(f"softmax b1, 32 clients, {protocol}: ours / transport ceiling",
+             ratio(rows("ours", protocol, SOFTMAX, 1, 32), rows("null", protocol, SOFTMAX, 1, 32)), 0.85, "higher",
+             "do-nothing server, same request bytes")
+        goal(f"cnn b256 (8 clients), {protocol}: ours / in-process onnxruntime",
+             ratio(rows("ours", protocol, CNN, 256, 8), ceiling(CNN, 256)), 0.90, "higher",
+             "best in-process configuration at batch 256")
+    goal("cnn b1, 32 clients: batching on / off", ratio(rows("ours", "v2", CNN, 1, 32), rows("ours-nobatch", "v2", CNN, 1, 32)),
+         3.0, "higher", f"p99 on {p99('ours', 'v2', CNN, 1, 32)} ms, off {p99('ours-nobatch', 'v2', CNN, 1, 32)} ms")
+    goal("softmax b1 unloaded round trip p99 (ms), v2", p99("ours", "v2", SOFTMAX, 1, 1), 1.0, "lower",
+         f"do-nothing server p99 {p99('null', 'v2', SOFTMAX, 1, 1)} ms")
+    goal("softmax b1 unloaded round trip p99 (ms), typed", p99("ours", "typed", SOFTMAX, 1, 1), 1.0, "lower",
+         f"do-nothing server p99 {p99('null', 'typed', SOFTMAX, 1, 1)} ms")
+    goal("softmax b1, 32 clients: ours / MLServer", ratio(rows("ours", "v2", SOFTMAX, 1, 32), rows("mlserver", "v2", SOFTMAX, 1, 32)),
+         3.0, "higher", f"transport ceiling / MLServer = {fmt(ratio(rows('null', 'v2', SOFTMAX, 1, 32), rows('mlserver', 'v2', SOFTMAX, 1, 32)))}")
+    goal("softmax b256 (8 clients): ours / MLServer", ratio(rows("ours", "v2", SOFTMAX, 256, 8), rows("mlserver", "v2", SOFTMAX, 256, 8)),
+         10.0, "higher", "")
+    for batch, conc in ((1, 1), (1, 32), (256, 8)):
+        ours, theirs = p99("ours", "v2", SOFTMAX, batch, conc), p99("mlserver", "v2", SOFTMAX, batch, conc)
+        goal(f"softmax b{batch}, {conc} clients: p99 ours / MLServer", ratio(ours, theirs), 1.0, "lower",
+             f"ours {ours} ms, MLServer {theirs} ms")
+    return out
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def table(points: list[Point], ceilings: list[dict[str, Any]], goal_rows: list[dict[str, Any]]) -> str:
+    lines = ["| system | protocol | model | batch | clients | req/s | rows/s | p50 ms | p90 ms | p99 ms | client CPU (cores) "
+             "| server CPU (cores) | server CPU µs/req |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for c in ceilings:
+        lines.append(f"| in-process onnxruntime ({c['config']}) | - | {c['model']} | {c['batch']} | {c['callers']} | "
+                     f"{c['calls_per_s']:.0f} | {c['rows_per_s']:.0f} | {c['p50_ms']:.3f} | | {c['p99_ms']:.3f} | | | |")
+    names = {"null": "do-nothing gRPC server", "ours": "ours (batching on)", "ours-nobatch": "ours (batching off)",
+             "mlserver": "MLServer 1.7.1"}
+    for p in points:
+        errors = f" ({sum(p.errors.values())} errors)" if p.errors else ""
+        lines.append(f"| {names.get(p.system, p.system)} | {p.protocol} | {p.model} | {p.batch} | {p.concurrency} | "
+                     f"{p.rps:.0f}{errors} | {p.rows_per_s:.0f} | {p.p50_ms:.2f} | {p.p90_ms:.2f} | {p.p99_ms:.2f} | "
+                     f"{p.client_cpu:.2f} | {p.server_cpu:.2f} | {1e6 * p.server_cpu / p.rps if p.rps else 0:.0f} |")
+    lines += ["", "| goal | measured | target | met |", "| --- | ---: | ---: | --- |"]
+    for g in goal_rows:
+        sign = ">=" if g["better"] == "higher" else "<="
+        met = {True: "yes", False: "**no**", None: "not measured"}[g["met"]]
+        detail = f" ({g['detail']})" if g["detail"] else ""
+        lines.append(f"| {g['goal']}{detail} | {fmt(g['value'])} | {sign} {g['target']} | {met} |")
+    return "\n".join(lines)
+
+
+def plot(points: list[Point], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5))
+    series = [
+        ("null", "v2", SOFTMAX, "do-nothing gRPC server (transport ceiling)", "k--"),
+        ("ours", "v2", SOFTMAX, "ours, fashion_softmax (V2)", "C0-o"),
+        ("mlserver", "v2", SOFTMAX, "MLServer, fashion_softmax", "C3-s"),
+        ("ours", "v2", CNN, "ours, fashion_cnn, batching on", "C2-o"),
+        ("ours-nobatch", "v2", CNN, "ours, fashion_cnn, batching off", "C1-^"),
+    ]
+    for system, protocol, model, label, style in series:
+        pts = sorted((p for p in points if (p.system, p.protocol, p.model, p.batch) == (system, protocol, model, 1)),
+                     key=lambda p: p.concurrency)
+        if len(pts) > 1:
+            left.plot([p.concurrency for p in pts], [p.rps for p in pts], style, label=label)
+    left.set_xscale("log", base=2)
+    left.set_xticks([1, 8, 32, 64], ["1", "8", "32", "64"])
+    left.set_xlabel("concurrent clients (batch-1 requests)")
+    left.set_ylabel("requests / s")
+    left.set_title("Throughput vs concurrency (2-core CPU, loopback)")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+
+    picks = [
+        ("null", "v2", SOFTMAX, 1, 1, "null b1 c1"), ("ours", "v2", SOFTMAX, 1, 1, "ours V2 b1 c1"),
+        ("ours", "typed", SOFTMAX, 1, 1, "ours typed b1 c1"), ("mlserver", "v2", SOFTMAX, 1, 1, "MLServer b1 c1"),
+        ("null", "v2", SOFTMAX, 1, 32, "null b1 c32"), ("ours", "v2", SOFTMAX, 1, 32, "ours b1 c32"),
+        ("mlserver", "v2", SOFTMAX, 1, 32, "MLServer b1 c32"),
+        ("ours", "v2", CNN, 1, 32, "cnn on b1 c32"), ("ours-nobatch", "v2", CNN, 1, 32, "cnn off b1 c32"),
+    ]
+    chosen = [(label, find(points, *key)) for *key, label in picks]
+    chosen = [(label, p) for label, p in chosen if p is not None]
+    x = np.arange(len(chosen))
+    for offset, attr, name in ((-0.27, "p50_ms", "p50"), (0, "p90_ms", "p90"), (0.27, "p99_ms", "p99")):
+        right.bar(x + offset, [getattr(p, attr) for _, p in chosen], width=0.27, label=name)
+    right.set_xticks(x, [label for label, _ in chosen], rotation=35, ha="right", fontsize=8)
+    right.set_yscale("log")
+    right.set_ylabel("latency, ms (log)")
+    right.set_title("Latency percentiles (fashion_softmax unless noted)")
+    right.grid(alpha=0.3, axis="y")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    import grpc
+    import onnxruntime
+
+    return {"cpu": model, "cores": os.cpu_count(), "gpu": "none", "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__, "grpcio": grpc.__version__, "kernel": platform.release(),
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds measured per point (default 3)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring (default 1)")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per point, the best is kept (default 2)")
+    parser.add_argument("--skip-mlserver", action="store_true", help="leave MLServer out")
+    parser.add_argument("--no-install", action="store_true", help="do not create the MLServer venv")
+    parser.add_argument("--mlserver-workers", type=int, default=0,
+                        help="MLServer parallel_workers (0 = inference in the server process, its fastest here; "
+                        "MLServer's default is 1)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    d, w = args.duration, args.warmup
+    started = time.time()
+    report: dict[str, Any] = {"machine": machine(), "load_average_before": os.getloadavg(),
+                              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "settings": vars(args) | {"out": str(args.out)}}
+    points: list[Point] = []
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        workdir = Path(tmp)
+        payloads = write_payloads(workdir)
+
+        log("1. in-process onnxruntime (compute ceiling)")
+        ceilings = []
+        for _ in range(max(1, args.repeat)):  # best of the runs, as for the servers
+            for row in inprocess_ceiling(min(d, 2.0)):
+                key = (row["model"], row["config"], row["batch"])
+                old = next((c for c in ceilings if (c["model"], c["config"], c["batch"]) == key), None)
+                if old is None:
+                    ceilings.append(row)
+                elif row["rows_per_s"] > old["rows_per_s"]:
+                    ceilings[ceilings.index(old)] = row
+
+        def run_set(server: Server, system: str, loads: list[tuple[str, str, int, int]]) -> None:
+            for protocol, model, batch, concurrency in loads:
+                points.append(measure(server, system, protocol, model, batch, concurrency, payloads, d, w, args.repeat))
+
+        softmax_loads = [("v2", SOFTMAX, 1, 1), ("v2", SOFTMAX, 1, 8), ("v2", SOFTMAX, 1, 32), ("v2", SOFTMAX, 1, 64),
+                         ("v2", SOFTMAX, 64, 8), ("v2", SOFTMAX, 256, 8)]
+        typed_loads = [("typed", SOFTMAX, 1, 1), ("typed", SOFTMAX, 1, 32), ("typed", SOFTMAX, 256, 8)]
+
+        log("2. do-nothing gRPC server (transport ceiling)")
+        null = start_null(workdir)
+        try:
+            run_set(null, "null", softmax_loads + typed_loads)
+        finally:
+            null.stop()
+
+        log("3. our server, dynamic batching on (defaults)")
+        ours = start_ours(workdir)
+        try:
+            run_set(ours, "ours", softmax_loads + typed_loads + [
+                ("v2", CNN, 1, 1), ("v2", CNN, 1, 8), ("v2", CNN, 1, 32), ("v2", CNN, 1, 64),
+                ("v2", CNN, 64, 8), ("v2", CNN, 256, 8), ("typed", CNN, 256, 8), ("typed", CNN, 1, 32)])
+        finally:
+            ours.stop()
+
+        log("4. our server, dynamic batching off")
+        off = start_ours(workdir, "--dynamic-batching", "false")
+        try:
+            run_set(off, "ours-nobatch", [("v2", CNN, 1, 1), ("v2", CNN, 1, 8), ("v2", CNN, 1, 32), ("v2", CNN, 1, 64)])
+        finally:
+            off.stop()
+
+        report["mlserver"] = {"requirements": MLSERVER_REQUIREMENTS, "parallel_workers": args.mlserver_workers}
+        if args.skip_mlserver:
+            report["mlserver"]["skipped"] = "--skip-mlserver"
+        else:
+            python = mlserver_python(not args.no_install)
+            if isinstance(python, str):
+                report["mlserver"]["skipped"] = python
+                log(f"5. MLServer skipped: {python}")
+            else:
+                log(f"5. MLServer (parallel_workers={args.mlserver_workers})")
+                try:
+                    mls = start_mlserver(workdir, python, args.mlserver_workers)
+                except (RuntimeError, TimeoutError) as exc:
+                    report["mlserver"]["skipped"] = f"did not start: {exc}"
+                    log(f"   MLServer did not start: {exc}")
+                else:
+                    try:
+                        run_set(mls, "mlserver", softmax_loads + [("v2", CNN, 1, 32), ("v2", CNN, 256, 8)])
+                    finally:
+                        mls.stop()
+
+    goal_rows = goals(points, ceilings)
+    report.update(load_average_after=os.getloadavg(), wall_seconds=round(time.time() - started, 1),
+                  ceilings=ceilings, points=[p.as_dict() for p in points], goals=goal_rows)
+    (args.out / "benchmark.json").write_text(json.dumps(report, indent=2))
+    text = table(points, ceilings, goal_rows)
+    (args.out / "benchmark.md").write_text(text + "\n")
+    try:
+        plot(points, args.out / "benchmark.png")
+    except ImportError as exc:  # matplotlib is a test/batch extra
+        log(f"no plot: {exc}")
+    print(text)
+    m = report["machine"]
+    print(f"\nmachine: {m['cpu']}, {m['cores']} cores, no GPU; load average before "
+          f"{report['load_average_before'][0]:.2f}, after {report['load_average_after'][0]:.2f}; "
+          f"{report['wall_seconds']:.0f} s; results in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
