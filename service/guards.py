@@ -9,11 +9,14 @@
   checks are not counted and never refused, so probes keep working while the server is saturated.
   (grpc.aio's own ``maximum_concurrent_rpcs`` counts the call it is waiting for as active and
   refuses calls at random near the limit; this count is exact.)
-* **Draining** (shutdown). Once :meth:`GuardInterceptor.start_draining` is called, every new call
-  (health checks aside) is answered ``UNAVAILABLE`` at once, before any work, while the calls
-  already running finish; :attr:`ConcurrencyLimit.active` tells when they have. The server stops
-  gRPC only then: calls that reach gRPC's queue as it shuts down are cancelled by gRPC itself
-  (``CANCELLED``), and an event loop that answers new calls at once keeps that queue empty.
+* **Draining** (shutdown, :meth:`GuardInterceptor.drain`). New calls (health checks aside) do no
+  work: each is *held* until gRPC has begun to stop and is then answered ``UNAVAILABLE`` (before
+  its deadline, at the latest). Meanwhile the calls already running finish. Why hold rather than
+  answer at once: when gRPC stops it cancels (``CANCELLED``, https://github.com/grpc/grpc/issues/41785)
+  every call that reached it but was not started yet, including those arriving until the client
+  has read gRPC's GOAWAY. A client refused at once retries, and its retry can land right in that
+  window; a client whose call is held has nothing in flight to lose, and reads the GOAWAY before
+  its UNAVAILABLE. Held calls are capped (the ``max_concurrent_requests`` limit, or 1024).
 """
 from __future__ import annotations
 
@@ -77,6 +80,8 @@ class ConcurrencyLimit:
         self.refused = 0
         self.draining = False
         self.last_call = 0.0  # time.monotonic() when the last call (refused or not) came in
+        self.held = 0
+        self.release = asyncio.Event()  # set once gRPC has begun to stop: held calls answer
 
     def admit(self) -> str | None:
         """Why a new call is refused now, or None (then the caller counts itself in)."""
@@ -88,12 +93,23 @@ class ConcurrencyLimit:
         return None
 
     async def refuse(self, context: grpc.aio.ServicerContext, why: str) -> None:
-        self.refused += 1
         if why == "draining":
+            if self.held < (self.limit or 1024):
+                self.held += 1
+                try:
+                    remaining = context.time_remaining()
+                    timeout = None if remaining is None else max(remaining - 0.1, 0.0)
+                    await asyncio.wait_for(self.release.wait(), timeout)
+                except asyncio.TimeoutError:
+                    pass  # answer before the caller's deadline
+                finally:
+                    self.held -= 1
+            self.refused += 1
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
                 "the server is shutting down and takes no new calls; retry (another replica)",
             )
+        self.refused += 1
         await context.abort(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"the server is busy: {self.active} calls in progress, its max_concurrent_requests "
@@ -183,13 +199,18 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         return self.limit.active
 
     def start_draining(self) -> None:
-        """From now on answer every new call (health aside) UNAVAILABLE."""
+        """From now on hold every new call (health aside) for an UNAVAILABLE answer."""
         self.limit.draining = True
 
-    async def drain(self, timeout: float, quiet: float = 0.05, linger: float = 2.0) -> dict[str, float]:
-        """Refuse new calls and wait (at most ``timeout`` s) until none is running and either no
+    def release_held(self) -> None:
+        """Answer the held calls UNAVAILABLE (call once gRPC has begun to stop)."""
+        self.limit.release.set()
+
+    async def drain(self, timeout: float, quiet: float = 0.02, linger: float = 2.0) -> dict[str, float]:
+        """Hold new calls and wait (at most ``timeout`` s) until none is running and either no
         call came in for ``quiet`` s (gRPC's queue of arrived-but-unstarted calls is then empty,
-        since an idle event loop starts them at once) or ``linger`` s passed. Returns figures."""
+        since an idle event loop starts them at once) or ``linger`` s passed. Returns figures;
+        then stop gRPC and call :meth:`release_held`."""
         self.start_draining()
         start = time.monotonic()
         running_at_start = self.limit.active
@@ -203,7 +224,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         return {
             "running_at_signal": running_at_start,
             "still_running": self.limit.active,
-            "refused_while_draining": self.limit.refused,
+            "held_for_unavailable": self.limit.held,
             "drain_seconds": round(time.monotonic() - start, 3),
         }
 

@@ -80,20 +80,24 @@ class ServingServer:
         """Health → NOT_SERVING; new calls → UNAVAILABLE while the running ones finish (within
         ``grace`` seconds); then gRPC stops (cancelling whatever still runs) and so do we.
 
-        Draining before ``server.stop`` matters: when gRPC stops, it cancels (CANCELLED, before
-        any work) the calls that reached it but had not started. Refusing new calls UNAVAILABLE
-        until the running ones are done and none came in for 50 ms (:meth:`GuardInterceptor.drain`)
-        leaves that queue empty when gRPC stops. (A client that ignores UNAVAILABLE and retries
-        with no backoff can still land a call in that millisecond: docs/hardening.md.)
+        New calls are held during the drain and answered UNAVAILABLE only once gRPC has begun
+        to stop: gRPC cancels (CANCELLED) the calls that reach it as it stops, and a refused
+        client retrying at once would land there (:class:`service.guards.GuardInterceptor`).
         """
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         await self.health.enter_graceful_shutdown()
-        if self.guard is not None:
+        if self.guard is None:
+            await self.server.stop(grace)
+        else:
             figures = await self.guard.drain(max(deadline - loop.time(), 0.0))
             log.info("drained: stopping gRPC", extra=figures)
-        await self.server.stop(max(deadline - loop.time(), 0.0))
+            stopping = asyncio.ensure_future(self.server.stop(max(deadline - loop.time(), 0.0)))
+            for _ in range(3):  # let gRPC close the port and send GOAWAY first
+                await asyncio.sleep(0)
+            self.guard.release_held()
+            await stopping
         if self.reloader is not None:
             await self.reloader.stop()
         self.repository.close()
