@@ -39,7 +39,6 @@ import os
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from .errors import FailedPrecondition, NotFound
 from .repository import MODEL_FILE, Model, ModelRepository

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+#: After the drain: time gRPC gets to send the last answers before it cancels what is still open.
+FLUSH_SECONDS = 2.0
 
 
 def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -93,7 +95,11 @@ class ServingServer:
         else:
             figures = await self.guard.drain(max(deadline - loop.time(), 0.0))
             log.info("drained: stopping gRPC", extra=figures)
-            stopping = asyncio.ensure_future(self.server.stop(max(deadline - loop.time(), 0.0)))
+            remaining = max(deadline - loop.time(), 0.0)
+            # Once our calls are done, what gRPC still has open is answers on their way out and
+            # health Watch streams (which would otherwise hold the exit for the whole grace).
+            flush = remaining if self.guard.active else min(remaining, FLUSH_SECONDS)
+            stopping = asyncio.ensure_future(self.server.stop(flush))
             for _ in range(3):  # let gRPC close the port and send GOAWAY first
                 await asyncio.sleep(0)
             self.guard.release_held()

@@ -16,13 +16,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from conftest import REPO_ROOT, ServerProcess, start_server
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx_models import save, slow, tiny_repository
 
 from service.generated.inference import grpc_service_pb2 as v2
 from service.generated.inference import grpc_service_pb2_grpc as v2_grpc
-from service.generated.serving.v1 import serving_pb2 as pb
-from service.generated.serving.v1 import serving_pb2_grpc as pb_grpc
+from service.server import FLUSH_SECONDS
 from service.settings import Settings
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
@@ -85,6 +84,24 @@ def test_sigterm_under_load_loses_nothing(tmp_path: Path) -> None:
     assert result["in_flight_at_signal"] > 0, "no call was in flight at SIGTERM: the test proves nothing"
     assert result["refused_unavailable"] > 0, "no call was refused: the clients stopped too early"
     assert result["exit_code"] == 0 and '"server stopped"' in proc.log()
+
+
+def test_an_open_health_watch_does_not_hold_the_exit(tmp_path: Path) -> None:
+    """A load balancer's health Watch stream stays open forever; after the drain, gRPC gets only
+    a short flush (service.server.FLUSH_SECONDS), not the whole grace."""
+    repo = tiny_repository(tmp_path / "models")
+    args = ["--model-repository", str(repo), "--provider", "cpu", "--shutdown-grace-seconds", "60"]
+    with start_server(tmp_path, *args) as proc, proc.channel() as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+        assert next(watch).status == SERVING
+        start = time.monotonic()
+        proc.process.send_signal(signal.SIGTERM)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert proc.process.wait(30) == 0
+        assert time.monotonic() - start < FLUSH_SECONDS + 5
+        with pytest.raises(grpc.RpcError) as info:
+            next(watch)
+        assert info.value.code() == UNAVAILABLE
 
 
 # --- cancelled and disconnected callers mid-batch -----------------------------------------------

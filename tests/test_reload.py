@@ -291,7 +291,7 @@ def test_a_removed_version_drains_before_it_unloads(tmp_path: Path) -> None:
         events.append("reload returned")
         await task
         assert repository.versions("slow") == [2]
-        del old
+        old = None  # (the closure above holds it too)
         gc.collect()
         await reloader.stop()
         repository.close()
