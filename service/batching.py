@@ -23,8 +23,9 @@ All queue state lives on the event loop thread (no locks). onnxruntime (plus the
 concatenation) runs on the inference threads, except a batch expected to take less than
 ``inline_compute_us`` (100 µs by default: the linear models, the softmax classifier up to ~20 rows),
 which runs on the event loop thread because handing it to a thread and back costs more CPU than
-the computation itself; the expectation comes from timing the model at load (1 and 16 rows) and is
-corrected by every batch run since. Inputs are used as given (views over the request
+the computation itself; the expectation comes from timing the model at load (1 and 16 rows, best
+of 3). It is not corrected from live timings: under load those include waits for the GIL (which
+onnxruntime releases while it runs), and "learning" them pushed cheap batches onto threads. Inputs are used as given (views over the request
 bytes); the only copies are the concatenation of several requests and the caller's own encoding
 of its output rows, which are views into the batch output.
 """
@@ -169,33 +170,23 @@ class Batcher:
         self._last_submit = float("-inf")
         self._inline_limit = inline_compute_us / 1e6
         self._cost: tuple[float, float] | None = None  # seconds: fixed, per row
-        self._scale = 1.0  # measured / expected, smoothed
 
     # -- cost model (inline or thread) ---------------------------------------------------------
 
     def calibrate(self, fixed_s: float, per_row_s: float) -> None:
         """Expected compute time of a batch: ``fixed_s + rows * per_row_s`` (from load-time runs)."""
         self._cost = (max(fixed_s, 0.0), max(per_row_s, 0.0))
-        self._scale = 1.0
 
     def expected_seconds(self, rows: int) -> float | None:
         if self._cost is None:
             return None
-        return (self._cost[0] + rows * self._cost[1]) * self._scale
+        return self._cost[0] + rows * self._cost[1]
 
     def _inline(self, rows: int) -> bool:
         if self._cost is None or self._inline_limit <= 0:
             return False
-        return (self._cost[0] + rows * self._cost[1]) * self._scale < self._inline_limit
+        return self._cost[0] + rows * self._cost[1] < self._inline_limit
 
-    def _learn(self, rows: int, seconds: float) -> None:
-        """Correct the cost model with an inline run (a thread's time would include its wait
-        for the GIL after onnxruntime returns, which says nothing about the model)."""
-        if self._cost is not None:
-            expected = self._cost[0] + rows * self._cost[1]
-            if expected > 0:
-                ratio = min(max(seconds / expected, 0.25), 20.0)
-                self._scale = 0.9 * self._scale + 0.1 * ratio
 
     # -- state read by the metrics scrape ----------------------------------------------------
 
@@ -396,8 +387,6 @@ class Batcher:
                 outcome: tuple[Arrays, int, float] | BaseException = self._compute(parts, names)
             except Exception as exc:  # noqa: BLE001 - handed to the callers
                 outcome = exc
-            else:
-                self._learn(outcome[1], outcome[2])
             self._complete(parts, outcome)
             return
         loop = self._loop
