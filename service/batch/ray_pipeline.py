@@ -338,13 +338,17 @@ class OnnxPredictor:
         data = _deref(model_bytes)
         if hashlib.sha256(data).hexdigest() != model.sha256:
             raise PipelineError(f"model bytes for {model.name} v{model.version} do not match their sha256")
-        # The model's own file name and folder layout, so Runtime/Model see what the server sees.
-        self._dir = tempfile.mkdtemp(prefix="ray-model-")
-        path = Path(self._dir) / model.name / str(model.version) / "model.onnx"
-        path.parent.mkdir(parents=True)
-        path.write_bytes(data)
-        settings = _settings(Path(self._dir), model.provider, model.intra_op_threads, model.batch_size)
-        self.model = _load_model(path, model.name, model.version, settings)
+        # The model's own file name and folder layout, so Runtime/Model see what the server sees;
+        # the file goes as soon as the session holds the model.
+        folder = tempfile.mkdtemp(prefix="ray-model-")
+        try:
+            path = Path(folder) / model.name / str(model.version) / "model.onnx"
+            path.parent.mkdir(parents=True)
+            path.write_bytes(data)
+            settings = _settings(Path(folder), model.provider, model.intra_op_threads, model.batch_size)
+            self.model = _load_model(path, model.name, model.version, settings)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         self.want = np.dtype(model.input_dtype)
         self.item_shape = tuple(model.input_shape[1:])
         self._reader: Any = None
@@ -429,9 +433,6 @@ class OnnxPredictor:
             columns["true_label"] = pa.array(names[truth].tolist(), pa.string())
             columns["correct"] = pa.array(truth == predicted)
         return pa.table(columns)
-
-    def __del__(self) -> None:
-        shutil.rmtree(getattr(self, "_dir", ""), ignore_errors=True)
 
 
 # -- the job -------------------------------------------------------------------------------------
