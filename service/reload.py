@@ -182,13 +182,23 @@ class ModelReloader:
         await self._drain_all(retired)
         return report
 
+    def _on_disk(self, name: str) -> bool:
+        """Whether ``name`` is a model directory of the repository: matched against the listing,
+        never joined into a path (no ``..``, ``/``, NUL or over-long names reach the filesystem)."""
+        if not name or name.startswith((".", "_")) or len(name) > 255:
+            return False
+        try:
+            return any(p.name == name and p.is_dir() for p in self.repository.root.iterdir())
+        except OSError:
+            return False
+
     async def unload(self, name: str) -> ReloadReport:
         """Stop serving every version of ``name``, drain them, and keep it unloaded (also across
         polls) until :meth:`reload` is called for it explicitly."""
         async with self._guard():
             snapshot = self.repository.snapshot()
-            if name not in snapshot and not (self.repository.root / name).is_dir() and name not in self._unloaded:
-                raise NotFound(f"model '{name}' is neither loaded nor in the repository; models: {sorted(snapshot)}")
+            if name not in snapshot and name not in self._unloaded and not self._on_disk(name):
+                raise NotFound(f"model {name!r} is neither loaded nor in the repository; models: {sorted(snapshot)}")
             self._unloaded.add(name)
             plan = _Plan(scope={name}, remove=[(name, v) for v in sorted(snapshot.get(name, {}))])
             plan.on_disk = {}
@@ -200,13 +210,13 @@ class ModelReloader:
     async def load(self, name: str) -> ReloadReport:
         """RepositoryModelLoad: (re)load ``name`` from disk; FailedPrecondition unless it ends up
         served with every version on disk loaded."""
-        if not name or name.startswith((".", "_")) or name != Path(name).name:
-            raise NotFound(f"model name {name!r} is not a model directory name")
+        if not self._on_disk(name):
+            raise NotFound(f"no model directory {name!r} in the repository; models: {self.repository.names()}")
         report = await self.reload([name], explicit=True)
         if report.skipped:
             raise FailedPrecondition(f"the model repository {self.repository.root} cannot be read")
-        if not (self.repository.root / name).is_dir():
-            raise NotFound(f"no directory {self.repository.root / name}; models: {self.repository.names()}")
+        if not self._on_disk(name):
+            raise NotFound(f"model directory {name!r} went away while loading")
         served = self.repository.versions(name)
         rejected = {k: v for k, v in self.repository.failed.items() if k == name or k.startswith(name + "/")}
         if rejected or not served:

@@ -242,9 +242,9 @@ def test_v2_model_load_and_unload(tmp_path: Path) -> None:
         load("m")
         assert versions() == ["1", "2"] and proc.health("m") == SERVING
 
-        assert error(lambda: load("nope"))[0] == grpc.StatusCode.NOT_FOUND
-        assert error(lambda: load("../models/m"))[0] == grpc.StatusCode.NOT_FOUND
-        assert error(lambda: unload("nope"))[0] == grpc.StatusCode.NOT_FOUND
+        for name in ("nope", "../models/m", "..", ".", "m/../m", "m\x00", "é" * 300, ".staging"):
+            assert error(lambda: load(name))[0] == grpc.StatusCode.NOT_FOUND, name  # noqa: B023
+            assert error(lambda: unload(name))[0] == grpc.StatusCode.NOT_FOUND, name  # noqa: B023
         assert error(lambda: load("m", repository_name="x"))[0] == grpc.StatusCode.INVALID_ARGUMENT
         params = {"config": v2.ModelRepositoryParameter(string_param="{}")}
         assert error(lambda: load("m", parameters=params))[0] == grpc.StatusCode.INVALID_ARGUMENT
