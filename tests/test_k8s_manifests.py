@@ -275,6 +275,7 @@ def test_deployment_matches_the_server(rendered: dict[str, list[dict]]) -> None:
         volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "model-repository")
         init = pod["spec"].get("initContainers", [])
         if variant == "pvc":
+            assert settings.reload_interval_seconds > 0  # versions written to the volume get loaded
             assert init == [] and volume == {"name": "model-repository",
                                              "persistentVolumeClaim": {"claimName": "model-repository", "readOnly": True}}
             claim = one(docs, "PersistentVolumeClaim", "model-repository")
@@ -358,8 +359,10 @@ def test_server_with_the_configmap_settings_answers_the_kubelet_probe(
     deployment = one(docs, "Deployment")
     container = server_container(deployment["spec"]["template"]["spec"])
     env = container_env(container, docs)
-    port = free_port()
-    mapped = {**env, "SERVING_HOST": "127.0.0.1", "SERVING_PORT": str(port), "SERVING_METRICS_PORT": "0",
+    port, metrics_port = free_port(), free_port()
+    has_metrics = "metrics_port" in Settings.model_fields
+    mapped = {**env, "SERVING_HOST": "127.0.0.1", "SERVING_PORT": str(port),
+              "SERVING_METRICS_PORT": str(metrics_port if has_metrics else 0),
               "SERVING_MODEL_REPOSITORY": str(REPO_ROOT / "models")}
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("SERVING_")}
     full_env.update(mapped, PYTHONUNBUFFERED="1")
@@ -386,6 +389,13 @@ def test_server_with_the_configmap_settings_answers_the_kubelet_probe(
             assert process.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, "startup probe budget exceeded:\n" + log_path.read_text()
             time.sleep(0.2)
+        if has_metrics:  # what the pod's prometheus.io annotations tell Prometheus to scrape
+            import urllib.request
+
+            annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+            url = f"http://127.0.0.1:{metrics_port}{annotations['prometheus.io/path']}"
+            with urllib.request.urlopen(url, timeout=10) as response:
+                assert response.status == 200 and b"# TYPE" in response.read()
         grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
         stopping = time.monotonic()
