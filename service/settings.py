@@ -106,7 +106,7 @@ class Settings(BaseSettings):
         "INFO", description="DEBUG adds one log line per request"
     )
     log_format: Literal["json", "text"] = Field("json", description="structured JSON lines or text")
-    # -- hardening (docs/hardening.md) --------------------------------------------------------
+    # -- hardening (README "Hardening") --------------------------------------------------------
     auth_tokens: Annotated[list[str], NoDecode] = Field(
         [],
         description="bearer tokens accepted as 'authorization: Bearer <token>' metadata, "
