@@ -54,7 +54,7 @@ def test_short_soak(tmp_path: Path) -> None:
     assert result["mismatches"] == {} and result["ok"] == 2000
     kinds = set(result["per_kind"])
     assert len(kinds) == 6 and {k.split()[0] for k in kinds} == {"typed", "V2"}  # (no fashion_cnn here)
-    assert result["rss_growth_pct"] < 20  # the 10 % bound is checked on the full 100,000 (docs/hardening.md)
+    assert result["rss_growth_pct"] < 20  # the 10 % bound is checked on the full 100,000 (README, "Soak")
 
 
 # --- SIGTERM under load ---------------------------------------------------------------------------
