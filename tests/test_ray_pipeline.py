@@ -1,7 +1,7 @@
 """The Ray Data pipeline (python -m service.batch.ray_pipeline) against the single-machine batch job.
 
 A local Ray instance (2 CPUs, no dashboard) runs the pipeline on the real Fashion-MNIST test set —
-IDX (gzip) with 2 actors, Parquet with 1 actor — and the CLI joins a running `ray start` cluster
+IDX (gzip) with 2 actors, Parquet with an autoscaling pool of 1-2 — and the CLI joins a running `ray start` cluster
 with --address for a .npy input; every run must give the batch job's predictions row for row
 (probabilities bitwise equal where the batches line up) and the model's recorded test accuracy.
 Errors in the input, model or settings fail before Ray starts. Everything listens on loopback.
@@ -147,7 +147,7 @@ def test_idx_on_two_actors_equals_the_batch_job(
         run_pipeline(quiet(inputs=[fashion["images"]], output=out, model=MODEL))
 
 
-def test_parquet_on_one_actor_equals_the_batch_job(
+def test_parquet_on_an_autoscaling_pool_equals_the_batch_job(
     local_ray: object, test_set: tuple[np.ndarray, np.ndarray], batch_job: Path, tmp_path: Path
 ) -> None:
     images, labels = test_set
@@ -164,11 +164,12 @@ def test_parquet_on_one_actor_equals_the_batch_job(
     assert plan.rows == 10_000 and plan.label_column == "label"
     assert [(u["start"], u["stop"]) for u in plan.units] == [(0, 3000), (3000, 6000), (6000, 9000), (9000, 10_000)]
     out = tmp_path / "ray"
-    summary = run_pipeline(quiet(inputs=[folder], output=out, model=MODEL, actors=1))
+    summary = run_pipeline(quiet(inputs=[folder], output=out, model=MODEL, actors=1, max_actors=2))
     # Row groups of 3,000 do not start on multiples of 256, so batches differ: same predictions,
     # probabilities equal to float32 rounding.
     assert_same_as_batch_job(out, batch_job, bitwise=False)
     assert summary["input"]["kind"] == "parquet" and summary["labels"] == "label"
+    assert summary["actors"]["min"] == 1 and summary["actors"]["max"] == 2  # an autoscaling pool
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +214,7 @@ def test_npy_through_the_cli_on_an_existing_cluster(
     tmp_path: Path,
 ) -> None:
     """The CLI in its own process joins a running cluster with --address: the service package
-    travels as py_modules, relative paths work although workers run elsewhere, the pool autoscales."""
+    travels as py_modules, and relative paths work although the workers run elsewhere."""
     import subprocess
     import sys
 
@@ -223,14 +224,14 @@ def test_npy_through_the_cli_on_an_existing_cluster(
     env.pop("RAY_ADDRESS", None)
     result = subprocess.run(
         [sys.executable, "-m", "service.batch.ray_pipeline", "images.npy", "--labels", str(fashion["labels"]),
-         "-o", "out", "--model", MODEL, "--model-repository", str(MODELS), "--actors", "1", "--max-actors", "2",
+         "-o", "out", "--model", MODEL, "--model-repository", str(MODELS), "--actors", "1",
          "--address", ray_cluster],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "accuracy 0.8469" in result.stderr
     summary = assert_same_as_batch_job(tmp_path / "out", batch_job, bitwise=True)
-    assert summary["input"]["kind"] == "npy" and summary["actors"]["max"] == 2
+    assert summary["input"]["kind"] == "npy" and summary["actors"]["max"] == 1
     assert summary["ray"]["address"] == ray_cluster
 
 
