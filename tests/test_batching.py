@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 from conftest import MODELS, ServerProcess, free_port, start_server
 from onnx_models import linear, save
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.batching import Batcher, BatchingConfig
@@ -262,7 +263,9 @@ def test_capacity_and_deadline_in_process() -> None:
     assert isinstance(results[1], DeadlineExceeded)
     assert results[2]["y"].ravel().tolist() == [4.0]
     assert model.batches == [[0.0], [2.0]]  # the expired request was not computed
-    dropped = {s.labels["reason"]: s.value for s in metrics.dropped.collect()[0].samples if s.name.endswith("_total")}
+    text = generate_latest(metrics.registry).decode()
+    dropped = {s.labels["reason"]: s.value for f in text_string_to_metric_families(text)
+               for s in f.samples if s.name == "serving_dropped_requests_total"}
     assert dropped == {"queue_full": 1.0, "deadline": 1.0}
 
 
