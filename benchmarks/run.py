@@ -8,7 +8,9 @@ Prints a table and the goal ratios, writes benchmarks/results/benchmark.json and
 benchmarks/results/benchmark.png. Every server runs as its own process on 127.0.0.1; the load
 comes from benchmarks/loadgen.py (grpc.aio, pre-serialised request bytes, responses not decoded),
 one process per measurement, whose CPU use is reported next to each result. Server CPU is the
-server process tree's CPU time during the measurement.
+server process tree's CPU time during the measurement. All servers run side by side and every
+load is measured on each of them in turn, ``--repeat`` rounds (default 2), keeping each one's best:
+the machine is shared, and a burst of other work should hit every system alike.
 
 Measurements:
 1. ceilings: in-process onnxruntime (batch 1/64/256; onnxruntime's default threads with one caller,
@@ -283,17 +285,6 @@ class Point:
         return d
 
 
-def measure(server: Server, system: str, protocol: str, model: str, batch: int, concurrency: int,
-            payloads: dict, duration: float, warmup: float, repeat: int = 1) -> Point:
-    """The best of ``repeat`` runs (highest throughput, with that run's latencies): the machine
-    is shared, and another tenant's burst should not decide a result. Same rule for every system."""
-    runs = [_measure_once(server, system, protocol, model, batch, concurrency, payloads, duration, warmup)
-            for _ in range(max(1, repeat))]
-    best = max(runs, key=lambda p: p.rps)
-    best.note = (best.note + " " if best.note else "") + f"best of {len(runs)}: " + ", ".join(f"{p.rps:.0f}" for p in runs) + " req/s"
-    return best
-
-
 def _measure_once(server: Server, system: str, protocol: str, model: str, batch: int, concurrency: int,
                   payloads: dict, duration: float, warmup: float) -> Point:
     spec = {
@@ -537,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=3.0, help="seconds measured per point (default 3)")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring (default 1)")
-    parser.add_argument("--repeat", type=int, default=2, help="runs per point, the best is kept (default 2)")
+    parser.add_argument("--repeat", type=int, default=2, help="rounds over all points; each point keeps its best (default 2)")
     parser.add_argument("--skip-mlserver", action="store_true", help="leave MLServer out")
     parser.add_argument("--no-install", action="store_true", help="do not create the MLServer venv")
     parser.add_argument("--mlserver-workers", type=int, default=0,
@@ -556,67 +547,68 @@ def main(argv: list[str] | None = None) -> int:
         payloads = write_payloads(workdir)
 
         log("1. in-process onnxruntime (compute ceiling)")
-        ceilings = []
-        for _ in range(max(1, args.repeat)):  # best of the runs, as for the servers
-            for row in inprocess_ceiling(min(d, 2.0)):
-                key = (row["model"], row["config"], row["batch"])
-                old = next((c for c in ceilings if (c["model"], c["config"], c["batch"]) == key), None)
-                if old is None:
-                    ceilings.append(row)
-                elif row["rows_per_s"] > old["rows_per_s"]:
-                    ceilings[ceilings.index(old)] = row
-
-        def run_set(server: Server, system: str, loads: list[tuple[str, str, int, int]]) -> None:
-            for protocol, model, batch, concurrency in loads:
-                points.append(measure(server, system, protocol, model, batch, concurrency, payloads, d, w, args.repeat))
+        ceilings = inprocess_ceiling(min(d, 2.0))
 
         softmax_loads = [("v2", SOFTMAX, 1, 1), ("v2", SOFTMAX, 1, 8), ("v2", SOFTMAX, 1, 32), ("v2", SOFTMAX, 1, 64),
                          ("v2", SOFTMAX, 64, 8), ("v2", SOFTMAX, 256, 8)]
         typed_loads = [("typed", SOFTMAX, 1, 1), ("typed", SOFTMAX, 1, 32), ("typed", SOFTMAX, 256, 8)]
+        cnn_batch1 = [("v2", CNN, 1, 1), ("v2", CNN, 1, 8), ("v2", CNN, 1, 32), ("v2", CNN, 1, 64)]
+        plan: dict[str, list[tuple[str, str, int, int]]] = {
+            "null": softmax_loads + typed_loads,
+            "ours": softmax_loads + typed_loads + cnn_batch1
+            + [("v2", CNN, 64, 8), ("v2", CNN, 256, 8), ("typed", CNN, 256, 8), ("typed", CNN, 1, 32)],
+            "ours-nobatch": cnn_batch1,
+            "mlserver": softmax_loads + [("v2", CNN, 1, 32), ("v2", CNN, 256, 8)],
+        }
 
-        log("2. do-nothing gRPC server (transport ceiling)")
-        null = start_null(workdir)
-        try:
-            run_set(null, "null", softmax_loads + typed_loads)
-        finally:
-            null.stop()
-
-        log("3. our server, dynamic batching on (defaults)")
-        ours = start_ours(workdir)
-        try:
-            run_set(ours, "ours", softmax_loads + typed_loads + [
-                ("v2", CNN, 1, 1), ("v2", CNN, 1, 8), ("v2", CNN, 1, 32), ("v2", CNN, 1, 64),
-                ("v2", CNN, 64, 8), ("v2", CNN, 256, 8), ("typed", CNN, 256, 8), ("typed", CNN, 1, 32)])
-        finally:
-            ours.stop()
-
-        log("4. our server, dynamic batching off")
-        off = start_ours(workdir, "--dynamic-batching", "false")
-        try:
-            run_set(off, "ours-nobatch", [("v2", CNN, 1, 1), ("v2", CNN, 1, 8), ("v2", CNN, 1, 32), ("v2", CNN, 1, 64)])
-        finally:
-            off.stop()
-
+        # All servers run side by side (idle ones cost nothing) so that each load is measured on
+        # every system in turn, round after round: a burst of other work on this shared machine
+        # then hits all systems alike instead of deciding one comparison.
+        servers: dict[str, Server] = {}
         report["mlserver"] = {"requirements": MLSERVER_REQUIREMENTS, "parallel_workers": args.mlserver_workers}
-        if args.skip_mlserver:
-            report["mlserver"]["skipped"] = "--skip-mlserver"
-        else:
-            python = mlserver_python(not args.no_install)
-            if isinstance(python, str):
-                report["mlserver"]["skipped"] = python
-                log(f"5. MLServer skipped: {python}")
+        try:
+            log("2. starting: do-nothing gRPC server, ours (batching on), ours (batching off), MLServer")
+            servers["null"] = start_null(workdir)
+            servers["ours"] = start_ours(workdir)
+            servers["ours-nobatch"] = start_ours(workdir, "--dynamic-batching", "false")
+            if args.skip_mlserver:
+                report["mlserver"]["skipped"] = "--skip-mlserver"
             else:
-                log(f"5. MLServer (parallel_workers={args.mlserver_workers})")
-                try:
-                    mls = start_mlserver(workdir, python, args.mlserver_workers)
-                except (RuntimeError, TimeoutError) as exc:
-                    report["mlserver"]["skipped"] = f"did not start: {exc}"
-                    log(f"   MLServer did not start: {exc}")
+                python = mlserver_python(not args.no_install)
+                if isinstance(python, str):
+                    report["mlserver"]["skipped"] = python
+                    log(f"   MLServer skipped: {python}")
                 else:
                     try:
-                        run_set(mls, "mlserver", softmax_loads + [("v2", CNN, 1, 32), ("v2", CNN, 256, 8)])
-                    finally:
-                        mls.stop()
+                        servers["mlserver"] = start_mlserver(workdir, python, args.mlserver_workers)
+                    except (RuntimeError, TimeoutError) as exc:
+                        report["mlserver"]["skipped"] = f"did not start: {exc}"
+                        log(f"   MLServer did not start: {exc}")
+            loads = list(dict.fromkeys(load for system in plan for load in plan[system]))
+            runs: dict[tuple[str, tuple[str, str, int, int]], list[Point]] = {}
+            for round_ in range(max(1, args.repeat)):
+                log(f"3. round {round_ + 1} of {args.repeat}: every load on every system")
+                for load in loads:
+                    for system, server in servers.items():
+                        if load in plan[system]:
+                            runs.setdefault((system, load), []).append(
+                                _measure_once(server, system, *load, payloads, d, w))
+            for (system, load), measured in runs.items():
+                best = max(measured, key=lambda p: p.rps)
+                best.note = f"best of {len(measured)}: " + ", ".join(f"{p.rps:.0f}" for p in measured) + " req/s"
+                points.append(best)
+        finally:
+            for server in servers.values():
+                server.stop()
+
+        log("4. in-process onnxruntime again (the better of both passes is the ceiling)")
+        for row in inprocess_ceiling(min(d, 2.0)):
+            key = (row["model"], row["config"], row["batch"])
+            old = next((c for c in ceilings if (c["model"], c["config"], c["batch"]) == key), None)
+            if old is None:
+                ceilings.append(row)
+            elif row["rows_per_s"] > old["rows_per_s"]:
+                ceilings[ceilings.index(old)] = row
 
     goal_rows = goals(points, ceilings)
     report.update(load_average_after=os.getloadavg(), wall_seconds=round(time.time() - started, 1),
