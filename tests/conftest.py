@@ -6,7 +6,6 @@ repository, flags or env use :func:`start_server` as a context manager.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import os
 import signal
 import socket
@@ -21,6 +20,8 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from data_fixtures import fashion_files, fashion_test  # noqa: F401  (shared fixtures, re-exported to every test)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODELS = REPO_ROOT / "models"
@@ -139,45 +140,8 @@ def channel(server: ServerProcess) -> Iterator[grpc.Channel]:
 # -- Fashion-MNIST -----------------------------------------------------------------------------
 
 
-def fashion_data_dir() -> Path | None:
-    """First directory holding the Fashion-MNIST test IDX files, or None."""
-    candidates = []
-    if os.environ.get("FASHION_DATA_DIR"):
-        candidates.append(Path(os.environ["FASHION_DATA_DIR"]))
-    if os.environ.get("DATA_DIR"):
-        candidates += [Path(os.environ["DATA_DIR"]) / "fashion-mnist", Path(os.environ["DATA_DIR"])]
-    candidates += [REPO_ROOT / "data" / "fashion-mnist", REPO_ROOT.parent / "shared" / "data" / "fashion-mnist"]
-    for directory in candidates:
-        if any((directory / f"t10k-images-idx3-ubyte{ext}").is_file() for ext in (".gz", "")):
-            return directory
-    return None
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """A (gzip) IDX file as a numpy array; prefers the training package's checked reader."""
-    try:
-        from training.data import read_idx as training_read_idx
-    except ImportError:
-        raw = path.read_bytes()
-        raw = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
-        assert raw[:3] == b"\x00\x00\x08", f"{path}: not a uint8 IDX file"
-        ndim = raw[3]
-        shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-        return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
-    return training_read_idx(path)
-
-
 @pytest.fixture(scope="session")
-def fashion_test_set() -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 [10000, 1, 28, 28], labels int64 [10000]) of the Fashion-MNIST test split."""
-    directory = fashion_data_dir()
-    if directory is None:
-        pytest.skip("Fashion-MNIST test files not found (set FASHION_DATA_DIR)")
-
-    def load(stem: str) -> np.ndarray:
-        path = next(p for p in (directory / f"{stem}.gz", directory / stem) if p.is_file())
-        return read_idx(path)
-
-    images = load("t10k-images-idx3-ubyte").astype(np.uint8).reshape(-1, 1, 28, 28)
-    labels = load("t10k-labels-idx1-ubyte").astype(np.int64)
-    return images, labels
+def fashion_test_set(fashion_test) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [10000, 1, 28, 28], labels int64 [10000]) of the Fashion-MNIST test split,
+    read and checksum-verified by the training package (see tests/data_fixtures.py)."""
+    return fashion_test.images, fashion_test.labels
