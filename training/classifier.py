@@ -69,6 +69,37 @@ class ImageClassifier(nn.Module):
         return torch.softmax(self.net(x), dim=1)
 
 
+class FoldedSoftmaxRegression(nn.Module):
+    """:class:`ImageClassifier` around a :class:`SoftmaxRegression`, with the input scaling folded
+    into the linear layer: ``W·((x/255 − μ)/σ) + b = (W/(255σ))·x + (b − (μ/σ)·ΣW)``.
+
+    Same function (to float32 rounding), but the exported graph is Cast → Gemm → Softmax instead
+    of three element-wise passes over every pixel first: onnxruntime runs it ~2× faster at batch
+    64–256 (measured: 200 → 89 µs for 256 images on one thread). Not done for the CNN: its zero
+    padding is not zero in raw pixel space, so folding would change its output at the borders.
+    """
+
+    def __init__(self, net: SoftmaxRegression) -> None:
+        super().__init__()
+        weight = net.linear.weight.detach().to(torch.float64)
+        bias = net.linear.bias.detach().to(torch.float64)
+        self.linear = nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.linear.weight.copy_(weight / (255.0 * PIXEL_STD))
+            self.linear.bias.copy_(bias - weight.sum(1) * (PIXEL_MEAN / PIXEL_STD))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.linear(image.to(torch.float32).flatten(1)), dim=1)
+
+
+def served_module(net: nn.Module) -> nn.Module:
+    """The module exported for serving: the uint8 → probabilities contract around ``net``, with
+    the input scaling folded into the weights where that is exact (softmax regression)."""
+    if isinstance(net, SoftmaxRegression):
+        return FoldedSoftmaxRegression(net).eval()
+    return ImageClassifier(net).eval()
+
+
 def to_input(images: np.ndarray) -> torch.Tensor:
     """uint8 [N,1,28,28] → standardised float32 tensor (the same arithmetic as the wrapper)."""
     return (torch.from_numpy(images).to(torch.float32) / 255.0 - PIXEL_MEAN) / PIXEL_STD

@@ -63,10 +63,13 @@ def parity(module: nn.Module, path: Path, sample: np.ndarray, input_name: str) -
 
 def export(module: nn.Module, repository: Path, name: str, version: int, *,
            inputs: TensorContract, outputs: TensorContract, parity_sample: np.ndarray,
-           metadata: dict[str, object], card_extra: dict[str, object]) -> tuple[Path, float]:
+           metadata: dict[str, object], card_extra: dict[str, object],
+           reference: nn.Module | None = None) -> tuple[Path, float]:
     """Export ``module`` to ``repository/name/version``; verify it; write metadata and card.
 
-    Returns the model path and the parity figure (raises ParityError when it exceeds 1e-5).
+    Parity is measured against ``reference`` (default: ``module`` itself), e.g. the model as
+    trained when ``module`` is a rewritten equivalent of it for serving. Returns the model path
+    and the parity figure (raises ParityError when it exceeds 1e-5).
     """
     module = module.eval()
     target = repository / name / str(version)
@@ -92,7 +95,7 @@ def export(module: nn.Module, repository: Path, name: str, version: int, *,
     model.doc_string = str(metadata.get("description", ""))
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
-    diff = parity(module, path, parity_sample, inputs.name)
+    diff = parity((reference or module).eval(), path, parity_sample, inputs.name)
     log.info("%s v%d: parity torch vs onnxruntime on %d inputs: max diff %.3g", name, version,
              len(parity_sample), diff)
     if diff > PARITY_TOLERANCE:

@@ -116,14 +116,15 @@ def train_fashion(opts: Options, name: str) -> dict:
         "per_class_accuracy": dict(zip(data.CLASS_NAMES, (matrix.diagonal() / matrix.sum(1)).tolist())),
     }
     digest = data.sha256_of_content(files["train-images-idx3-ubyte"])
-    kind = "one linear layer (784→10), softmax" if name == "fashion_softmax" else "small CNN (3 conv blocks)"
+    kind = ("one linear layer (784→10) with the pixel scaling folded into its weights, softmax"
+            if name == "fashion_softmax" else "small CNN (3 conv blocks)")
     metrics["parity_max_diff"] = _export(
-        opts, name, classifier.ImageClassifier(net), test_set.images[:PARITY_SAMPLES], metrics, digest,
+        opts, name, classifier.served_module(net), test_set.images[:PARITY_SAMPLES], metrics, digest,
         TensorContract("image", "uint8", ("N", 1, 28, 28), "pixel intensity 0-255",
                        "grayscale 28x28 image"),
         TensorContract("probabilities", "float32", ("N", 10), "probability", "class probabilities"),
         f"Fashion-MNIST classifier: {kind}; scaling and softmax inside the graph.",
-        class_names=data.CLASS_NAMES)
+        class_names=data.CLASS_NAMES, reference=classifier.ImageClassifier(net))
     out = opts.reports / name
     report.plot_loss(out, {"train loss": history.train_loss}, f"{name}: training loss", "cross-entropy")
     report.plot_confusion(out, matrix, data.CLASS_NAMES,
@@ -135,7 +136,7 @@ def train_fashion(opts: Options, name: str) -> dict:
 
 def _export(opts: Options, name: str, module: torch.nn.Module, sample: np.ndarray, metrics: dict,
             digest: str, inputs: TensorContract, outputs: TensorContract, description: str,
-            class_names: list[str] | None = None) -> float:
+            class_names: list[str] | None = None, reference: torch.nn.Module | None = None) -> float:
     metadata: dict[str, object] = {
         "description": description,
         "metrics": {k: v for k, v in metrics.items() if not isinstance(v, dict)},
@@ -145,7 +146,7 @@ def _export(opts: Options, name: str, module: torch.nn.Module, sample: np.ndarra
     if class_names:
         metadata["class_names"] = class_names
     _, diff = export(module, opts.repository, name, opts.version, inputs=inputs, outputs=outputs,
-                     parity_sample=sample, metadata=metadata, card_extra={})
+                     parity_sample=sample, metadata=metadata, card_extra={}, reference=reference)
     return diff
 
 

@@ -1,0 +1,54 @@
+"""The softmax classifier is served with its input scaling folded into the linear layer."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from training import classifier
+from training.export import parity
+
+
+def _random_net(seed: int) -> classifier.SoftmaxRegression:
+    torch.manual_seed(seed)
+    net = classifier.SoftmaxRegression()
+    with torch.no_grad():  # weights of a trained model's magnitude, not the tiny initial ones
+        net.linear.weight.normal_(0.0, 0.05)
+        net.linear.bias.normal_(0.0, 0.5)
+    return net.eval()
+
+
+def test_folded_softmax_computes_the_same_function() -> None:
+    net = _random_net(0)
+    images = np.random.default_rng(0).integers(0, 256, (500, 1, 28, 28), dtype=np.uint8)
+    images[0] = 0  # the extremes of the pixel range
+    images[1] = 255
+    x = torch.from_numpy(images)
+    with torch.no_grad():
+        expected = classifier.ImageClassifier(net)(x).numpy()
+        folded = classifier.served_module(net)(x).numpy()
+    assert isinstance(classifier.served_module(net), classifier.FoldedSoftmaxRegression)
+    np.testing.assert_allclose(folded, expected, atol=2e-6)
+    assert (folded.argmax(1) == expected.argmax(1)).mean() > 0.99  # ties aside, same labels
+
+
+def test_only_the_softmax_model_is_folded() -> None:
+    # The CNN pads with zeros in standardised space: folding would change its borders.
+    assert isinstance(classifier.served_module(classifier.SmallCNN()), classifier.ImageClassifier)
+
+
+def test_folded_export_is_cast_gemm_softmax_and_matches_the_trained_model(tmp_path) -> None:
+    net = _random_net(1)
+    reference = classifier.ImageClassifier(net).eval()
+    path = tmp_path / "model.onnx"
+    example = torch.zeros((2, 1, 28, 28), dtype=torch.uint8)
+    torch.onnx.export(classifier.served_module(net), (example,), str(path), input_names=["image"],
+                      output_names=["probabilities"], dynamic_axes={"image": {0: "N"}},
+                      opset_version=17, dynamo=False)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops == ["Cast", "Flatten", "Gemm", "Softmax"], ops  # no Div/Sub pass over the pixels
+    sample = np.random.default_rng(1).integers(0, 256, (1000, 1, 28, 28), dtype=np.uint8)
+    assert parity(reference, path, sample, "image") <= 1e-5
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"image": sample[:3]})[0].shape == (3, 10)
