@@ -21,7 +21,7 @@ as one onnxruntime call, and split back by row offsets: every caller gets exactl
 
 All queue state lives on the event loop thread (no locks). onnxruntime (plus the input
 concatenation) runs on the inference threads, except a batch expected to take less than
-``inline_compute_us`` (100 µs by default: the linear models, the softmax classifier up to ~20 rows),
+``inline_compute_us`` (100 µs by default: the linear models, the softmax classifier up to ~450 rows),
 which runs on the event loop thread because handing it to a thread and back costs more CPU than
 the computation itself; the expectation comes from timing the model at load (1 and 16 rows, best
 of 3). It is not corrected from live timings: under load those include waits for the GIL (which
