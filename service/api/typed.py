@@ -17,6 +17,7 @@ from ..metrics import TYPED, resolved, status_code
 from ..repository import Model, ModelRepository
 from ..settings import Settings
 from ..tensors import check_finite, from_bytes
+from .observed import inference_rpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelService"].full_name
 DEFAULT_CLASSIFIER = "fashion_softmax"
@@ -64,28 +65,6 @@ def _images(tensor: pb.Tensor, want: np.dtype) -> np.ndarray:
     if dtype == np.uint8 and want.kind == "f":
         return (images / np.float32(255)).astype(want)
     raise InvalidArgument(f"images: the model takes {want}; {dtype} cannot be converted to it")
-
-
-def _inference(
-    method: Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]],
-) -> Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]:
-    """:func:`_grpc_errors` for an inference RPC, which is also counted in the request metrics."""
-
-    @functools.wraps(method)
-    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
-        start = time.perf_counter()
-        try:
-            response = await method(self, request, context)
-        except ServingError as err:
-            self._observe(status_code(context, err), start)
-            await abort(context, err)
-        except BaseException as exc:  # cancelled, or a bug (UNKNOWN)
-            self._observe(status_code(context, exc), start)
-            raise
-        self._observe("OK", start)
-        return response
-
-    return wrapper
 
 
 def _varint(value: int) -> bytes:
@@ -195,7 +174,7 @@ class TypedModelService(pb_grpc.ModelServiceServicer):
             add(probabilities=row, class_index=best, label=labels[best], top_k=top)
         return response
 
-    @_inference
+    @inference_rpc
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         return await self._classify(request, context)
 
@@ -236,7 +215,7 @@ class TypedModelService(pb_grpc.ModelServiceServicer):
             )
         return values.reshape(-1).tolist()
 
-    @_inference
+    @inference_rpc
     async def PredictProfit(
         self, request: pb.PredictProfitRequest, context: grpc.aio.ServicerContext
     ) -> pb.PredictProfitResponse:
@@ -245,7 +224,7 @@ class TypedModelService(pb_grpc.ModelServiceServicer):
         profit = await self._regress(model, features, context)
         return pb.PredictProfitResponse(model=self._ref(model), profit_usd=profit)
 
-    @_inference
+    @inference_rpc
     async def PredictHousePrice(
         self, request: pb.PredictHousePriceRequest, context: grpc.aio.ServicerContext
     ) -> pb.PredictHousePriceResponse:

@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 
+from service.api.observed import inference_rpc
 from service.codecs import v2 as codec
 from service.errors import (
     FailedPrecondition,
@@ -156,18 +157,9 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # --- inference --------------------------------------------------------------------------
 
+    @inference_rpc
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        start = time.perf_counter()
-        try:
-            response = await self._infer(request, context)
-        except ServingError as err:
-            self._observe(status_code(context, err), start)
-            await abort(context, err)
-        except BaseException as exc:  # cancelled, or a bug (UNKNOWN)
-            self._observe(status_code(context, exc), start)
-            raise
-        self._observe("OK", start)
-        return response
+        return await self._infer(request, context)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
