@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from .logs import configure_logging
-from .runtime import ProviderUnavailable
-from .settings import Settings
+from .core.runtime import ProviderUnavailable
+from .observability.logs import configure_logging
+from .settings import RENAMED, Settings
 
 log = logging.getLogger("service")
 
@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{info.description} [env {prefix}{name.upper()}, default {default}]",
             **kwargs,
         )
+    for old, new in RENAMED.items():  # the old spellings still work
+        parser.add_argument(
+            "--" + old.replace("_", "-"), dest=new, metavar=new.upper(),
+            help=f"old name of --{new.replace('_', '-')} [env {prefix}{old.upper()}]",
+        )
     return parser
 
 
@@ -59,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level, settings.log_format)
 
-    from .server import serve  # after logging is configured
+    from .app import serve  # after logging is configured
 
     try:
         asyncio.run(serve(settings))

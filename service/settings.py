@@ -2,14 +2,24 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 BUNDLED_MODELS = Path(__file__).resolve().parents[1] / "models"
 MiB = 1024 * 1024
+ENV_PREFIX = "SERVING_"
+#: Settings renamed since 0.1.0: old name → new name. The old flag and env var still work.
+RENAMED = {"max_batch_size": "max_request_rows", "batch_max_size": "max_batch_rows"}
 
 
 class BatchingOverride(BaseModel):
@@ -21,7 +31,9 @@ class BatchingOverride(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool | None = None
-    max_batch_size: int | None = Field(None, ge=1)
+    max_batch_rows: int | None = Field(
+        None, ge=1, validation_alias=AliasChoices("max_batch_rows", "max_batch_size")  # old spelling
+    )
     max_queue_delay_us: int | None = Field(None, ge=0)
     queue_capacity: int | None = Field(None, ge=1)
 
@@ -30,7 +42,7 @@ class Settings(BaseSettings):
     """Everything the server can be told. Env var = ``SERVING_`` + upper-case field name;
     CLI flag = ``--`` + field name with dashes (flags override env vars)."""
 
-    model_config = SettingsConfigDict(env_prefix="SERVING_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
     host: str = Field("0.0.0.0", description="interface to listen on")
     port: int = Field(8001, ge=0, le=65535, description="gRPC port (0 = pick a free one)")
@@ -55,14 +67,18 @@ class Settings(BaseSettings):
     inference_workers: int = Field(
         2, ge=1, description="threads running inference calls concurrently, off the event loop"
     )
-    max_batch_size: int = Field(1024, ge=1, description="largest batch accepted per request")
+    max_request_rows: int = Field(
+        1024, ge=1, description="most rows (batch size) one request may carry; more → INVALID_ARGUMENT "
+        "(was max_batch_size)"
+    )
     dynamic_batching: bool = Field(
         True,
         description="batch concurrent requests for the same model version together "
         "(per-model override: 'enabled')",
     )
-    batch_max_size: int = Field(
-        64, ge=1, description="most rows in one executed batch; larger requests are split"
+    max_batch_rows: int = Field(
+        64, ge=1, description="most rows in one executed batch; larger requests are split "
+        "(per-model override: 'max_batch_rows'; was batch_max_size)"
     )
     batch_max_queue_delay_us: int = Field(
         0,
@@ -82,7 +98,7 @@ class Settings(BaseSettings):
     batching: dict[str, BatchingOverride] = Field(
         {},
         description="per-model batching overrides, JSON: "
-        '{"fashion_cnn": {"max_batch_size": 32, "max_queue_delay_us": 500}}; '
+        '{"fashion_cnn": {"max_batch_rows": 32, "max_queue_delay_us": 500}}; '
         "wins over models/<name>/config.json",
     )
     metrics_port: int = Field(
@@ -92,7 +108,7 @@ class Settings(BaseSettings):
         64 * MiB,
         ge=4 * MiB,
         description="largest gRPC message, sent or received (gRPC's default is 4 MiB; "
-        "a max batch of float32 28x28 images needs max_batch_size x 3136 bytes)",
+        "a max batch of float32 28x28 images needs max_request_rows x 3136 bytes)",
     )
     shutdown_grace_seconds: float = Field(
         10.0, ge=0, description="time in-flight calls get to finish on SIGTERM/SIGINT"
@@ -134,6 +150,17 @@ class Settings(BaseSettings):
         False, description="serve V2 RepositoryModelLoad/RepositoryModelUnload (load, reload or "
         "drain a model on request); off, they answer FAILED_PRECONDITION"
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _RenamedEnvSource(settings_cls), dotenv_settings, file_secret_settings
 
     @field_validator("auth_tokens", mode="before")
     @classmethod
@@ -178,3 +205,18 @@ class Settings(BaseSettings):
         """``host:port`` to bind (IPv6 hosts bracketed)."""
         host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
         return f"{host}:{self.port}"
+
+
+class _RenamedEnvSource(PydanticBaseSettingsSource):
+    """The old env var of each renamed setting (:data:`RENAMED`), below the new one."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for old, new in RENAMED.items():
+            value = os.environ.get(ENV_PREFIX + old.upper())
+            if value is not None and ENV_PREFIX + new.upper() not in os.environ:
+                values[new] = value
+        return values

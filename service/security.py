@@ -1,4 +1,4 @@
-"""Optional bearer-token auth: ``authorization: Bearer <token>`` gRPC metadata.
+"""Optional bearer-token auth: ``authorization: Bearer <token>`` (gRPC metadata, HTTP header).
 
 On when the settings name at least one token (``auth_tokens``) or a token file
 (``auth_token_file``, one token per line, ``#`` comments; re-read when it changes, checked at most
@@ -19,21 +19,13 @@ import hmac
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-
-import grpc
 
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: Methods reachable without a token (prefix match on the full method name).
-EXEMPT_PREFIXES = (
-    "/grpc.health.v1.Health/",
-    "/grpc.reflection.v1alpha.ServerReflection/",
-    "/grpc.reflection.v1.ServerReflection/",
-)
 RECHECK_SECONDS = 1.0
 _LOG_EVERY_SECONDS = 10.0
 
@@ -126,38 +118,23 @@ class TokenStore:
         return match
 
 
-def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that ends the call with UNAUTHENTICATED
-    (without decoding the request)."""
-
-    async def deny(request: object, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(deny)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(deny)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(deny)
-    return grpc.stream_stream_rpc_method_handler(deny)
-
-
 MISSING = "missing 'authorization: Bearer <token>' metadata: this server requires a bearer token"
 MALFORMED = "the authorization metadata must be 'Bearer <token>'"
 INVALID = "invalid bearer token"
 
 
-class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Rejects calls without a valid bearer token (see the module docstring)."""
+class Authenticator:
+    """Checks ``authorization`` values against a :class:`TokenStore`, for every front end, and
+    logs refusals without flooding (one warning per 10 s at most, with the count since)."""
 
     def __init__(self, store: TokenStore) -> None:
         self.store = store
         self._rejected = 0
         self._logged = 0.0
 
-    def problem(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
-        """Why a call with ``metadata`` is refused, or None when it carries a valid token."""
-        values = [v for k, v in metadata or () if k == "authorization"]
+    def problem(self, values: Sequence[str | bytes]) -> str | None:
+        """Why a call whose ``authorization`` entries are ``values`` is refused, or None when
+        it carries a valid bearer token."""
         if not values:
             return MISSING
         if len(values) > 1:
@@ -171,8 +148,8 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
             return MALFORMED
         return None if self.store.accepts(token) else INVALID
 
-    def _log(self, method: str, reason: str) -> None:
-        """One warning per 10 s at most, with the count since the last one (no flood)."""
+    def refused(self, method: str, reason: str) -> None:
+        """Count (and now and then log) a refused call."""
         self._rejected += 1
         now = time.monotonic()
         if now - self._logged >= _LOG_EVERY_SECONDS:
@@ -182,18 +159,3 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
             )
             self._logged = now
             self._rejected = 0
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method = details.method
-        if method.startswith(EXEMPT_PREFIXES):
-            return await continuation(details)
-        reason = self.problem(details.invocation_metadata)
-        handler = await continuation(details)
-        if reason is None or handler is None:
-            return handler
-        self._log(method, reason)
-        return _denied(handler, reason)

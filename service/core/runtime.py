@@ -7,7 +7,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from .settings import Settings
+from ..settings import Settings
+from .runner import Runner
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,11 @@ class Runtime:
         # Idle intra-op threads sleep instead of spinning: the server shares its cores.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return options
+
+    def load(self, path: Path, label: str = "the model") -> Runner:
+        """A :class:`Runner` over ``path`` on the provider that actually runs it."""
+        session, active = self.session(path)
+        return Runner(session, active, label)
 
     def session(self, path: Path) -> tuple[ort.InferenceSession, str]:
         """Load ``path``; return the session and the provider that actually runs it."""

@@ -5,9 +5,9 @@ and both return the model's raw outputs, so a job gives the same bytes either wa
 
 * :class:`RemoteBackend` streams image chunks over ``ClassifyStream`` (at most a few chunks in
   flight) and sends populations with ``PredictProfit``, through :mod:`service.client`;
-* :class:`LocalBackend` loads the same model repository with the server's own code
-  (:class:`service.repository.ModelRepository`: same onnxruntime session options, same input
-  validation) and runs each chunk directly.
+* :class:`LocalBackend` loads the pinned version with the server's own code
+  (:class:`service.core.local.LocalModel`: same onnxruntime session options, same admission and
+  checks, same pixel conversion) and runs each chunk directly.
 """
 from __future__ import annotations
 
@@ -20,8 +20,7 @@ import numpy as np
 
 from ..client import RetryPolicy, RpcError, ServingClient
 
-# The typed API's default models (service.api.typed; a test keeps them in step).
-DEFAULT_MODELS = {"classify": "fashion_softmax", "profit": "profit"}
+from ..core.tasks import DEFAULT_MODELS
 
 
 class BackendError(Exception):
@@ -122,65 +121,61 @@ class RemoteBackend(Backend):
 
 
 class LocalBackend(Backend):
-    """The model repository loaded in this process with onnxruntime (the server's own code)."""
+    """One model version loaded in this process with onnxruntime (the server's own code:
+    :class:`service.core.local.LocalModel`)."""
 
     mode = "local"
 
     def __init__(self, repository: Path, task: str, model: str | None, version: int = 0, provider: str | None = None) -> None:
-        from ..repository import ModelRepository  # onnxruntime: only for --local
-        from ..runtime import ProviderUnavailable
+        from ..core.local import LocalModel, resolve_version  # onnxruntime: only for --local
+        from ..core.runtime import ProviderUnavailable
+        from ..errors import ServingError
         from ..settings import Settings
 
         overrides: dict[str, object] = {"model_repository": Path(repository)}
         if provider:
             overrides["provider"] = provider
+        name = model or DEFAULT_MODELS[task]
         try:
             settings = Settings(**overrides)
-            self.repository = ModelRepository(settings.model_repository, settings)
-            self.repository.load()
-        except (ProviderUnavailable, FileNotFoundError, ValueError) as exc:
-            raise BackendError(f"cannot load the model repository {repository}: {exc}") from exc
-        name = model or DEFAULT_MODELS[task]
-        from ..errors import ServingError
-
-        try:
-            self._model = self.repository.get(name, version or None)
+            if not settings.model_repository.is_dir():
+                raise FileNotFoundError(f"model repository {settings.model_repository} is not a directory")
+            key, path = resolve_version(settings.model_repository, name, version)
         except ServingError as exc:
             raise BackendError(str(exc)) from None
-        spec = self._model.inputs[0]
+        except (FileNotFoundError, ValueError) as exc:
+            raise BackendError(f"cannot load the model repository {repository}: {exc}") from exc
+        try:
+            self._model = LocalModel.open(path, key, settings)
+        except ProviderUnavailable as exc:
+            raise BackendError(f"cannot load the model repository {repository}: {exc}") from exc
+        except Exception as exc:  # onnxruntime's own exception types, a contract that does not hold
+            raise BackendError(f"cannot load {key.name}/{key.version}/model.onnx: {type(exc).__name__}: {exc}") from exc
+        spec = self._model.spec
         self.model = ModelSpec(
-            name=self._model.name,
-            version=self._model.version,
-            input_dtype=spec.dtype.name,
-            input_shape=spec.shape,
-            class_names=tuple(self._model.class_names),
-            max_batch_size=self._model.max_batch_size,
+            name=spec.name,
+            version=spec.version,
+            input_dtype=spec.inputs[0].dtype.name,
+            input_shape=spec.inputs[0].shape,
+            class_names=tuple(spec.class_names),
+            max_batch_size=spec.max_rows,
         )
         _check_kind(task, self.model)
 
-    def _infer(self, array: np.ndarray) -> np.ndarray:
+    def run(self, task: str, chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
         from ..errors import ServingError
 
-        model = self._model
-        spec, output = model.inputs[0], model.outputs[0]
-        try:
-            feeds = model.validate({spec.name: array})
-            return model.run(feeds, [output.name])[output.name]
-        except ServingError as exc:
-            raise BackendError(str(exc)) from None
-
-    def run(self, task: str, chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
-        want = np.dtype(self.model.input_dtype)
         for chunk in chunks:
-            if task == "classify":
-                # The typed API's conversion when a float model gets uint8 pixels (service.api.typed).
-                images = chunk if chunk.dtype == want else (chunk / np.float32(255)).astype(want)
-                yield self._infer(images)
-            else:
-                yield self._infer(chunk.reshape(-1, 1)).reshape(-1)
+            try:
+                if task == "classify":
+                    yield self._model.classify(chunk)
+                else:
+                    yield self._model.regress(chunk.reshape(-1, 1))
+            except ServingError as exc:
+                raise BackendError(str(exc)) from None
 
     def close(self) -> None:
-        self.repository.close()
+        self._model.close()
 
 
 TRANSIENT = frozenset(

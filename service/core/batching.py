@@ -4,13 +4,13 @@ Requests for the same model version that arrive while its inference workers are 
 ``max_queue_delay_us`` of the oldest waiting request) are concatenated along the batch axis, run
 as one onnxruntime call, and split back by row offsets: every caller gets exactly its own rows.
 
-* **Batch size.** At most ``max_batch_size`` rows per executed batch. A request with more rows is
+* **Batch size.** At most ``max_batch_rows`` rows per executed batch. A request with more rows is
   *split*: its rows are taken in order across consecutive batches (sharing them with other
   requests) and its outputs joined again, so large requests neither block small ones for long nor
   make one huge allocation. (The per-request limit is the separate server setting
-  ``max_batch_size``; over it a request is INVALID_ARGUMENT before it is queued.)
+  ``max_request_rows``; over it a request is INVALID_ARGUMENT before it is queued.)
 * **When a batch runs.** As soon as a worker slot is free (at most ``inference_workers`` batches of
-  one model version run at once) and either the queue holds ``max_batch_size`` rows or the oldest
+  one model version run at once) and either the queue holds ``max_batch_rows`` rows or the oldest
   request has waited ``max_queue_delay_us``. With the default delay 0 nothing waits on purpose: a
   batch is whatever queued while the previous batches ran, which is where batching pays off.
 * **Backpressure.** More than ``queue_capacity`` waiting requests → RESOURCE_EXHAUSTED at once.
@@ -41,13 +41,16 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import DeadlineExceeded, Internal, ResourceExhausted, ServingError, Unavailable
-from .metrics import ModelMetrics
-from .settings import BatchingOverride, Settings
+from ..errors import DeadlineExceeded, Internal, ResourceExhausted, ServingError, Unavailable
+from ..settings import BatchingOverride, Settings
+from .context import RequestContext
+
+if TYPE_CHECKING:
+    from ..observability.metrics import ModelMetrics
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,7 @@ class BatchingConfig:
     """Resolved batching settings of one model version."""
 
     enabled: bool = True
-    max_batch_size: int = 64
+    max_batch_rows: int = 64
     max_queue_delay_us: int = 0
     queue_capacity: int = 512
 
@@ -75,7 +78,7 @@ class BatchingConfig:
         """
         values: dict[str, Any] = {
             "enabled": settings.dynamic_batching,
-            "max_batch_size": settings.batch_max_size,
+            "max_batch_rows": settings.max_batch_rows,
             "max_queue_delay_us": settings.batch_max_queue_delay_us,
             "queue_capacity": settings.batch_queue_capacity,
         }
@@ -102,7 +105,7 @@ class BatchingConfig:
     def describe(self) -> dict[str, Any]:
         return {
             "enabled": self.enabled,
-            "max_batch_size": self.max_batch_size,
+            "max_batch_rows": self.max_batch_rows,
             "max_queue_delay_us": self.max_queue_delay_us,
             "queue_capacity": self.queue_capacity,
         }
@@ -113,11 +116,15 @@ class _Item:
 
     __slots__ = (
         "feeds", "names", "rows", "key", "future", "enqueued", "deadline", "timer", "taken",
-        "done_rows", "pieces", "counted",
+        "done_rows", "pieces", "counted", "context",
     )
 
-    def __init__(self, feeds: Arrays, names: list[str], rows: int, future: asyncio.Future, now: float) -> None:
+    def __init__(
+        self, feeds: Arrays, names: list[str], rows: int, future: asyncio.Future, now: float,
+        context: RequestContext | None,
+    ) -> None:
         self.feeds = feeds
+        self.context = context
         self.names = names
         self.rows = rows
         # Requests batch together when their non-batch dimensions and outputs agree.
@@ -170,6 +177,7 @@ class Batcher:
         self._last_submit = float("-inf")
         self._inline_limit = inline_compute_us / 1e6
         self._cost: tuple[float, float] | None = None  # seconds: fixed, per row
+        self._idle_waiters: list[asyncio.Future[None]] = []
 
     # -- cost model (inline or thread) ---------------------------------------------------------
 
@@ -199,12 +207,43 @@ class Batcher:
     def in_flight(self) -> int:
         return self._in_flight
 
+    @property
+    def busy(self) -> bool:
+        """Requests queued or batches running."""
+        return bool(self._queue or self._in_flight)
+
+    async def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until nothing is queued or running (True), or ``timeout`` seconds pass (False)."""
+        if not self.busy:
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        self._idle_waiters.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            if waiter in self._idle_waiters:
+                self._idle_waiters.remove(waiter)
+
+    def _settle(self) -> None:
+        """Wake :meth:`wait_idle` callers once nothing is queued or running."""
+        if self._idle_waiters and not self._queue and not self._in_flight:
+            for waiter in self._idle_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._idle_waiters.clear()
+
     # -- callers -------------------------------------------------------------------------------
 
-    async def submit(self, feeds: Arrays, names: list[str], timeout: float | None = None) -> Arrays:
+    async def submit(
+        self, feeds: Arrays, names: list[str], timeout: float | None = None, context: RequestContext | None = None
+    ) -> Arrays:
         """Queue validated ``feeds`` (all with the same number of rows ≥ 1); return this request's
         outputs ``names`` once computed. Raises ResourceExhausted (queue full), DeadlineExceeded
-        (``timeout`` seconds passed first), Unavailable (closed) or the run's ServingError."""
+        (``timeout`` seconds passed first), Unavailable (closed) or the run's ServingError.
+        ``context`` (when given) receives the queue wait, compute time and batch size."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._bind(loop)
@@ -217,7 +256,7 @@ class Batcher:
             )
         rows = len(next(iter(feeds.values())))
         now = loop.time()
-        item = _Item(feeds, names, rows, loop.create_future(), now)
+        item = _Item(feeds, names, rows, loop.create_future(), now, context)
         if timeout is not None:
             if timeout <= 0:
                 self._drop("deadline")
@@ -254,6 +293,7 @@ class Batcher:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._settle()
 
     # -- scheduling (event loop thread) --------------------------------------------------------
 
@@ -295,6 +335,7 @@ class Batcher:
                 if self._loop.time() >= item.deadline:
                     reason = "deadline"  # gRPC cancelled the call at its deadline
             self._drop(reason)
+        self._settle()
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -302,6 +343,11 @@ class Batcher:
 
     def _dispatch(self) -> None:
         """Start batches while worker slots are free and the queue has something due."""
+        self._start_batches()
+        if self._idle_waiters:
+            self._settle()
+
+    def _start_batches(self) -> None:
         self._scheduled = False
         if self._timer is not None:
             self._timer.cancel()
@@ -316,7 +362,7 @@ class Batcher:
                 return
             if self.batching and self._delay > 0:
                 due = queue[0].enqueued + self._delay
-                if now < due and self._waiting_rows() < self.config.max_batch_size:
+                if now < due and self._waiting_rows() < self.config.max_batch_rows:
                     self._timer = loop.call_at(due, self._on_timer)
                     return
             parts = self._gather()
@@ -327,7 +373,7 @@ class Batcher:
         total = 0
         for item in self._queue:
             total += item.rows - item.taken
-            if total >= self.config.max_batch_size:
+            if total >= self.config.max_batch_rows:
                 break
         return total
 
@@ -353,7 +399,7 @@ class Batcher:
             queue.popleft()
             item.taken = item.rows
             return [(item, 0, item.rows)]
-        limit = self.config.max_batch_size
+        limit = self.config.max_batch_rows
         parts: list[Part] = []
         rows = 0
         key = item.key
@@ -376,11 +422,13 @@ class Batcher:
         return parts
 
     def _launch(self, parts: list[Part], now: float) -> None:
-        if self._metrics is not None:
-            observe = self._metrics.queue_wait.observe
-            for item, start, _ in parts:
-                if start == 0:
+        observe = self._metrics.queue_wait.observe if self._metrics is not None else None
+        for item, start, _ in parts:
+            if start == 0:
+                if observe is not None:
                     observe(now - item.enqueued)
+                if item.context is not None:
+                    item.context.queue_seconds = now - item.enqueued
         names = parts[0][0].names
         if self._inline(sum(end - start for _, start, end in parts)):
             try:
@@ -450,6 +498,8 @@ class Batcher:
         self._complete(parts, outcome)
         if self._queue and not self._scheduled:
             self._dispatch()
+        else:
+            self._settle()
 
     def _complete(self, parts: list[Part], outcome: tuple[Arrays, int, float] | BaseException) -> None:
         """Hand each caller its rows of the batch outputs (or the batch's error)."""
@@ -466,6 +516,10 @@ class Batcher:
             offset = 0
             for item, start, end in parts:
                 count = end - start
+                context = item.context
+                if context is not None:
+                    context.compute_seconds += seconds
+                    context.batch_rows = max(context.batch_rows, rows)
                 if not item.future.done():
                     mine = {k: v[offset : offset + count] for k, v in outputs.items()}
                     if count == item.rows:
@@ -489,7 +543,3 @@ class Batcher:
             if not item.future.done():
                 item.future.set_exception(type(err)(str(err)))
 
-
-def batchable(inputs: Sequence[Any], outputs: Sequence[Any]) -> bool:
-    """True when every input and output has a dynamic leading (batch) dimension."""
-    return all(s.shape and s.shape[0] < 0 for s in [*inputs, *outputs])

@@ -1,9 +1,10 @@
 """Prometheus metrics: one registry per server, served on its own HTTP port (``metrics_port``).
 
-Inference requests are counted by protocol (``typed`` / ``v2``), model, version and gRPC status
-code, with their server-side latency; the dynamic batcher reports queue wait, compute time,
+Inference requests are counted by protocol (``typed`` / ``v2``), model, version and status code
+(read from each request's :class:`~service.core.context.RequestContext` when it finishes), with
+their server-side latency; the dynamic batcher reports queue wait, compute time,
 executed batch sizes and requests dropped before compute. Queue depth, batches in flight and
-model load status are read from the live repository at scrape time (no hot-path cost, and they
+model load status are read from the live model registry at scrape time (no hot-path cost, and they
 follow reloads).
 
 Hot-path cost is kept to a dictionary lookup plus one ``inc``/``observe`` per value on plain
@@ -12,19 +13,20 @@ turned into Prometheus families when scraped.
 """
 from __future__ import annotations
 
-import contextvars
 import logging
-import time
-from collections.abc import Iterator
-from typing import Any, Protocol
-
 from bisect import bisect_left
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
-import grpc
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+from ..core.context import RequestContext
+
+if TYPE_CHECKING:
+    from ..core.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -34,32 +36,6 @@ LATENCY_BUCKETS = (
     500e-3, 1.0, 2.5, 5.0, 10.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
-
-TYPED = "typed"
-V2 = "v2"
-
-#: The model version an inference request resolved to (set by the adapters, read when the
-#: request's status is recorded). Each gRPC call runs in its own task, hence its own context.
-_current: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
-    "serving_model", default=None
-)
-
-
-def resolved(name: str, version: int) -> None:
-    """Record which model version the current request is for (labels of its request metrics)."""
-    _current.set((name, str(version)))
-
-
-class _Batcherish(Protocol):
-    depth: int
-    in_flight: int
-
-
-class _Modelish(Protocol):
-    name: str
-    version: int
-    batcher: _Batcherish
-
 
 class _Counter:
     __slots__ = ("value",)
@@ -188,7 +164,7 @@ class Metrics:
         self._families = [self.requests, self.request_latency, self.queue_wait, self.compute,
                           self.batch_size, self.dropped]
         self._children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
-        self._repository: Any = None
+        self._registry: ModelRegistry | None = None
         self.registry.register(_StateCollector(self))
         self._http: Any = None
 
@@ -197,25 +173,25 @@ class Metrics:
     def for_model(self, name: str, version: int) -> ModelMetrics:
         return ModelMetrics(self, name, version)
 
-    def observe_request(self, protocol: str, code: str, seconds: float) -> None:
-        """Count one inference request of the current call (model from :func:`resolved`)."""
-        model, version = _current.get() or ("", "")
-        _current.set(None)  # a stream's next message resolves its own model
-        key = (protocol, model, version, code)
+    def finish(self, context: RequestContext) -> None:
+        """Count one finished inference request (metadata calls are not counted)."""
+        if not context.inference:
+            return
+        key = (context.protocol, context.model, context.version, context.status)
         children = self._children.get(key)
         if children is None:
             children = self._children[key] = (
                 self.requests.labels(*key),
-                self.request_latency.labels(protocol, model, version),
+                self.request_latency.labels(context.protocol, context.model, context.version),
             )
         children[0].value += 1
-        children[1].observe(seconds)
+        children[1].observe(context.seconds())
 
     # -- scrape-time state ---------------------------------------------------------------------
 
-    def attach(self, repository: Any) -> None:
-        """Report this repository's queues and load status at scrape time."""
-        self._repository = repository
+    def attach(self, registry: ModelRegistry) -> None:
+        """Report this registry's queues and load status at scrape time."""
+        self._registry = registry
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Start the /metrics HTTP server in a daemon thread; return the bound port."""
@@ -231,22 +207,6 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
-
-
-def status_code(context: Any, exc: BaseException | None = None) -> str:
-    """The status name to record for a call ending with ``exc`` (None = success)."""
-    if exc is None:
-        return "OK"
-    code = getattr(exc, "code", None)
-    if isinstance(code, grpc.StatusCode):
-        return code.name
-    if isinstance(exc, BaseException) and not isinstance(exc, Exception):  # CancelledError
-        try:
-            remaining = context.time_remaining()
-        except Exception:  # noqa: BLE001 - the call may be gone already
-            remaining = None
-        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
-    return "UNKNOWN"
 
 
 class _StateCollector(Collector):
@@ -273,29 +233,15 @@ class _StateCollector(Collector):
             "the whole model failed)",
             labels=["model", "version"],
         )
-        repository = self._metrics._repository
-        if repository is not None:
-            models, failed = _snapshot(repository)
-            for model in models:
+        registry = self._metrics._registry
+        if registry is not None:
+            for model in registry.models():  # one published snapshot, never mutated
                 labels = [model.name, str(model.version)]
                 loaded.add_metric(labels, 1)
-                batcher = getattr(model, "batcher", None)
-                if batcher is not None:
-                    depth.add_metric(labels, batcher.depth)
-                    in_flight.add_metric(labels, batcher.in_flight)
-            for key in failed:
-                name, _, version = key.partition("/")
-                loaded.add_metric([name, version], 0)
+                depth.add_metric(labels, model.batcher.depth)
+                in_flight.add_metric(labels, model.batcher.in_flight)
+            for failure in list(registry.failures):  # likewise replaced whole by each round
+                loaded.add_metric([failure.model, failure.version], 0)
         yield depth
         yield in_flight
         yield loaded
-
-
-def _snapshot(repository: Any) -> tuple[list[_Modelish], list[str]]:
-    """Models and failures, retried if a reload changes them mid-read (scrapes run in a thread)."""
-    for _ in range(5):
-        try:
-            return list(repository.models()), list(dict(repository.failed))
-        except RuntimeError:  # dictionary changed size during iteration
-            time.sleep(0.001)
-    return [], []

@@ -1,1 +1,0 @@
-"""Protocol adapters: thin decode → core → encode layers over the model repository."""

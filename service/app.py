@@ -1,0 +1,121 @@
+"""One serving process: the model registry, the data plane, the call gate, the front ends and
+the metrics endpoint, wired together; :func:`serve` runs them until SIGTERM/SIGINT."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+from .core.dataplane import DataPlane, Observer
+from .core.registry import ModelRegistry, RepositoryPoller
+from .grpc.server import GrpcFrontEnd, build_grpc
+from .limits import CallGate
+from .observability.logs import RequestLog
+from .observability.metrics import Metrics
+from .security import Authenticator, TokenStore
+from .settings import Settings
+
+log = logging.getLogger("service")
+
+
+@dataclass
+class ServingApp:
+    """The assembled process; health reports NOT_SERVING until :meth:`load_models` succeeds."""
+
+    settings: Settings
+    registry: ModelRegistry
+    plane: DataPlane
+    gate: CallGate
+    grpc: GrpcFrontEnd
+    metrics: Metrics
+    poller: RepositoryPoller
+
+    @property
+    def port(self) -> int:
+        return self.grpc.port
+
+    async def start(self) -> None:
+        await self.grpc.start()
+
+    async def load_models(self) -> None:
+        """Load the repository (off the event loop), let health follow it, start polling."""
+        self.registry.listeners.append(self._refresh_health)
+        await self.registry.start()
+        self.poller.start()
+
+    async def _refresh_health(self) -> None:
+        await self.grpc.health.refresh(self.registry)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health → NOT_SERVING; new calls are held for UNAVAILABLE while the running ones finish
+        (within ``grace`` seconds); then the transports stop, and the models close."""
+        grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        await self.grpc.health.shutting_down()
+        figures = await self.gate.drain(max(deadline - loop.time(), 0.0))
+        log.info("drained: stopping gRPC", extra=figures)
+        await self.grpc.stop(max(deadline - loop.time(), 0.0))
+        await self.poller.stop()
+        await self.registry.stop()
+
+
+async def build_app(settings: Settings, registry: ModelRegistry | None = None) -> ServingApp:
+    """Everything created and bound (not yet started, no model loaded). Refuses to build on a
+    provider that is not available (ProviderUnavailable) or an unusable token file
+    (AuthConfigError)."""
+    metrics = Metrics()
+    if registry is None:
+        registry = ModelRegistry(settings.model_repository, settings, metrics=metrics)  # provider check
+    metrics.attach(registry)
+    observers: list[Observer] = [metrics]
+    if settings.log_level == "DEBUG":  # elsewhere it would cost every request a call
+        observers.append(RequestLog())
+    plane = DataPlane(registry, settings, observers)
+    gate = CallGate(settings.max_concurrent_requests)
+    tokens = TokenStore.from_settings(settings)
+    authenticator = Authenticator(tokens) if tokens is not None else None
+    front = await build_grpc(settings, plane, gate, authenticator)
+    poller = RepositoryPoller(registry, settings.reload_interval_seconds)
+    return ServingApp(settings, registry, plane, gate, front, metrics, poller)
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT, then shut down gracefully."""
+    app = await build_app(settings)
+    await app.start()
+    metrics_port = None
+    if settings.metrics_port:
+        metrics_port = app.metrics.serve(settings.metrics_port, settings.host)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    await app.load_models()
+    registry = app.registry
+    log.info(
+        "server started",
+        extra={
+            "address": f"{settings.host}:{app.port}",
+            "metrics_port": metrics_port,
+            "tls": settings.tls_cert is not None,
+            "mutual_tls": settings.tls_client_ca is not None,
+            "auth": bool(settings.auth_tokens or settings.auth_token_file),
+            "reload_interval_seconds": settings.reload_interval_seconds,
+            "providers": sorted({m.provider for m in registry.models()}),
+            "models": {m: registry.versions(m) for m in registry.names()},
+            "failed": registry.failed,
+            "services": app.grpc.services,
+            "ready": registry.ready,
+        },
+    )
+    if not registry.ready:
+        log.error("no model could be loaded; health stays NOT_SERVING", extra={"failed": registry.failed})
+
+    await stop.wait()
+    log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace_seconds})
+    await app.stop()
+    app.metrics.close()
+    log.info("server stopped")

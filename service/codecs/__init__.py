@@ -1,1 +1,0 @@
-"""Wire codecs: protocol tensor messages ⇄ numpy arrays (no protocol logic beyond the tensors)."""

@@ -1,0 +1,1 @@
+"""The core: model contracts, sessions, batching, the registry and the data plane (no protocol)."""

@@ -1,0 +1,57 @@
+"""The per-request context: one object per request (per message on streams) that the front end
+opens, the data plane and the batcher fill in, and metrics, logs and traces read when it ends."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+class RequestContext:
+    """What is known about one request. Times are ``time.perf_counter()`` seconds."""
+
+    __slots__ = (
+        "protocol", "method", "inference", "start", "deadline", "model", "version", "request_id",
+        "rows", "queue_seconds", "compute_seconds", "batch_rows", "status", "error", "fields",
+    )
+
+    def __init__(self, protocol: str, method: str, *, inference: bool = False, timeout: float | None = None) -> None:
+        self.protocol = protocol
+        self.method = method
+        #: An inference request (counted in the request metrics); metadata calls are not.
+        self.inference = inference
+        self.start = time.perf_counter()
+        self.deadline = None if timeout is None else self.start + timeout
+        self.model = ""
+        self.version = ""
+        self.request_id = ""
+        self.rows = 0
+        #: Time in the batch queue before the first batch with this request's rows started.
+        self.queue_seconds = 0.0
+        #: onnxruntime time of the batches this request's rows ran in (summed when split).
+        self.compute_seconds = 0.0
+        #: Rows of the (largest) executed batch this request's rows ran in.
+        self.batch_rows = 0
+        #: The protocol's status for the outcome ("OK", "INVALID_ARGUMENT", "200", ...).
+        self.status = ""
+        self.error: str | None = None
+        self.fields: dict[str, Any] | None = None
+
+    def remaining(self) -> float | None:
+        """Seconds left before the caller's deadline (None = no deadline)."""
+        return None if self.deadline is None else self.deadline - time.perf_counter()
+
+    def resolved(self, name: str, version: int) -> None:
+        """Record the model version the request is for."""
+        self.model = name
+        self.version = str(version)
+
+    def annotate(self, **fields: Any) -> None:
+        """Extra fields for the request's log line."""
+        if self.fields is None:
+            self.fields = fields
+        else:
+            self.fields.update(fields)
+
+    def seconds(self) -> float:
+        """Time since the request was opened."""
+        return time.perf_counter() - self.start

@@ -1,0 +1,506 @@
+"""The model registry: which versions are served now, and their lifecycle.
+
+One code path loads the repository at start-up, follows it on a poll, and serves the model
+control RPCs. A round (all models, or the named ones):
+
+1. **Scan** the repository (:mod:`.discovery`) off the event loop. A file is identified by its
+   (mtime, size, inode), so a new version folder, a removed one and a replaced ``model.onnx``
+   are all seen.
+2. **Load** every new or changed file into a new :class:`ModelVersion` (session, contract,
+   batcher, warm-up) before anything is published. A file that does not load (corrupt,
+   half-copied, unsupported types, metadata that disagrees with the graph), or whose tensors
+   differ from the version clients get today (*incompatible*), is **rejected**: one ERROR log
+   line ``"model rejected"`` with the reason, an entry in :attr:`ModelRegistry.failures`, and
+   whatever was serving keeps serving. The same file is not retried until it changes again.
+3. **Publish** on the event loop: a new name → version → model dict is swapped in with one
+   assignment (never mutated under readers).
+4. **Drain** what left the set (a removed version, the old session of a replaced file, an
+   unloaded model): wait until its batcher has nothing queued or running, then close it
+   (``"model unloaded"`` log line). Requests that already hold the old version finish on it.
+5. **Listeners** (health) are told.
+
+Why draining is exact: a front end resolves the model and queues its request in the batcher
+without yielding the event loop in between, and the drain runs on the event loop after the
+publish, so every request that got the old version is already counted in its batcher.
+
+A model unloaded by request stays unloaded (polls leave it alone) until it is loaded by request.
+If the repository root cannot be read, nothing is unloaded: that round is skipped and logged.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from ..settings import Settings
+from .batching import Batcher, BatchingConfig
+from .discovery import Failure, Scan, Signature, file_signature, is_model_dir, scan
+from .runner import Runner, open_model
+from .runtime import Runtime
+from .spec import ModelKey, ModelSpec
+
+if TYPE_CHECKING:
+    from ..observability.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[[], Awaitable[None]]
+Served = dict[str, dict[int, "ModelVersion"]]
+
+
+class ModelVersion:
+    """One loaded model version: its contract, its session and its batch queue."""
+
+    def __init__(self, spec: ModelSpec, path: Path, runner: Runner, batcher: Batcher) -> None:
+        self.spec = spec
+        self.path = path
+        self.runner = runner
+        #: Every inference goes through this queue (dynamic batching, or one request per batch).
+        self.batcher = batcher
+
+    def __repr__(self) -> str:
+        return str(self.spec)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def version(self) -> int:
+        return self.spec.version
+
+    @property
+    def key(self) -> ModelKey:
+        return self.spec.key
+
+    @property
+    def provider(self) -> str:
+        return self.runner.provider
+
+    def close(self) -> None:
+        """Refuse new requests (waiting ones get UNAVAILABLE) and, once nothing runs on it, free
+        the session now rather than at garbage collection."""
+        self.batcher.close()
+        if not self.batcher.busy:
+            self.runner.close()
+
+
+@dataclass
+class ReloadReport:
+    """What one round did."""
+
+    loaded: list[ModelKey] = field(default_factory=list)  # newly served: new versions, replaced files
+    unloaded: list[ModelKey] = field(default_factory=list)  # no longer served (drained)
+    rejected: dict[ModelKey, str] = field(default_factory=dict)  # the previous one serves on
+    skipped: bool = False  # the repository root could not be read: nothing changed
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.loaded or self.unloaded)
+
+
+@dataclass
+class _Plan:
+    """The outcome of the scan + load step (worker thread), published on the event loop."""
+
+    scope: set[str] | None
+    add: list[ModelVersion] = field(default_factory=list)
+    remove: list[ModelKey] = field(default_factory=list)
+    signatures: dict[ModelKey, Signature] = field(default_factory=dict)
+    rejected: dict[ModelKey, tuple[Signature | None, str]] = field(default_factory=dict)
+    scan: Scan = field(default_factory=Scan)
+    skipped: bool = False
+
+
+class ModelRegistry:
+    """The versions served from ``root`` and their lifecycle (see the module docstring)."""
+
+    def __init__(
+        self,
+        root: Path,
+        settings: Settings,
+        runtime: Runtime | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.settings = settings
+        self.runtime = runtime if runtime is not None else Runtime(settings)
+        self.metrics = metrics
+        self.listeners: list[Listener] = []
+        #: What failed to load and why; a failed version whose predecessor serves is listed too.
+        self.failures: dict[Failure, str] = {}
+        self._models: Served = {}
+        self._loaded = False
+        self._executor = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="infer")
+        self._drain_timeout = max(settings.shutdown_grace_seconds, 1.0)
+        self._signatures: dict[ModelKey, Signature] = {}  # the files being served
+        self._rejected: dict[ModelKey, Signature | None] = {}  # files rejected, until they change
+        self._unloaded: set[str] = set()  # models unloaded by request
+        self._lock: asyncio.Lock | None = None
+        self._drains: set[asyncio.Task[None]] = set()
+        self._retired: set[ModelVersion] = set()
+
+    # -- lookup (event loop; never blocks) ------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """True once the first round finished with at least one model version to serve."""
+        return self._loaded and bool(self._models)
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """:attr:`failures` keyed as ``name`` or ``name/version`` (the form clients see)."""
+        return {str(key): why for key, why in self.failures.items()}
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def versions(self, name: str) -> list[int]:
+        return sorted(self._models.get(name, {}))
+
+    def models(self) -> list[ModelVersion]:
+        snapshot = self._models  # read once: a round swaps in a whole new dict
+        return [snapshot[n][v] for n in sorted(snapshot) for v in sorted(snapshot[n])]
+
+    def snapshot(self) -> Served:
+        """The served versions, name → version → model; never mutated once published."""
+        return self._models
+
+    def get(self, name: str, version: int | str | None = None) -> ModelVersion:
+        """The version asked for; ``None``, ``""`` or ``0`` → the latest."""
+        if not self._loaded:
+            raise Unavailable("the model repository is still loading; retry shortly")
+        if not name:
+            raise InvalidArgument(f"a model name is required; available models: {self.names()}")
+        versions = self._models.get(name)
+        if not versions:
+            reasons = {str(k): v for k, v in self.failures.items() if k.model == name}
+            why = f" (failed to load: {reasons})" if reasons else ""
+            raise NotFound(f"model '{name}' not found{why}; available models: {self.names()}")
+        if not version:
+            return versions[max(versions)]
+        if isinstance(version, str):
+            try:
+                version = int(version)
+            except ValueError:
+                raise InvalidArgument(f"model version must be an integer, got {version!r}") from None
+        found = versions.get(version)
+        if found is None:
+            raise NotFound(f"version {version} of model '{name}' not found; available versions: {sorted(versions)}")
+        return found
+
+    # -- lifecycle (event loop) -----------------------------------------------------------------
+
+    def _guard(self) -> asyncio.Lock:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    async def start(self) -> ReloadReport:
+        """The first round: load everything on disk. FileNotFoundError when the root is not a
+        directory (a configuration error: the server must not start)."""
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"model repository {self.root} is not a directory")
+        return await self.reload(trigger="startup")
+
+    async def reload(
+        self, names: Collection[str] | None = None, *, explicit: bool = False, trigger: str = "poll"
+    ) -> ReloadReport:
+        """Bring the named models (all when None) in step with the disk; wait for the drains.
+        ``explicit`` (a load request) also brings back models unloaded by request."""
+        scope = set(names) if names is not None else None
+        async with self._guard():
+            if explicit and scope:
+                self._unloaded -= scope
+            plan = await asyncio.get_running_loop().run_in_executor(None, self._prepare, scope)
+            if plan.skipped:
+                log.error("model repository cannot be read; nothing reloaded", extra={"root": str(self.root)})
+                return ReloadReport(skipped=True)
+            report, retired = self._publish(plan, trigger)
+            self._loaded = True
+            await self._notify()
+        await self._drain_all(retired)
+        return report
+
+    async def unload(self, name: str) -> ReloadReport:
+        """Stop serving every version of ``name``, drain them, and keep it unloaded (also across
+        polls) until it is loaded by request."""
+        async with self._guard():
+            snapshot = self._models
+            if name not in snapshot and name not in self._unloaded and not is_model_dir(self.root, name):
+                raise NotFound(f"model {name!r} is neither loaded nor in the repository; models: {sorted(snapshot)}")
+            self._unloaded.add(name)
+            plan = _Plan(scope={name}, remove=[ModelKey(name, v) for v in sorted(snapshot.get(name, {}))])
+            report, retired = self._publish(plan, "request", reason="unload requested")
+            await self._notify()
+        await self._drain_all(retired)
+        return report
+
+    async def load(self, name: str) -> ReloadReport:
+        """(Re)load ``name`` from disk; FailedPrecondition unless it ends up served with every
+        version on disk loaded."""
+        if not is_model_dir(self.root, name):
+            raise NotFound(f"no model directory {name!r} in the repository; models: {self.names()}")
+        report = await self.reload([name], explicit=True, trigger="request")
+        if report.skipped:
+            raise FailedPrecondition("the model repository cannot be read")
+        if not is_model_dir(self.root, name):
+            raise NotFound(f"model directory {name!r} went away while loading")
+        served = self.versions(name)
+        rejected = {str(k): v for k, v in self.failures.items() if k.model == name}
+        if rejected or not served:
+            serving = f"; still serving versions {served}" if served else "; nothing is served"
+            raise FailedPrecondition(f"model '{name}' did not load cleanly: {rejected}{serving}")
+        return report
+
+    async def stop(self) -> None:
+        """Close everything (the server has stopped taking calls): running batches finish,
+        drains in progress end, the inference threads stop."""
+        for task in list(self._drains):
+            task.cancel()
+        for model in [*self._retired, *self.models()]:
+            model.close()
+        self._retired.clear()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def close(self) -> None:
+        """:meth:`stop` without an event loop (in-process users: the batch job, tests)."""
+        for model in [*self._retired, *self.models()]:
+            model.close()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def _notify(self) -> None:
+        for listener in self.listeners:
+            try:
+                await listener()
+            except Exception:  # a listener must not break a round
+                log.exception("registry listener failed")
+
+    # -- step 1-2: scan and load (worker thread) ------------------------------------------------
+
+    def load_version(self, key: ModelKey, path: Path) -> ModelVersion:
+        """Load one version: session, contract, batcher, warm-up (ValueError & co when unusable)."""
+        settings = self.settings
+        batching = BatchingConfig.resolve(settings, key.name, path.parent.parent)
+        spec, runner = open_model(self.runtime, path, key, settings.max_request_rows)
+        batcher = Batcher(
+            str(spec),
+            runner.run,
+            self._executor,
+            batching,
+            settings.inference_workers,
+            self.metrics.for_model(key.name, key.version) if self.metrics is not None else None,
+            spec.batchable,
+            settings.inline_compute_us,
+        )
+        rows = [1, 16] if batcher.batching and spec.max_rows >= 16 else [1]
+        timings = runner.warm_up(spec, rows)
+        if timings:  # the batcher's cost model: which batches are cheap enough to run inline
+            per_row = (timings[16] - timings[1]) / 15 if 16 in timings else 0.0
+            batcher.calibrate(timings[1] - per_row, per_row)
+        return ModelVersion(spec, path, runner, batcher)
+
+    def _prepare(self, scope: set[str] | None) -> _Plan:
+        found_scan = scan(self.root, scope)
+        if found_scan is None:
+            return _Plan(scope=scope, skipped=True)
+        plan = _Plan(scope=scope, scan=found_scan)
+        current = self._models
+        names = set(found_scan.found) | {n for n in current if scope is None or n in scope}
+        for name in sorted(names):
+            served = current.get(name, {})
+            disk = {} if name in self._unloaded else found_scan.found.get(name, {})
+            for version in sorted(set(served) - set(disk)):
+                plan.remove.append(ModelKey(name, version))
+            # What clients get today and keep getting: the latest version that stays on disk.
+            staying = [v for v in served if v in disk]
+            reference = served[max(staying)] if staying else None
+            for version, path in sorted(disk.items()):
+                key = ModelKey(name, version)
+                signature = file_signature(path)
+                if signature is None:
+                    if version in served:  # the file went away: unload that version
+                        plan.remove.append(key)
+                    elif self._rejected.get(key, ()) is not None:
+                        plan.rejected[key] = (None, f"{key.name}/{key.version}/model.onnx is missing")
+                    continue
+                if version in served and self._signatures.get(key) == signature:
+                    continue  # unchanged
+                if key in self._rejected and self._rejected[key] == signature:
+                    continue  # rejected before and unchanged: no retry, no new log line
+                model = self._try_load(key, path, signature, served.get(version) or reference, plan)
+                if model is not None:
+                    plan.add.append(model)
+        return plan
+
+    def _try_load(
+        self, key: ModelKey, path: Path, signature: Signature, reference: ModelVersion | None, plan: _Plan
+    ) -> ModelVersion | None:
+        try:
+            model = self.load_version(key, path)
+        except Exception as exc:  # any broken file: reject it, serve on
+            plan.rejected[key] = (signature, f"{type(exc).__name__}: {exc}")
+            return None
+        if reference is not None and model.spec.signature() != reference.spec.signature():
+            (want_in, want_out), (got_in, got_out) = reference.spec.signature(), model.spec.signature()
+            plan.rejected[key] = (
+                signature,
+                f"incompatible with {reference}: inputs {got_in} / outputs {got_out}, but clients "
+                f"are served inputs {want_in} / outputs {want_out}; publish a changed signature "
+                "under a new model name",
+            )
+            model.close()
+            return None
+        plan.signatures[key] = signature
+        return model
+
+    # -- step 3: publish (event loop) -----------------------------------------------------------
+
+    def _publish(
+        self, plan: _Plan, trigger: str, reason: str | None = None
+    ) -> tuple[ReloadReport, list[tuple[ModelVersion, str]]]:
+        models = {name: dict(versions) for name, versions in self._models.items()}
+        report = ReloadReport()
+        retired: list[tuple[ModelVersion, str]] = []
+        for key in plan.remove:
+            model = models.get(key.name, {}).pop(key.version, None)
+            if model is None:
+                continue
+            if not models[key.name]:
+                del models[key.name]
+            self._signatures.pop(key, None)
+            report.unloaded.append(key)
+            retired.append((model, reason or "removed from the repository"))
+        for model in plan.add:
+            key = model.key
+            old = models.setdefault(key.name, {}).get(key.version)
+            models[key.name][key.version] = model
+            self._signatures[key] = plan.signatures[key]
+            self._rejected.pop(key, None)
+            report.loaded.append(key)
+            if old is not None:
+                retired.append((old, "replaced by a new model.onnx"))
+            inputs, outputs = model.spec.signature()
+            log.info(
+                "model loaded",
+                extra={"model": key.name, "version": key.version, "provider": model.provider,
+                       "inputs": inputs, "outputs": outputs,
+                       "batching": {**model.batcher.config.describe(), "enabled": model.batcher.batching},
+                       "replaced": old is not None, "trigger": trigger},
+            )
+        on_disk = plan.scan.on_disk
+        for key in list(self._rejected):  # forget rejections of folders that are gone
+            if (plan.scope is None or key.name in plan.scope) and str(key.version) not in on_disk.get(key.name, ()):
+                del self._rejected[key]
+        failures = self._failures_after(plan)
+        for key, (signature, why) in plan.rejected.items():
+            serving = models.get(key.name, {})
+            if key.version in serving:
+                why += "; the previously loaded file keeps serving"
+            elif serving:
+                why += f"; versions {sorted(serving)} keep serving"
+            self._rejected[key] = signature
+            failures[Failure(key.name, str(key.version))] = why
+            report.rejected[key] = why
+            log.error("model rejected", extra={"model": key.name, "version": key.version, "error": why, "trigger": trigger})
+        for failure, why in plan.scan.problems.items():
+            if failure not in self.failures:
+                log.error("model rejected", extra={"model": str(failure), "error": why, "trigger": trigger})
+        self.failures = failures
+        self._models = models  # one assignment: readers see the old set or the new
+        if report.changed or report.rejected:
+            log.info(
+                "model repository reloaded",
+                extra={"loaded": [str(k) for k in report.loaded], "unloaded": [str(k) for k in report.unloaded],
+                       "rejected": sorted(str(k) for k in report.rejected), "trigger": trigger,
+                       "models": {n: sorted(v) for n, v in sorted(models.items())}},
+            )
+        return report, retired
+
+    def _failures_after(self, plan: _Plan) -> dict[Failure, str]:
+        """:attr:`failures` after this round: out-of-scope entries kept; in scope, a version stays
+        listed while it is still rejected (unchanged since) and its folder exists; folder problems
+        come from the scan. This round's rejections are added by the caller."""
+        failures: dict[Failure, str] = {}
+        on_disk = plan.scan.on_disk
+        for failure, why in self.failures.items():
+            name, version = failure
+            if plan.scope is not None and name not in plan.scope:
+                failures[failure] = why
+            elif (
+                version
+                and name not in self._unloaded
+                and version in on_disk.get(name, ())
+                and ModelKey(name, int(version)) in self._rejected
+            ):
+                failures[failure] = why
+        failures.update({k: v for k, v in plan.scan.problems.items() if k.model not in self._unloaded})
+        return failures
+
+    # -- step 4: drain (event loop) -------------------------------------------------------------
+
+    async def _drain_all(self, retired: list[tuple[ModelVersion, str]]) -> None:
+        if not retired:
+            return
+        tasks = []
+        for model, reason in retired:
+            self._retired.add(model)
+            task = asyncio.get_running_loop().create_task(self._drain(model, reason))
+            self._drains.add(task)
+            task.add_done_callback(self._drains.discard)
+            tasks.append(task)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _drain(self, model: ModelVersion, reason: str) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        busy_at_start = model.batcher.busy
+        idle = await model.batcher.wait_idle(self._drain_timeout)
+        # Timed out: not closed; its queued and running requests finish on it, and the session
+        # goes when the last of them does (garbage collection).
+        if idle:
+            model.close()
+        self._retired.discard(model)
+        log.info(
+            "model unloaded",
+            extra={"model": model.name, "version": model.version, "reason": reason, "drained": busy_at_start,
+                   "drain_seconds": round(loop.time() - start, 3), "drain_timed_out": not idle},
+        )
+
+
+class RepositoryPoller:
+    """Calls :meth:`ModelRegistry.reload` every ``interval`` seconds until stopped."""
+
+    def __init__(self, registry: ModelRegistry, interval: float) -> None:
+        self.registry = registry
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.interval > 0:
+            self._task = asyncio.get_running_loop().create_task(self._poll(), name="model-repository-poll")
+            log.info("watching the model repository", extra={"interval_seconds": self.interval})
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.registry.reload()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let the watcher die
+                log.exception("model repository poll failed")

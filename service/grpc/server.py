@@ -1,0 +1,101 @@
+"""Assembles the gRPC front end: one grpc.aio server with the typed and V2 services, health and
+reflection, behind the call guard, bound to its port (TLS when configured)."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from ..core.dataplane import DataPlane
+from ..generated._pool import POOL
+from ..generated.inference import grpc_service_pb2_grpc as v2_grpc
+from ..generated.serving.v1 import serving_pb2_grpc as typed_grpc
+from ..limits import CallGate
+from ..security import Authenticator
+from ..settings import Settings
+from . import typed, v2
+from .health import Health
+from .interceptor import CallGuard
+
+#: After the drain: time gRPC gets to send the last answers before it cancels what is still open.
+FLUSH_SECONDS = 2.0
+
+
+def credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+@dataclass
+class GrpcFrontEnd:
+    """The gRPC server, its bound port and its health."""
+
+    server: grpc.aio.Server
+    port: int
+    health: Health
+    gate: CallGate
+
+    @property
+    def services(self) -> list[str]:
+        return self.health.services
+
+    async def start(self) -> None:
+        await self.server.start()
+
+    async def stop(self, remaining: float) -> None:
+        """Stop gRPC once our calls drained (:meth:`CallGate.drain`): what gRPC still has open is
+        answers on their way out and health Watch streams, which get :data:`FLUSH_SECONDS` rather
+        than the whole grace; held calls are answered UNAVAILABLE once gRPC has begun to stop."""
+        flush = remaining if self.gate.active else min(remaining, FLUSH_SECONDS)
+        stopping = asyncio.ensure_future(self.server.stop(flush))
+        for _ in range(3):  # let gRPC close the port and send GOAWAY first
+            await asyncio.sleep(0)
+        self.gate.release_held()
+        await stopping
+
+
+async def build_grpc(
+    settings: Settings, plane: DataPlane, gate: CallGate, authenticator: Authenticator | None
+) -> GrpcFrontEnd:
+    """The gRPC server with every service registered and its port bound (not yet started)."""
+    server = grpc.aio.server(
+        interceptors=[CallGuard(gate, authenticator)],
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            # One limit, not gRPC's soft (random rejections) + hard pair.
+            ("grpc.max_metadata_size", settings.max_metadata_bytes),
+            ("grpc.absolute_max_metadata_size", settings.max_metadata_bytes),
+            # A port already in use is an error, not a second server silently sharing it.
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    typed_grpc.add_ModelServiceServicer_to_server(typed.TypedModelService(plane), server)
+    v2_grpc.add_GRPCInferenceServiceServicer_to_server(v2.V2Servicer(plane), server)
+    services = [typed.SERVICE_NAME, v2.SERVICE_NAME]
+
+    health = Health(services)
+    await health.start()
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    # Our generated code lives in a private descriptor pool; reflection serves that pool, so the
+    # health and reflection protos (from the default pool) are added to it too (idempotent).
+    for module in (health_pb2, reflection_pb2):
+        POOL.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
+    reflection.enable_server_reflection([*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                         reflection.SERVICE_NAME], server, pool=POOL)
+
+    server_credentials = credentials(settings)
+    if server_credentials is None:
+        port = server.add_insecure_port(settings.address)
+    else:
+        port = server.add_secure_port(settings.address, server_credentials)
+    return GrpcFrontEnd(server, port, health, gate)

@@ -1,0 +1,100 @@
+"""The call gate every front end admits calls through: how many run at once, and the drain.
+
+* **Concurrent calls.** At most ``max_concurrent_requests`` calls run at once, over every
+  protocol; one more is refused at once (RESOURCE_EXHAUSTED / 429). A stream counts as one
+  call while it is open. Health checks are not counted, so probes work while the server is
+  saturated.
+* **Draining** (shutdown). New calls do no work: each is *held* until the transport has begun to
+  stop and is then refused as UNAVAILABLE (before its deadline, at the latest), while the calls
+  already running finish. Why hold rather than refuse at once: when gRPC stops it cancels
+  (``CANCELLED``, https://github.com/grpc/grpc/issues/41785) every call that reached it but was not
+  started yet, including those arriving until the client has read gRPC's GOAWAY. A client
+  refused at once retries, and its retry can land right in that window; a client whose call is
+  held has nothing in flight to lose, and reads the GOAWAY before its UNAVAILABLE. Held calls are
+  capped (the concurrency limit, or 1024).
+
+All state lives on the event loop thread (no locks).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+BUSY = "busy"
+DRAINING = "draining"
+
+
+class CallGate:
+    """Counts the calls running now; ``limit`` None = no cap."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit if limit else None
+        self.active = 0
+        self.refused = 0
+        self.draining = False
+        self.last_call = 0.0  # time.monotonic() when the last call (refused or not) came in
+        self.held = 0
+        self._release = asyncio.Event()  # set once the transport has begun to stop
+
+    def admit(self) -> str | None:
+        """Why a new call is refused now (:data:`BUSY`, :data:`DRAINING`), or None: then the
+        caller counts itself in ``active`` while it runs."""
+        self.last_call = time.monotonic()
+        if self.draining:
+            return DRAINING
+        if self.limit is not None and self.active >= self.limit:
+            self.refused += 1
+            return BUSY
+        return None
+
+    def busy_message(self) -> str:
+        return (
+            f"the server is busy: {self.active} calls in progress, its max_concurrent_requests "
+            "limit; retry with backoff"
+        )
+
+    async def hold(self, remaining: float | None) -> None:
+        """A call that came in while draining: wait until the transport has begun to stop (or
+        until just before the caller's deadline, ``remaining`` seconds), then the caller answers
+        it UNAVAILABLE. Beyond the cap, return at once."""
+        self.refused += 1
+        if self.held >= (self.limit or 1024):
+            return
+        self.held += 1
+        try:
+            timeout = None if remaining is None else max(remaining - 0.1, 0.0)
+            await asyncio.wait_for(self._release.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass  # answer before the caller's deadline
+        finally:
+            self.held -= 1
+
+    def start_draining(self) -> None:
+        """From now on hold every new call (health aside) for an UNAVAILABLE answer."""
+        self.draining = True
+
+    def release_held(self) -> None:
+        """Answer the held calls (call once the transport has begun to stop)."""
+        self._release.set()
+
+    async def drain(self, timeout: float, quiet: float = 0.02, linger: float = 2.0) -> dict[str, float]:
+        """Hold new calls and wait (at most ``timeout`` s) until none is running and either no
+        call came in for ``quiet`` s (gRPC's queue of arrived-but-unstarted calls is then empty,
+        since an idle event loop starts them at once) or ``linger`` s passed. Returns figures;
+        then stop the transports and call :meth:`release_held`."""
+        self.start_draining()
+        start = time.monotonic()
+        running_at_start = self.active
+        while True:
+            now = time.monotonic()
+            if now - start >= timeout:
+                break
+            if not self.active and (now - self.last_call >= quiet or now - start >= linger):
+                break
+            await asyncio.sleep(0.002)
+        return {
+            "running_at_signal": running_at_start,
+            "still_running": self.active,
+            "held_for_unavailable": self.held,
+            "drain_seconds": round(time.monotonic() - start, 3),
+        }

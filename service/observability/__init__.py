@@ -1,0 +1,1 @@
+"""Metrics and logs, read from each request's context."""
