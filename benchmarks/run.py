@@ -168,10 +168,10 @@ def wait_ready(server: Server, model: str | None, timeout: float = 120) -> None:
 
 
 def start(name: str, command: list[str], port: int, workdir: Path, env: dict[str, str] | None = None,
-          ready_model: str | None = SOFTMAX) -> Server:
+          ready_model: str | None = SOFTMAX, cwd: Path = ROOT) -> Server:
     log_path = workdir / f"{name}.log"
     with open(log_path, "wb") as out:
-        process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out,
+        process = subprocess.Popen(command, cwd=cwd, env={**os.environ, **(env or {})}, stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     server = Server(name, process, port, log_path)
     if ready_model is None:
@@ -183,11 +183,13 @@ def start(name: str, command: list[str], port: int, workdir: Path, env: dict[str
     return server
 
 
-def start_ours(workdir: Path, *args: str) -> Server:
+def start_ours(workdir: Path, *args: str, tree: Path = ROOT, name: str = "ours") -> Server:
+    """Our server from the source tree ``tree`` (``python -m service`` run there: that tree's
+    ``service`` package comes first on the path), on the bundled models of this tree."""
     port = free_port()
     command = [PY, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--provider", "cpu",
-               "--metrics-port", str(free_port()), "--log-level", "WARNING", *args]
-    server = start("ours" + "".join(a.strip("-") for a in args), command, port, workdir)
+               "--metrics-port", str(free_port()), "--log-level", "WARNING", "--model-repository", str(MODELS), *args]
+    server = start(name + "".join(a.strip("-") for a in args), command, port, workdir, cwd=tree)
     wait_ready(server, CNN)
     return server
 
@@ -444,6 +446,39 @@ def goals(points: list[Point], ceilings: list[dict[str, Any]]) -> list[dict[str,
     return out
 
 
+#: The loads a redesign must not slow down (within 5 %): before vs after, same run.
+REGRESSION_LOADS = [("v2", SOFTMAX, 1, 32), ("typed", SOFTMAX, 1, 32), ("v2", SOFTMAX, 256, 8), ("v2", CNN, 256, 8)]
+
+
+def regression(points: list[Point]) -> list[dict[str, Any]]:
+    rows = []
+    for load in REGRESSION_LOADS:
+        after, before = find(points, "ours", *load), find(points, "before", *load)
+        if after is None or before is None:
+            continue
+
+        def cpu(p: Point) -> float | None:
+            return 1e6 * p.server_cpu / p.rps if p.rps else None
+
+        rows.append({"load": "/".join(map(str, load)), "before_rows_per_s": before.rows_per_s,
+                     "after_rows_per_s": after.rows_per_s, "ratio": ratio(after.rows_per_s, before.rows_per_s),
+                     "before_cpu_us": cpu(before), "after_cpu_us": cpu(after),
+                     "before_p99_ms": before.p99_ms, "after_p99_ms": after.p99_ms})
+    return rows
+
+
+def regression_table(rows: list[dict[str, Any]], tree: Path) -> str:
+    lines = [f"Before ({tree}) vs after (this tree), same run:", "",
+             "| load (protocol/model/batch/clients) | before rows/s | after rows/s | after / before | "
+             "server CPU µs/req before | after | p99 ms before | after |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['load']} | {r['before_rows_per_s']:.0f} | {r['after_rows_per_s']:.0f} | {fmt(r['ratio'])} | "
+                     f"{fmt(r['before_cpu_us'], 0)} | {fmt(r['after_cpu_us'], 0)} | {r['before_p99_ms']:.2f} | "
+                     f"{r['after_p99_ms']:.2f} |")
+    return "\n".join(lines)
+
+
 def fmt(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -544,12 +579,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="MLServer parallel_workers (0 = inference in the server process, its fastest here; "
                         "MLServer's default is 1)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
+    parser.add_argument("--baseline-tree", type=Path,
+                        help="also run our server from this source tree (e.g. a `git worktree` of an earlier "
+                        "commit) on the regression loads, interleaved with today's: a before/after table")
+    parser.add_argument("--only-regression", action="store_true",
+                        help="with --baseline-tree: measure the regression loads only (no ceilings, no MLServer)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     d, w = args.duration, args.warmup
     started = time.time()
     report: dict[str, Any] = {"machine": machine(), "load_average_before": os.getloadavg(),
-                              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "settings": vars(args) | {"out": str(args.out)}}
+                              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     points: list[Point] = []
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         workdir = Path(tmp)
@@ -569,6 +609,10 @@ def main(argv: list[str] | None = None) -> int:
             "ours-nobatch": cnn_batch1,
             "mlserver": softmax_loads + [("v2", CNN, 1, 32), ("v2", CNN, 256, 8)],
         }
+        if args.baseline_tree:
+            plan["before"] = REGRESSION_LOADS
+            if args.only_regression:
+                plan = {"ours": REGRESSION_LOADS, "before": REGRESSION_LOADS}
 
         # All servers run side by side (idle ones cost nothing) so that each load is measured on
         # every system in turn, round after round: a burst of other work on this shared machine
@@ -577,10 +621,14 @@ def main(argv: list[str] | None = None) -> int:
         report["mlserver"] = {"requirements": MLSERVER_REQUIREMENTS, "parallel_workers": args.mlserver_workers}
         try:
             log("2. starting: do-nothing gRPC server, ours (batching on), ours (batching off), MLServer")
-            servers["null"] = start_null(workdir)
+            if "null" in plan:
+                servers["null"] = start_null(workdir)
             servers["ours"] = start_ours(workdir)
-            servers["ours-nobatch"] = start_ours(workdir, "--dynamic-batching", "false")
-            if args.skip_mlserver:
+            if "before" in plan:
+                servers["before"] = start_ours(workdir, tree=args.baseline_tree.resolve(), name="before")
+            if "ours-nobatch" in plan:
+                servers["ours-nobatch"] = start_ours(workdir, "--dynamic-batching", "false")
+            if args.skip_mlserver or "mlserver" not in plan:
                 report["mlserver"]["skipped"] = "--skip-mlserver"
             else:
                 python = mlserver_python(not args.no_install)
@@ -619,11 +667,15 @@ def main(argv: list[str] | None = None) -> int:
             elif row["rows_per_s"] > old["rows_per_s"]:
                 ceilings[ceilings.index(old)] = row
 
-    goal_rows = goals(points, ceilings)
+    goal_rows = goals(points, ceilings) if not args.only_regression else []
+    if args.baseline_tree:
+        report["regression"] = regression(points)
     report.update(load_average_after=os.getloadavg(), wall_seconds=round(time.time() - started, 1),
                   ceilings=ceilings, points=[p.as_dict() for p in points], goals=goal_rows)
     (args.out / "benchmark.json").write_text(json.dumps(report, indent=2))
     text = table(points, ceilings, goal_rows)
+    if args.baseline_tree:
+        text += "\n\n" + regression_table(report["regression"], args.baseline_tree)
     (args.out / "benchmark.md").write_text(text + "\n")
     try:
         plot(points, args.out / "benchmark.png")
