@@ -35,11 +35,11 @@ from .generated.serving.v1 import serving_pb2_grpc as pb_grpc
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "NO_RETRY",
     "Classification",
     "DeadlineExceededError",
     "InvalidArgumentError",
     "ModelInfo",
-    "NO_RETRY",
     "NotFoundError",
     "RetryPolicy",
     "RpcError",
@@ -307,7 +307,7 @@ class ServingClient:
             self._channel = grpc.secure_channel(address, credentials, options=channel_options)
         else:
             self._channel = grpc.insecure_channel(address, options=channel_options)
-        self._stub = pb_grpc.ModelServiceStub(self._channel)
+        self._stub = pb_grpc.ModelServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -514,7 +514,7 @@ class ServingClient:
             raise NotFoundError(
                 exc.method, exc.code, exc.details or f"the server has no health status for {service!r}", exc.attempts
             ) from None
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
     def wait_until_serving(self, service: str = "", *, timeout: float = 60.0, poll: float = 0.2) -> None:
         """Block until ``service`` reports SERVING; raise :class:`UnavailableError` after ``timeout``."""

@@ -29,7 +29,8 @@ class SoftmaxRegression(nn.Module):
         self.linear = nn.Linear(28 * 28, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x.flatten(1))
+        logits: torch.Tensor = self.linear(x.flatten(1))
+        return logits
 
 
 class SmallCNN(nn.Module):
@@ -51,7 +52,8 @@ class SmallCNN(nn.Module):
                                   nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(128, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        logits: torch.Tensor = self.head(self.features(x))
+        return logits
 
 
 ARCHITECTURES = {"fashion_softmax": SoftmaxRegression, "fashion_cnn": SmallCNN}
@@ -169,7 +171,7 @@ def train(name: str, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
             logits = net(xb)
             loss = nn.functional.cross_entropy(logits, yb)
             optimizer.zero_grad()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             scheduler.step()
             total_loss += loss.item() * len(idx)

@@ -128,7 +128,7 @@ def _candidate_dirs(data_dir: str | Path | None) -> list[Path]:
     dirs: list[Path] = []
     for root in roots:
         dirs += [root / "fashion-mnist", root]
-    return dirs + [FASHION_CACHE]
+    return [*dirs, FASHION_CACHE]
 
 
 def locate_fashion(data_dir: str | Path | None = None, *, fetch: bool = False) -> dict[str, Path]:

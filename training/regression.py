@@ -30,7 +30,8 @@ class LinearFit:
     scaler: dict[str, np.ndarray | float] = field(default_factory=dict)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return x @ self.weights + self.bias
+        y: np.ndarray = x @ self.weights + self.bias
+        return y
 
     def mse(self, x: np.ndarray, y: np.ndarray) -> float:
         return float(np.mean((self.predict(x) - y) ** 2))
@@ -52,7 +53,7 @@ def fit_gradient_descent(x: np.ndarray, y: np.ndarray, *, lr: float = 0.1, steps
     for step in range(steps):
         optimizer.zero_grad()
         loss = nn.functional.mse_loss(layer(xs).squeeze(1), ys)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         losses.append(loss.item() * y_std**2)  # MSE in the file's units
         if log_every and (step % log_every == 0 or step == steps - 1):
@@ -80,11 +81,20 @@ class NormalizedLinear(nn.Module):
     ``out_scale`` converts the prediction back (10,000s of dollars → dollars).
     """
 
+    in_scale: torch.Tensor
+    x_mean: torch.Tensor
+    x_std: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    y_mean: torch.Tensor
+    y_std: torch.Tensor
+    out_scale: torch.Tensor
+
     def __init__(self, fit: LinearFit, in_scale: list[float], out_scale: float):
         super().__init__()
         s = fit.scaler
 
-        def buf(name: str, value) -> None:
+        def buf(name: str, value: object) -> None:
             self.register_buffer(name, torch.tensor(np.asarray(value, dtype=np.float32)))
 
         buf("in_scale", in_scale)

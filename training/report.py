@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
 
 
-def write_metrics(directory: Path, metrics: dict) -> Path:
+def write_metrics(directory: Path, metrics: dict[str, Any]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "metrics.json"
     path.write_text(json.dumps(metrics, indent=2, default=float) + "\n")
@@ -64,7 +66,7 @@ def plot_confusion(directory: Path, matrix: np.ndarray, class_names: list[str], 
     return _save(fig, directory / "confusion.png")
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

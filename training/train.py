@@ -4,8 +4,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +33,7 @@ class Options:
     fetch: bool = False
 
 
-def train_profit(opts: Options) -> dict:
+def train_profit(opts: Options) -> dict[str, Any]:
     """profit = a·population + b on ex1data1; graph in people → US dollars."""
     table, digest = data.load_csv("ex1data1.txt")
     x, y = table[:, :1], table[:, 1]
@@ -64,7 +66,7 @@ def train_profit(opts: Options) -> dict:
     return metrics
 
 
-def train_house_price(opts: Options) -> dict:
+def train_house_price(opts: Options) -> dict[str, Any]:
     """price = w1·size + w2·bedrooms + w0 on ex1data2; normalisation inside the graph."""
     table, digest = data.load_csv("ex1data2.txt")
     x, y = table[:, :2], table[:, 2]
@@ -97,7 +99,7 @@ def train_house_price(opts: Options) -> dict:
     return metrics
 
 
-def train_fashion(opts: Options, name: str) -> dict:
+def train_fashion(opts: Options, name: str) -> dict[str, Any]:
     """Softmax regression or CNN on Fashion-MNIST; exported with uint8 input and softmax inside."""
     files = data.locate_fashion(opts.data_dir, fetch=opts.fetch)
     train_set, test_set = data.load_fashion(files, "train"), data.load_fashion(files, "test")
@@ -134,7 +136,7 @@ def train_fashion(opts: Options, name: str) -> dict:
     return metrics
 
 
-def _export(opts: Options, name: str, module: torch.nn.Module, sample: np.ndarray, metrics: dict,
+def _export(opts: Options, name: str, module: torch.nn.Module, sample: np.ndarray, metrics: dict[str, Any],
             digest: str, inputs: TensorContract, outputs: TensorContract, description: str,
             class_names: list[str] | None = None, reference: torch.nn.Module | None = None) -> float:
     metadata: dict[str, object] = {
@@ -150,7 +152,7 @@ def _export(opts: Options, name: str, module: torch.nn.Module, sample: np.ndarra
     return diff
 
 
-TRAINERS = {
+TRAINERS: dict[str, Callable[[Options], dict[str, Any]]] = {
     "profit": train_profit,
     "house_price": train_house_price,
     "fashion_softmax": lambda opts: train_fashion(opts, "fashion_softmax"),

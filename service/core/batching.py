@@ -36,8 +36,8 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, Future
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -59,6 +59,7 @@ CONFIG_FILE = "config.json"
 
 Arrays = dict[str, np.ndarray]
 RunFn = Callable[[Arrays, list[str]], Arrays]
+Outcome = tuple[Arrays, int, float]  # a batch's outputs, rows, seconds
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ class _Item:
     )
 
     def __init__(
-        self, feeds: Arrays, names: list[str], rows: int, future: asyncio.Future, now: float,
+        self, feeds: Arrays, names: list[str], rows: int, future: asyncio.Future[Arrays], now: float,
         context: RequestContext | None,
     ) -> None:
         self.feeds = feeds
@@ -275,7 +276,8 @@ class Batcher:
                 self._scheduled = True
                 loop.call_soon(self._dispatch)  # requests arriving in this loop turn batch together
         try:
-            return await item.future
+            result: Arrays = await item.future
+            return result
         except asyncio.CancelledError:  # the caller went away (client cancelled, or its deadline)
             self._forget(item, "cancelled")
             raise
@@ -331,9 +333,9 @@ class Batcher:
             except ValueError:
                 pass
         if item.taken == 0:
-            if reason == "cancelled" and item.deadline is not None and self._loop is not None:
-                if self._loop.time() >= item.deadline:
-                    reason = "deadline"  # gRPC cancelled the call at its deadline
+            loop = self._loop
+            if reason == "cancelled" and item.deadline is not None and loop is not None and loop.time() >= item.deadline:
+                reason = "deadline"  # gRPC cancelled the call at its deadline
             self._drop(reason)
         self._settle()
 
@@ -432,8 +434,8 @@ class Batcher:
         names = parts[0][0].names
         if self._inline(sum(end - start for _, start, end in parts)):
             try:
-                outcome: tuple[Arrays, int, float] | BaseException = self._compute(parts, names)
-            except Exception as exc:  # noqa: BLE001 - handed to the callers
+                outcome: Outcome | BaseException = self._compute(parts, names)
+            except Exception as exc:
                 outcome = exc
             self._complete(parts, outcome)
             return
@@ -441,17 +443,16 @@ class Batcher:
         assert loop is not None
         self._in_flight += 1
         done = partial(self._finished, parts, loop)
+        if self._executor is None:  # a batcher made without one (tests): threads of its own
+            self._executor = ThreadPoolExecutor(self._max_in_flight, thread_name_prefix="infer")
         try:
-            if self._executor is None:
-                future: Future = loop.run_in_executor(None, self._compute, parts, names)  # type: ignore[assignment]
-            else:
-                future = self._executor.submit(self._compute, parts, names)
+            future = self._executor.submit(self._compute, parts, names)
         except RuntimeError as exc:  # executor shut down
             self._in_flight -= 1
             self._fail(parts, Unavailable(f"{self.label}: server is shutting down ({exc})"))
             return
 
-        def wake(f: Future) -> None:
+        def wake(f: Future[Outcome]) -> None:
             try:
                 loop.call_soon_threadsafe(done, f)
             except RuntimeError:  # the event loop is closed: nobody is waiting any more
@@ -459,15 +460,13 @@ class Batcher:
 
         future.add_done_callback(wake)
 
-    def _compute(self, parts: list[Part], names: list[str]) -> tuple[Arrays, int, float]:
+    def _compute(self, parts: list[Part], names: list[str]) -> Outcome:
         """Inference thread: build the batch, run it, check the outputs have one row per input row."""
         started = time.perf_counter()
         if len(parts) == 1:
             item, start, end = parts[0]
-            if start == 0 and end == item.rows:
-                feeds = item.feeds
-            else:
-                feeds = {k: v[start:end] for k, v in item.feeds.items()}
+            whole = start == 0 and end == item.rows
+            feeds = item.feeds if whole else {k: v[start:end] for k, v in item.feeds.items()}
             rows = end - start
         else:
             first = parts[0][0].feeds
@@ -486,14 +485,14 @@ class Batcher:
                 )
         return outputs, rows, time.perf_counter() - started
 
-    def _finished(self, parts: list[Part], loop: asyncio.AbstractEventLoop, future: Future) -> None:
+    def _finished(self, parts: list[Part], loop: asyncio.AbstractEventLoop, future: Future[Outcome]) -> None:
         """Event loop, after an inference thread ran a batch: results out, next batch in."""
         if loop is not self._loop:
             return  # from an event loop that is gone
         self._in_flight -= 1
         try:
-            outcome: tuple[Arrays, int, float] | BaseException = future.result()
-        except BaseException as exc:  # noqa: BLE001 - every caller must hear about it
+            outcome: Outcome | BaseException = future.result()
+        except BaseException as exc:
             outcome = exc
         self._complete(parts, outcome)
         if self._queue and not self._scheduled:
@@ -501,7 +500,7 @@ class Batcher:
         else:
             self._settle()
 
-    def _complete(self, parts: list[Part], outcome: tuple[Arrays, int, float] | BaseException) -> None:
+    def _complete(self, parts: list[Part], outcome: Outcome | BaseException) -> None:
         """Hand each caller its rows of the batch outputs (or the batch's error)."""
         if isinstance(outcome, BaseException):
             err = outcome if isinstance(outcome, ServingError) else Internal(

@@ -124,10 +124,14 @@ def output_names(spec: ModelSpec, requested: Sequence[str] | None) -> list[str]:
     return list(requested)
 
 
+def _constant(array: np.ndarray) -> Callable[[], np.ndarray]:
+    return lambda: array
+
+
 def predict(spec: ModelSpec, runner: Runner, arrays: Arrays, outputs: Sequence[str] | None = None) -> Arrays:
     """In-process inference without a server (batch job ``--local``, Ray actors): the same
     admission and checks as :meth:`DataPlane.infer`, then the runner, synchronously."""
-    tensors = [RequestTensor(n, datatype_of(a.dtype), a.shape, lambda a=a: a) for n, a in arrays.items()]
+    tensors = [RequestTensor(n, datatype_of(a.dtype), a.shape, _constant(a)) for n, a in arrays.items()]
     admit(spec, tensors)
     names = output_names(spec, outputs)
     for name, array in arrays.items():

@@ -430,9 +430,7 @@ class ModelRegistry:
         on_disk = plan.scan.on_disk
         for failure, why in self.failures.items():
             name, version = failure
-            if plan.scope is not None and name not in plan.scope:
-                failures[failure] = why
-            elif (
+            if (plan.scope is not None and name not in plan.scope) or (
                 version
                 and name not in self._unloaded
                 and version in on_disk.get(name, ())

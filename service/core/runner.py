@@ -66,7 +66,7 @@ class Runner:
                     session.run(spec.output_names, feeds)
                     best = min(best, time.perf_counter() - start)
                 timings[count] = best
-        except Exception as exc:  # noqa: BLE001 - zeros may be invalid input for some graphs
+        except Exception as exc:
             log.warning("warm-up run failed", extra={"model": spec.name, "version": spec.version, "error": str(exc)})
             return {}
         return timings

@@ -41,7 +41,8 @@ def _unit_floats_to_bytes(images: np.ndarray) -> np.ndarray:
     low, high = float(images.min()), float(images.max())
     if low < 0 or high > 1:
         raise InvalidArgument(f"images: float32 pixels must be in [0, 1], got values from {low} to {high}")
-    return np.rint(images * 255).astype(np.uint8)
+    pixels: np.ndarray = np.rint(images * 255).astype(np.uint8)
+    return pixels
 
 
 def pixel_converter(have: np.dtype, want: np.dtype) -> Convert | None:

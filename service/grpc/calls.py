@@ -38,11 +38,11 @@ def failure_status(grpc_context: grpc.aio.ServicerContext, exc: BaseException) -
     """The status name to record for a call ending with ``exc`` that is not a ServingError."""
     code = grpc_context.code()
     if isinstance(code, grpc.StatusCode) and code is not grpc.StatusCode.OK:
-        return code.name  # the handler aborted the call itself
+        return str(code.name)  # the handler aborted the call itself
     if isinstance(exc, asyncio.CancelledError):
         try:
             remaining = grpc_context.time_remaining()
-        except Exception:  # noqa: BLE001 - the call may be gone already
+        except Exception:
             remaining = None
         return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
     return "UNKNOWN"

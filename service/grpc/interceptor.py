@@ -60,7 +60,7 @@ def safe_deserializer(deserializer: Callable[[bytes], Any]) -> Callable[[bytes],
     def deserialize(data: bytes) -> Any:
         try:
             return deserializer(data)
-        except Exception as exc:  # noqa: BLE001 - DecodeError, or anything a parser raises
+        except Exception as exc:
             return _Undecodable(
                 clip(
                     f"the request is not a valid {type_name} message ({len(data)} bytes): {exc}; "
@@ -165,7 +165,7 @@ def guard_handler(handler: grpc.RpcMethodHandler, admission: _Admission) -> grpc
     )
 
 
-class CallGuard(grpc.aio.ServerInterceptor):
+class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no type hints
     """Applies auth, the call gate and the decode guard to every method (see the module docstring)."""
 
     def __init__(self, gate: CallGate, authenticator: Authenticator | None = None) -> None:

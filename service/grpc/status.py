@@ -32,7 +32,7 @@ CODES: dict[type[ServingError], grpc.StatusCode] = {
 def status_of(err: ServingError) -> grpc.StatusCode:
     """The gRPC code of ``err`` (its class or nearest base in :data:`CODES`; INTERNAL if none)."""
     for cls in type(err).__mro__:
-        code = CODES.get(cls)  # type: ignore[arg-type]
+        code = CODES.get(cls)
         if code is not None:
             return code
     return grpc.StatusCode.INTERNAL

@@ -48,7 +48,7 @@ class TypedModelService(pb_grpc.ModelServiceServicer):
         if not request.top_k:
             # The common case, without a message object per image: the results' wire bytes are
             # laid out from the probabilities' raw bytes and parsed in C (see classifications()).
-            response = pb.ClassifyResponse.FromString(codec.classifications(probs, labels))
+            response: pb.ClassifyResponse = pb.ClassifyResponse.FromString(codec.classifications(probs, labels))
             response.model.CopyFrom(codec.model_ref(model))
             response.request_id = request.request_id
             return response

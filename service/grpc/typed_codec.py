@@ -14,7 +14,7 @@ from ..core.tensors import from_bytes
 from ..errors import InvalidArgument
 from ..generated.serving.v1 import serving_pb2 as pb
 
-_DTYPES = {pb.DATA_TYPE_UINT8: np.dtype(np.uint8), pb.DATA_TYPE_FLOAT32: np.dtype("<f4")}
+_DTYPES: dict[int, np.dtype] = {pb.DATA_TYPE_UINT8: np.dtype(np.uint8), pb.DATA_TYPE_FLOAT32: np.dtype("<f4")}
 
 
 def image_tensor(tensor: pb.Tensor, image: TensorSpec) -> RequestTensor:

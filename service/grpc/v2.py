@@ -9,7 +9,7 @@ UNIMPLEMENTED with a message naming what is supported.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
 
@@ -62,9 +62,9 @@ def server_version() -> str:
         return "0+unknown"
 
 
-def _config_type(datatype: str) -> int:
+def _config_type(datatype: str) -> config_pb.DataType:
     """V2 datatype name → Triton's ``DataType`` enum value (``FP32`` → ``TYPE_FP32``)."""
-    return config_pb.DataType.Value(f"TYPE_{datatype}")
+    return config_pb.DataType.Value(f"TYPE_{datatype}")  # type: ignore[no-any-return]
 
 
 def _one_repository(repository_name: str) -> None:

@@ -12,7 +12,8 @@
 """
 from __future__ import annotations
 
-from .backends import DEFAULT_MODELS, BackendError, LocalBackend, RemoteBackend
+from ..core.tasks import DEFAULT_MODELS
+from .backends import BackendError, LocalBackend, RemoteBackend
 from .inputs import InputError, open_images, open_populations, read_labels
 from .job import Job, JobConfig, JobError
 

@@ -19,7 +19,6 @@ import grpc
 import numpy as np
 
 from ..client import RetryPolicy, RpcError, ServingClient
-
 from ..core.tasks import DEFAULT_MODELS
 
 
@@ -132,12 +131,11 @@ class LocalBackend(Backend):
         from ..errors import ServingError
         from ..settings import Settings
 
-        overrides: dict[str, object] = {"model_repository": Path(repository)}
-        if provider:
-            overrides["provider"] = provider
         name = model or DEFAULT_MODELS[task]
         try:
-            settings = Settings(**overrides)
+            settings = Settings(model_repository=Path(repository))
+            if provider:  # else SERVING_PROVIDER or the default
+                settings = Settings(model_repository=Path(repository), provider=provider)
             if not settings.model_repository.is_dir():
                 raise FileNotFoundError(f"model repository {settings.model_repository} is not a directory")
             key, path = resolve_version(settings.model_repository, name, version)

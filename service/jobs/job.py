@@ -305,7 +305,7 @@ class Job:
             self.task: Task = ClassifyTask(self.source.rows, names, self.source, self.labels)
         else:
             self.task = ProfitTask(self.source.rows, self.source)
-        self.spec = {
+        self.spec: dict[str, Any] = {
             "format": FORMAT,
             "task": self.task_name,
             "input": self.source.describe(),
@@ -348,7 +348,7 @@ class Job:
             self._clear()
         summary_path = self.out / SUMMARY
         if summary_path.exists():
-            done = json.loads(summary_path.read_text())
+            done: dict[str, Any] = json.loads(summary_path.read_text())
             if done.get("spec") == self.spec and done.get("complete"):
                 shutil.rmtree(self.partial, ignore_errors=True)
                 self.log(f"{self.out}: this job is already complete ({done['rows']:,} rows); nothing to do")
@@ -370,7 +370,7 @@ class Job:
 
     def _open_journal(self) -> dict[str, Any]:
         path = self.partial / JOURNAL
-        journal = json.loads(path.read_text()) if path.exists() else None
+        journal: dict[str, Any] | None = json.loads(path.read_text()) if path.exists() else None
         arrays = self.task.arrays()
         if journal is not None and journal.get("spec") != self.spec:
             raise JobError(
@@ -387,12 +387,12 @@ class Job:
             (self.partial / self.task.csv_name).write_bytes(header.getvalue().encode())
             journal = {"spec": self.spec, "state": "running", "rows_done": 0,
                        "csv_bytes": len(header.getvalue().encode()), "runs": []}
-            self._csv = open(self.partial / self.task.csv_name, "r+b")
+            self._csv = open(self.partial / self.task.csv_name, "r+b")  # noqa: SIM115 - open for the whole job
             self._commit(journal)
         elif journal["state"] == "running":
             self.log(f"resuming at row {journal['rows_done']:,} of {self.source.rows:,}")
             self._arrays = {n: NpyRows(self.partial / n, d, s, create=False) for n, (d, s) in arrays.items()}
-            self._csv = open(self.partial / self.task.csv_name, "r+b")
+            self._csv = open(self.partial / self.task.csv_name, "r+b")  # noqa: SIM115 - open for the whole job
             self._csv.truncate(journal["csv_bytes"])
         else:  # interrupted while finishing: every row is done, some files may have moved already
             return journal

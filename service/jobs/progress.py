@@ -13,7 +13,7 @@ from typing import TextIO
 def _duration(seconds: float) -> str:
     if seconds != seconds or seconds == float("inf"):
         return "--:--"
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"

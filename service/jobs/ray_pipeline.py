@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -58,12 +59,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import report
-from .inputs import InputError, IdxImages, NpyImages, open_images, read_labels
+
+if TYPE_CHECKING:
+    from ..core.local import LocalModel
+from .inputs import IdxImages, InputError, NpyImages, open_images, read_labels
 
 DEFAULT_MODEL = "fashion_softmax"
 DEFAULT_BATCH = 256
@@ -97,7 +101,7 @@ def _require_ray(local: bool = False) -> Any:
 def _pyarrow() -> Any:
     try:
         import pyarrow as pa
-        import pyarrow.parquet  # noqa: F401
+        import pyarrow.parquet
     except ImportError:
         raise PipelineError("pyarrow is not installed: pip install 'model-serving[ray]'") from None
     return pa
@@ -131,7 +135,7 @@ def _settings(repository: Path, provider: str, threads: int, batch_size: int) ->
                     inter_op_threads=1, max_request_rows=max(batch_size, 1))
 
 
-def _open(path: Path, name: str, version: int, settings: Any) -> Any:
+def _open(path: Path, name: str, version: int, settings: Any) -> LocalModel:
     """One model version through the server's own code (:class:`service.core.local.LocalModel`)."""
     from ..core.local import LocalModel
     from ..core.spec import ModelKey
@@ -164,7 +168,7 @@ def resolve_model(repository: Path, name: str, version: int, provider: str, cpus
     if not spec.class_names:
         raise PipelineError(f"model '{name}' declares no class names")
     model.close()
-    threads = max(1, int(math.ceil(cpus_per_actor))) if cpus_per_actor > 0 else 1
+    threads = max(1, math.ceil(cpus_per_actor)) if cpus_per_actor > 0 else 1
     return ModelPlan(
         name=key.name, version=key.version, path=str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
         input_name=image.name, input_dtype=image.dtype.name, input_shape=tuple(image.shape),
@@ -289,7 +293,8 @@ def _images_from_arrow(column: Any, item_shape: tuple[int, ...], where: str) -> 
             offsets = np.frombuffer(buffers[1], np.int64 if pa.types.is_large_binary(kind) else np.int32)
             first = int(offsets[column.offset])  # every length is `item`: the bytes are contiguous
         data = np.frombuffer(buffers[-1], np.uint8)[first : first + n * item]
-        return data.reshape(n, *item_shape).copy()
+        images: np.ndarray = data.reshape(n, *item_shape).copy()
+        return images
     flat = column
     while pa.types.is_list(flat.type) or pa.types.is_large_list(flat.type) or pa.types.is_fixed_size_list(flat.type):
         flat = flat.flatten()
@@ -301,7 +306,8 @@ def _images_from_arrow(column: Any, item_shape: tuple[int, ...], where: str) -> 
         if values.dtype.kind not in "iu" or (len(values) and (values.min() < 0 or values.max() > 255)):
             raise InputError(f"{where}: pixels must be uint8 0-255, got {values.dtype}")
         values = values.astype(np.uint8)
-    return values.reshape(n, *item_shape)
+    reshaped: np.ndarray = values.reshape(n, *item_shape)
+    return reshaped
 
 
 # -- the predictor actor -----------------------------------------------------------------------------
@@ -394,7 +400,7 @@ class OnnxPredictor:
             first = unit["start"]
             edges = [first, *range((first // size + 1) * size, unit["stop"], size), unit["stop"]]
             probabilities = np.concatenate(
-                [self.predict(images[a - first : b - first]) for a, b in zip(edges, edges[1:]) if b > a]
+                [self.predict(images[a - first : b - first]) for a, b in itertools.pairwise(edges) if b > a]
             ).astype(np.float32, copy=False)
             tables.append(self._table(pa, unit, probabilities, truth))
         return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
@@ -503,7 +509,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     address = cfg.address or os.environ.get("RAY_ADDRESS") or "local"
     ray = _require_ray(local=address == "local")
     started = time.monotonic()
-    repository = Path(cfg.model_repository or os.environ.get("SERVING_MODEL_REPOSITORY", BUNDLED_MODELS))
+    repository = Path(cfg.model_repository or os.environ.get("SERVING_MODEL_REPOSITORY") or BUNDLED_MODELS)
     provider = _provider(cfg)
     cfg.log(f"checking {', '.join(map(str, cfg.inputs))} ...")
     source = plan_input(cfg.inputs, rows_per_read=cfg.rows_per_read, image_column=cfg.image_column,
@@ -621,7 +627,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
 def _parquet_rows(path: Path) -> int:
     import pyarrow.parquet as pq
 
-    return pq.ParquetFile(path).metadata.num_rows
+    return int(pq.ParquetFile(path).metadata.num_rows)
 
 
 # -- CLI -----------------------------------------------------------------------------------------
@@ -706,5 +712,15 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["ModelPlan", "InputPlan", "OnnxPredictor", "PipelineConfig", "PipelineError", "build_parser", "main",
-           "plan_input", "resolve_model", "run_pipeline"]
+__all__ = [
+    "InputPlan",
+    "ModelPlan",
+    "OnnxPredictor",
+    "PipelineConfig",
+    "PipelineError",
+    "build_parser",
+    "main",
+    "plan_input",
+    "resolve_model",
+    "run_pipeline",
+]

@@ -86,19 +86,21 @@ class _Family:
     def export(self) -> CounterMetricFamily | HistogramMetricFamily:
         children = list(self.children.items())
         if self.kind == "counter":
-            family = CounterMetricFamily(self.name, self.documentation, labels=self.label_names)
+            counter = CounterMetricFamily(self.name, self.documentation, labels=self.label_names)
             for values, child in children:
-                family.add_metric(list(values), child.value)
-            return family
-        family = HistogramMetricFamily(self.name, self.documentation, labels=self.label_names)
+                counter.add_metric(list(values), child.value)
+            return counter
+        histogram = HistogramMetricFamily(self.name, self.documentation, labels=self.label_names)
+        bounds = [floatToGoString(b) for b in (*self.buckets, float("inf"))]  # type: ignore[no-untyped-call]
         for values, child in children:
             counts, total = list(child.counts), child.sum
-            cumulative, running = [], 0
-            for bound, count in zip((*self.buckets, float("inf")), counts):
+            cumulative: list[tuple[str, float]] = []
+            running = 0
+            for bound, count in zip(bounds, counts):
                 running += count
-                cumulative.append((floatToGoString(bound), running))
-            family.add_metric(list(values), cumulative, sum_value=total)
-        return family
+                cumulative.append((bound, running))
+            histogram.add_metric(list(values), cumulative, sum_value=total)
+        return histogram
 
 
 class ModelMetrics:
@@ -215,7 +217,7 @@ class _StateCollector(Collector):
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
 
-    def describe(self) -> list:
+    def describe(self) -> list[Any]:
         return []  # unchecked: names come from collect() at scrape time
 
     def collect(self) -> Iterator[Any]:
