@@ -98,7 +98,24 @@ def write_payloads(directory: Path) -> dict[tuple[str, str, int], Path]:
                 path = directory / f"{protocol}-{model}-{batch}.bin"
                 path.write_bytes(request.SerializeToString())
                 paths[(protocol, model, batch)] = path
+            # REST: Triton's binary tensor extension (what tritonclient.http sends by default), and JSON.
+            raw = x.tobytes()
+            binary_head = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(x.shape),
+                                                  "parameters": {"binary_data_size": len(raw)}}],
+                                      "parameters": {"binary_data_output": True}}).encode()
+            path = directory / f"rest-{model}-{batch}.bin"
+            path.write_bytes(binary_head + raw)
+            paths[("rest", model, batch)] = path
+            REST_HEADER_LENGTH[(model, batch)] = len(binary_head)
+            path = directory / f"rest-json-{model}-{batch}.json"
+            path.write_text(json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(x.shape),
+                                                    "data": x.reshape(-1).tolist()}]}))
+            paths[("rest-json", model, batch)] = path
     return paths
+
+
+#: Length of the JSON part of each binary REST request body: (model, batch) → bytes.
+REST_HEADER_LENGTH: dict[tuple[str, int], int] = {}
 
 
 # -- processes ---------------------------------------------------------------------------------
@@ -133,6 +150,7 @@ class Server:
     process: subprocess.Popen
     port: int
     log_path: Path
+    http_port: int | None = None
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -183,13 +201,17 @@ def start(name: str, command: list[str], port: int, workdir: Path, env: dict[str
     return server
 
 
-def start_ours(workdir: Path, *args: str, tree: Path = ROOT, name: str = "ours") -> Server:
+def start_ours(workdir: Path, *args: str, tree: Path = ROOT, name: str = "ours", http: bool = True) -> Server:
     """Our server from the source tree ``tree`` (``python -m service`` run there: that tree's
-    ``service`` package comes first on the path), on the bundled models of this tree."""
+    ``service`` package comes first on the path), on the bundled models of this tree; HTTP on a
+    port of its own unless ``http`` is False (or the tree predates HTTP)."""
     port = free_port()
+    http_port = free_port() if http else None
+    flags = ("--http-port", str(http_port or 0), *args) if tree == ROOT else args
     command = [PY, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--provider", "cpu",
-               "--metrics-port", str(free_port()), "--log-level", "WARNING", "--model-repository", str(MODELS), *args]
+               "--metrics-port", str(free_port()), "--log-level", "WARNING", "--model-repository", str(MODELS), *flags]
     server = start(name + "".join(a.strip("-") for a in args), command, port, workdir, cwd=tree)
+    server.http_port = http_port if tree == ROOT else None
     wait_ready(server, CNN)
     return server
 
@@ -246,6 +268,7 @@ def start_mlserver(workdir: Path, python: Path, parallel_workers: int) -> Server
     env = {"PYTHONPATH": str(HERE), "MLSERVER_LOGGING_LEVEL": "WARNING"}
     command = [str(Path(python).parent / "mlserver"), "start", str(repo)]
     server = start(f"mlserver-pw{parallel_workers}", command, port, workdir, env=env, ready_model=SOFTMAX)
+    server.http_port = http_port
     wait_ready(server, CNN)
     return server
 
@@ -289,16 +312,29 @@ class Point:
 
 def _measure_once(server: Server, system: str, protocol: str, model: str, batch: int, concurrency: int,
                   payloads: dict, duration: float, warmup: float) -> Point:
-    spec = {
-        "target": f"127.0.0.1:{server.port}",
-        "method": V2_METHOD if protocol == "v2" else TYPED_METHOD,
-        "payload_file": str(payloads[(protocol, model, batch)]),
-        "concurrency": concurrency,
-        "duration_s": duration,
-        "warmup_s": warmup,
-        "channels": 1 if concurrency < 8 else 4,
-    }
-    process = subprocess.Popen([PY, str(HERE / "loadgen.py"), json.dumps(spec)], stdout=subprocess.PIPE,
+    if protocol.startswith("rest"):  # HTTP/1.1 keep-alive, one connection per client
+        spec: dict[str, Any] = {
+            "target": f"127.0.0.1:{server.http_port}",
+            "path": f"/v2/models/{model}/infer",
+            "body_file": str(payloads[(protocol, model, batch)]),
+            "content_type": "application/octet-stream" if protocol == "rest" else "application/json",
+            "headers": ({"Inference-Header-Content-Length": str(REST_HEADER_LENGTH[(model, batch)])}
+                        if protocol == "rest" else {}),
+            "concurrency": concurrency, "duration_s": duration, "warmup_s": warmup,
+        }
+        generator = HERE / "http_loadgen.py"
+    else:
+        spec = {
+            "target": f"127.0.0.1:{server.port}",
+            "method": V2_METHOD if protocol == "v2" else TYPED_METHOD,
+            "payload_file": str(payloads[(protocol, model, batch)]),
+            "concurrency": concurrency,
+            "duration_s": duration,
+            "warmup_s": warmup,
+            "channels": 1 if concurrency < 8 else 4,
+        }
+        generator = HERE / "loadgen.py"
+    process = subprocess.Popen([PY, str(generator), json.dumps(spec)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, cwd=ROOT)
     # Server CPU over the measured window only: sample when the window starts and ends.
     cpu: dict[str, float] = {}
@@ -439,6 +475,17 @@ def goals(points: list[Point], ceilings: list[dict[str, Any]]) -> list[dict[str,
          3.0, "higher", f"transport ceiling / MLServer = {fmt(ratio(rows('null', 'v2', SOFTMAX, 1, 32), rows('mlserver', 'v2', SOFTMAX, 1, 32)))}")
     goal("softmax b256 (8 clients): ours / MLServer", ratio(rows("ours", "v2", SOFTMAX, 256, 8), rows("mlserver", "v2", SOFTMAX, 256, 8)),
          10.0, "higher", "")
+    goal("REST softmax b1, 32 clients: ours (binary) / MLServer REST (JSON)",
+         ratio(rows("ours", "rest", SOFTMAX, 1, 32), rows("mlserver", "rest-json", SOFTMAX, 1, 32)), 3.0, "higher",
+         f"ours JSON / MLServer = {fmt(ratio(rows('ours', 'rest-json', SOFTMAX, 1, 32), rows('mlserver', 'rest-json', SOFTMAX, 1, 32)))}; "
+         f"server CPU per request: ours REST {cpu_us('ours', 'rest', SOFTMAX, 1, 32)} µs, gRPC {cpu_us('ours', 'v2', SOFTMAX, 1, 32)} µs, "
+         f"MLServer REST {cpu_us('mlserver', 'rest-json', SOFTMAX, 1, 32)} µs")
+    goal("REST softmax b256 (8 clients): ours (binary) / MLServer REST (JSON)",
+         ratio(rows("ours", "rest", SOFTMAX, 256, 8), rows("mlserver", "rest-json", SOFTMAX, 256, 8)), 10.0, "higher",
+         f"server CPU per request: ours REST {cpu_us('ours', 'rest', SOFTMAX, 256, 8)} µs, gRPC {cpu_us('ours', 'v2', SOFTMAX, 256, 8)} µs")
+    goal("gRPC softmax b1, 32 clients: HTTP on (idle) / HTTP off",
+         ratio(rows("ours", "v2", SOFTMAX, 1, 32), rows("ours-nohttp", "v2", SOFTMAX, 1, 32)), 0.95, "higher",
+         f"server CPU per request {cpu_us('ours', 'v2', SOFTMAX, 1, 32)} vs {cpu_us('ours-nohttp', 'v2', SOFTMAX, 1, 32)} µs")
     for batch, conc in ((1, 1), (1, 32), (256, 8)):
         ours, theirs = p99("ours", "v2", SOFTMAX, batch, conc), p99("mlserver", "v2", SOFTMAX, batch, conc)
         goal(f"softmax b{batch}, {conc} clients: p99 ours / MLServer", ratio(ours, theirs), 1.0, "lower",
@@ -491,6 +538,7 @@ def table(points: list[Point], ceilings: list[dict[str, Any]], goal_rows: list[d
         lines.append(f"| in-process onnxruntime ({c['config']}) | - | {c['model']} | {c['batch']} | {c['callers']} | "
                      f"{c['calls_per_s']:.0f} | {c['rows_per_s']:.0f} | {c['p50_ms']:.3f} | | {c['p99_ms']:.3f} | | | |")
     names = {"null": "do-nothing gRPC server", "ours": "ours (batching on)", "ours-nobatch": "ours (batching off)",
+             "ours-nohttp": "ours (HTTP off)", "before": "ours before (baseline tree)",
              "mlserver": "MLServer 1.7.1"}
     for p in points:
         errors = f" ({sum(p.errors.values())} errors)" if p.errors else ""
@@ -602,12 +650,17 @@ def main(argv: list[str] | None = None) -> int:
                          ("v2", SOFTMAX, 64, 8), ("v2", SOFTMAX, 256, 8)]
         typed_loads = [("typed", SOFTMAX, 1, 1), ("typed", SOFTMAX, 1, 32), ("typed", SOFTMAX, 256, 8)]
         cnn_batch1 = [("v2", CNN, 1, 1), ("v2", CNN, 1, 8), ("v2", CNN, 1, 32), ("v2", CNN, 1, 64)]
+        # REST: ours with Triton's binary tensors (and JSON); MLServer's REST takes JSON.
+        rest_loads = [("rest", SOFTMAX, 1, 1), ("rest", SOFTMAX, 1, 32), ("rest", SOFTMAX, 256, 8),
+                      ("rest-json", SOFTMAX, 1, 32), ("rest-json", SOFTMAX, 256, 8)]
+        mlserver_rest = [("rest-json", SOFTMAX, 1, 1), ("rest-json", SOFTMAX, 1, 32), ("rest-json", SOFTMAX, 256, 8)]
         plan: dict[str, list[tuple[str, str, int, int]]] = {
             "null": softmax_loads + typed_loads,
-            "ours": softmax_loads + typed_loads + cnn_batch1
+            "ours": softmax_loads + typed_loads + cnn_batch1 + rest_loads
             + [("v2", CNN, 64, 8), ("v2", CNN, 256, 8), ("typed", CNN, 256, 8), ("typed", CNN, 1, 32)],
             "ours-nobatch": cnn_batch1,
-            "mlserver": softmax_loads + [("v2", CNN, 1, 32), ("v2", CNN, 256, 8)],
+            "ours-nohttp": [("v2", SOFTMAX, 1, 32), ("v2", SOFTMAX, 1, 1)],
+            "mlserver": softmax_loads + [("v2", CNN, 1, 32), ("v2", CNN, 256, 8)] + mlserver_rest,
         }
         if args.baseline_tree:
             plan["before"] = REGRESSION_LOADS
@@ -628,6 +681,8 @@ def main(argv: list[str] | None = None) -> int:
                 servers["before"] = start_ours(workdir, tree=args.baseline_tree.resolve(), name="before")
             if "ours-nobatch" in plan:
                 servers["ours-nobatch"] = start_ours(workdir, "--dynamic-batching", "false")
+            if "ours-nohttp" in plan:
+                servers["ours-nohttp"] = start_ours(workdir, name="ours-nohttp", http=False)
             if args.skip_mlserver or "mlserver" not in plan:
                 report["mlserver"]["skipped"] = "--skip-mlserver"
             else:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from .core.dataplane import DataPlane, Observer
 from .core.registry import ModelRegistry, RepositoryPoller
 from .grpc.server import GrpcFrontEnd, build_grpc
+from .http.api import HttpApi
+from .http.server import HttpFrontEnd
 from .limits import CallGate
 from .observability.logs import RequestLog
 from .observability.metrics import Metrics
@@ -28,6 +30,7 @@ class ServingApp:
     plane: DataPlane
     gate: CallGate
     grpc: GrpcFrontEnd
+    http: HttpFrontEnd | None
     metrics: Metrics
     poller: RepositoryPoller
 
@@ -35,8 +38,14 @@ class ServingApp:
     def port(self) -> int:
         return self.grpc.port
 
+    @property
+    def http_port(self) -> int | None:
+        return None if self.http is None else self.http.port
+
     async def start(self) -> None:
         await self.grpc.start()
+        if self.http is not None:
+            await self.http.start()
 
     async def load_models(self) -> None:
         """Load the repository (off the event loop), let health follow it, start polling."""
@@ -56,7 +65,11 @@ class ServingApp:
         await self.grpc.health.shutting_down()
         figures = await self.gate.drain(max(deadline - loop.time(), 0.0))
         log.info("drained: stopping gRPC", extra=figures)
-        await self.grpc.stop(max(deadline - loop.time(), 0.0))
+        remaining = max(deadline - loop.time(), 0.0)
+        if self.http is not None:
+            await asyncio.gather(self.grpc.stop(remaining), self.http.stop(remaining))
+        else:
+            await self.grpc.stop(remaining)
         await self.poller.stop()
         await self.registry.stop()
 
@@ -77,8 +90,9 @@ async def build_app(settings: Settings, registry: ModelRegistry | None = None) -
     tokens = TokenStore.from_settings(settings)
     authenticator = Authenticator(tokens) if tokens is not None else None
     front = await build_grpc(settings, plane, gate, authenticator)
+    http = HttpFrontEnd(HttpApi(plane, gate, authenticator), settings) if settings.http_port else None
     poller = RepositoryPoller(registry, settings.reload_interval_seconds)
-    return ServingApp(settings, registry, plane, gate, front, metrics, poller)
+    return ServingApp(settings, registry, plane, gate, front, http, metrics, poller)
 
 
 async def serve(settings: Settings) -> None:
@@ -99,6 +113,7 @@ async def serve(settings: Settings) -> None:
         "server started",
         extra={
             "address": f"{settings.host}:{app.port}",
+            "http_port": app.http_port,
             "metrics_port": metrics_port,
             "tls": settings.tls_cert is not None,
             "mutual_tls": settings.tls_client_ca is not None,

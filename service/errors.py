@@ -14,6 +14,10 @@ class InvalidArgument(ServingError):
     """The request is malformed: shape, dtype, byte length, batch size, non-finite values."""
 
 
+class UnsupportedMediaType(InvalidArgument):
+    """A content type or encoding the server does not read."""
+
+
 class NotFound(ServingError):
     """Unknown model or version."""
 
@@ -26,12 +30,20 @@ class ResourceExhausted(ServingError):
     """The server is out of capacity (queue full, too many calls, a request too large)."""
 
 
+class RequestTooLarge(ResourceExhausted):
+    """The request is larger than any request the served models accept."""
+
+
 class Unavailable(ServingError):
     """Not ready yet (models loading), being unloaded, or shutting down."""
 
 
 class DeadlineExceeded(ServingError):
     """The request's deadline passed before inference finished."""
+
+
+class RequestTimeout(DeadlineExceeded):
+    """The client took too long to send its request."""
 
 
 class Unauthenticated(ServingError):

@@ -101,6 +101,18 @@ class Settings(BaseSettings):
         '{"fashion_cnn": {"max_batch_rows": 32, "max_queue_delay_us": 500}}; '
         "wins over models/<name>/config.json",
     )
+    http_port: int = Field(
+        8000, ge=0, le=65535, description="HTTP/REST port of the Open Inference Protocol (0 = no HTTP)"
+    )
+    http_header_timeout_seconds: float = Field(
+        10.0, gt=0, description="time a client gets to send a request's line and headers (slow clients: 408)"
+    )
+    http_body_timeout_seconds: float = Field(
+        30.0, gt=0, description="time a client gets to send a request's body (slow clients: 408)"
+    )
+    http_keep_alive_seconds: float = Field(
+        5.0, gt=0, description="idle HTTP keep-alive connections are closed after this long"
+    )
     metrics_port: int = Field(
         8002, ge=0, le=65535, description="Prometheus /metrics HTTP port (0 = no metrics endpoint)"
     )

@@ -9,37 +9,27 @@ UNIMPLEMENTED with a message naming what is supported.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from importlib import metadata
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 
+from .. import v2_common as common
 from ..core.context import RequestContext
 from ..core.dataplane import DataPlane
-from ..core.datatypes import datatype_of
-from ..core.registry import ModelVersion
 from ..errors import InvalidArgument, ServingError, clip
 from ..generated.inference import grpc_service_pb2 as pb
 from ..generated.inference import grpc_service_pb2_grpc as pb_grpc
-from ..generated.inference import model_config_pb2 as config_pb
 from . import v2_codec as codec
 from .calls import Rpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-SERVER_NAME = "model-serving"
-PLATFORM = "onnxruntime_onnx"
-BACKEND = "onnxruntime"
-#: Triton extensions this server implements, as reported by ServerMetadata.
-EXTENSIONS = ["model_configuration", "model_repository"]
 SUPPORTED_RPCS = (
     "ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer, "
     "ModelStreamInfer, ModelConfig, RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload"
 )
-#: Unload parameter Triton clients may send; there are no ensembles here, so it changes nothing.
-_IGNORED_UNLOAD_PARAMETERS = frozenset({"unload_dependents"})
 _UNIMPLEMENTED_RPCS = (
     "ModelStatistics",
     "SystemSharedMemoryStatus",
@@ -55,36 +45,12 @@ _UNIMPLEMENTED_RPCS = (
 rpc = Rpc("v2", SERVICE_NAME)
 
 
-def server_version() -> str:
-    try:
-        return metadata.version(SERVER_NAME)
-    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
-        return "0+unknown"
-
-
-def _config_type(datatype: str) -> config_pb.DataType:
-    """V2 datatype name → Triton's ``DataType`` enum value (``FP32`` → ``TYPE_FP32``)."""
-    return config_pb.DataType.Value(f"TYPE_{datatype}")  # type: ignore[no-any-return]
-
-
-def _one_repository(repository_name: str) -> None:
-    if repository_name:
-        raise InvalidArgument(
-            f"unknown repository {repository_name!r}; this server has one repository, leave repository_name empty"
-        )
-
-
 def _control_request(request: Any, ignored: frozenset[str] = frozenset()) -> str:
     """The model name of a RepositoryModelLoad/Unload request, after checking the rest."""
-    _one_repository(request.repository_name)
+    common.one_repository(request.repository_name)
     if not request.model_name:
         raise InvalidArgument("model_name is required")
-    unsupported = sorted(set(request.parameters) - ignored)
-    if unsupported:
-        raise InvalidArgument(
-            f"parameters {unsupported} are not supported: models load from the repository "
-            "directory only (no config override or file upload)"
-        )
+    common.control_parameters(request.parameters, ignored)
     return str(request.model_name)
 
 
@@ -122,24 +88,22 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: RequestContext
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=EXTENSIONS)
+        return pb.ServerMetadataResponse(
+            name=common.SERVER_NAME, version=common.server_version(), extensions=common.EXTENSIONS
+        )
 
     @rpc.unary()
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: RequestContext) -> pb.ModelMetadataResponse:
         model = self.plane.model(context, request.name, request.version)
-        tensor = pb.ModelMetadataResponse.TensorMetadata
-        spec = model.spec
-        return pb.ModelMetadataResponse(
-            name=spec.name,
-            versions=[str(v) for v in self.plane.registry.versions(spec.name)],
-            platform=PLATFORM,
-            inputs=[tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in spec.inputs],
-            outputs=[tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in spec.outputs],
+        response: pb.ModelMetadataResponse = json_format.ParseDict(
+            common.model_metadata(model, self.plane.registry.versions(model.name)), pb.ModelMetadataResponse()
         )
+        return response
 
     @rpc.unary()
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: RequestContext) -> pb.ModelConfigResponse:
-        return pb.ModelConfigResponse(config=model_config(self.plane.model(context, request.name, request.version)))
+        model = self.plane.model(context, request.name, request.version)
+        return pb.ModelConfigResponse(config=common.model_config(model))
 
     # --- inference ----------------------------------------------------------------------------
 
@@ -165,11 +129,11 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryIndexRequest, context: RequestContext
     ) -> pb.RepositoryIndexResponse:
         """Every loaded model version, all READY (this server only lists what it has loaded)."""
-        _one_repository(request.repository_name)
-        index = pb.RepositoryIndexResponse.ModelIndex
-        return pb.RepositoryIndexResponse(
-            models=[index(name=m.name, version=str(m.version), state="READY") for m in self.plane.registry.models()]
+        common.one_repository(request.repository_name)
+        index: pb.RepositoryIndexResponse = json_format.ParseDict(
+            {"models": common.repository_index(self.plane.registry)}, pb.RepositoryIndexResponse()
         )
+        return index
 
     @rpc.unary()
     async def RepositoryModelLoad(
@@ -192,43 +156,10 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.RepositoryModelUnloadResponse:
         """Stop serving every version of a model; answers once its requests drained. It stays
         unloaded (also across repository polls) until loaded by request."""
-        name = _control_request(request, _IGNORED_UNLOAD_PARAMETERS)
+        name = _control_request(request, common.IGNORED_UNLOAD_PARAMETERS)
         report = await self.plane.unload_model(name)
         log.info("model unload requested", extra={"model": name, "unloaded": [str(k) for k in report.unloaded]})
         return pb.RepositoryModelUnloadResponse()
-
-
-def _dims(shape: Sequence[int], batched: bool) -> list[int]:
-    return list(shape[1:] if batched else shape)
-
-
-def model_config(model: ModelVersion) -> config_pb.ModelConfig:
-    """A minimal, truthful Triton ``ModelConfig`` for one loaded model version.
-
-    As in Triton, ``dims`` leave out the batch axis when ``max_batch_size`` > 0; every loaded
-    version is served (version policy ``all``); one instance on the provider the session uses.
-    """
-    spec = model.spec
-    batched = spec.max_rows > 0
-    gpu = "cuda" in model.provider.lower()
-    kind = config_pb.ModelInstanceGroup.KIND_GPU if gpu else config_pb.ModelInstanceGroup.KIND_CPU
-    return config_pb.ModelConfig(
-        name=spec.name,
-        platform=PLATFORM,
-        backend=BACKEND,
-        version_policy=config_pb.ModelVersionPolicy(all=config_pb.ModelVersionPolicy.All()),
-        max_batch_size=spec.max_rows,
-        input=[
-            config_pb.ModelInput(name=s.name, data_type=_config_type(datatype_of(s.dtype)), dims=_dims(s.shape, batched))
-            for s in spec.inputs
-        ],
-        output=[
-            config_pb.ModelOutput(name=s.name, data_type=_config_type(datatype_of(s.dtype)), dims=_dims(s.shape, batched))
-            for s in spec.outputs
-        ],
-        instance_group=[config_pb.ModelInstanceGroup(name=spec.name, count=1, kind=kind)],
-        default_model_filename="model.onnx",
-    )
 
 
 def _unimplemented(name: str) -> Any:

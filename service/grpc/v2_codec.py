@@ -18,6 +18,7 @@ from ..core.dataplane import RequestTensor
 from ..core.datatypes import DATATYPES, LITTLE_ENDIAN, datatype_of, dtype_of
 from ..core.tensors import check_shape, from_bytes, to_bytes
 from ..errors import InvalidArgument
+from ..v2_common import check_inference_parameters
 
 #: V2 datatype → the InferTensorContents field that carries it in typed form (FP16: raw only).
 CONTENTS_FIELD: dict[str, str] = {
@@ -45,19 +46,7 @@ _FIELD_DTYPE: dict[str, np.dtype] = {
 }
 _ALL_FIELDS = (*_FIELD_DTYPE, "bytes_contents")
 
-#: Triton-only request parameters this server does not honour; rejected rather than ignored.
-UNSUPPORTED_PARAMETERS = {
-    "shared_memory_region": "shared memory is not supported by this server",
-    "classification": "the classification extension is not supported; request the raw output",
-}
-
 __all__ = ["DATATYPES", "datatype_of", "decode_inputs", "encode_outputs", "request_tensors", "requested_outputs"]
-
-
-def check_parameters(where: str, parameters: Mapping[str, Any]) -> None:
-    for key, why in UNSUPPORTED_PARAMETERS.items():
-        if key in parameters:
-            raise InvalidArgument(f"{where}: parameter {key!r}: {why}")
 
 
 def _from_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> np.ndarray:
@@ -99,7 +88,7 @@ def request_tensors(request: Any) -> list[RequestTensor]:
     input comes in its typed ``contents``; mixing them, or a count that does not match, is
     InvalidArgument (checked here: it costs nothing)."""
     if request.parameters:
-        check_parameters("request", request.parameters)
+        check_inference_parameters("request", request.parameters)
     raw = request.raw_input_contents
     if raw:
         typed = [t.name for t in request.inputs if t.HasField("contents")]
@@ -116,7 +105,7 @@ def request_tensors(request: Any) -> list[RequestTensor]:
     tensors: list[RequestTensor] = []
     for index, tensor in enumerate(request.inputs):
         if tensor.parameters:
-            check_parameters(f"input {tensor.name!r}", tensor.parameters)
+            check_inference_parameters(f"input {tensor.name!r}", tensor.parameters)
         name, datatype, shape = tensor.name, tensor.datatype, tuple(tensor.shape)
         if raw:
             payload = raw[index]
@@ -146,7 +135,7 @@ def requested_outputs(request: Any) -> list[str]:
     names: list[str] = []
     for tensor in request.outputs:
         if tensor.parameters:
-            check_parameters(f"output {tensor.name!r}", tensor.parameters)
+            check_inference_parameters(f"output {tensor.name!r}", tensor.parameters)
         if tensor.name in names:
             raise InvalidArgument(f"output {tensor.name!r} is requested more than once")
         names.append(tensor.name)
