@@ -272,11 +272,21 @@ def test_compose_batch_job_command(compose: dict) -> None:
     args = batch_parser().parse_args(batch["command"])  # the real CLI's parser
     host, port = args.server.split(":")
     assert host in compose["services"] and port == compose["services"][host]["environment"]["SERVING_PORT"]
-    mounts = [v if isinstance(v, dict) else {"target": v.split(":")[1]} for v in batch["volumes"]]
+    mounts = [v if isinstance(v, dict) else {"target": v.rsplit(":", 1)[1]} for v in batch["volumes"]]
     targets = [m["target"] for m in mounts]
     for path in (args.input, args.labels, args.output):
         assert any(str(path).startswith(t + "/") for t in targets), f"{path} is on no mounted volume"
     assert "batch-output" in compose["volumes"]
+    # The output: the named volume unless BATCH_OUTPUT names a host folder.
+    assert "${BATCH_OUTPUT:-batch-output}:/output" in batch["volumes"]
+
+
+def test_compose_containers_run_on_a_read_only_root_filesystem(compose: dict) -> None:
+    """As the Kubernetes pods: nothing writable but /tmp (memory) and the batch job's /output."""
+    for name in [*SERVER_SERVICES, "batch"]:
+        service = compose["services"][name]
+        assert service.get("read_only") is True, name
+        assert service.get("tmpfs") == ["/tmp"], name
 
 
 def test_compose_batch_command_really_runs(
@@ -330,9 +340,9 @@ def test_prometheus_scrapes_the_metrics_port(compose: dict, stages: dict[str, St
 def test_compose_variables_are_documented() -> None:
     names = set(re.findall(r"\$\{(\w+)", COMPOSE.read_text()))
     assert names
-    doc = DEPLOY_DOCS[0].read_text()
+    doc = "\n".join(path.read_text() for path in DEPLOY_DOCS if path.is_file())
     missing = [n for n in sorted(names) if f"`{n}`" not in doc]
-    assert not missing, f"README.md does not explain {missing}"
+    assert not missing, f"neither README.md nor docs/deployment.md explains {missing}"
 
 
 # -- Dockerfile ------------------------------------------------------------------------------------
