@@ -18,8 +18,9 @@ T0=$SECONDS
 say() { printf 'container-test [%3ds] %s\n' "$((SECONDS - T0))" "$*"; }
 fail() { printf 'container-test: FAILED: %s\n' "$*" >&2; exit 1; }
 
-if [ "$(id -u)" = 0 ]; then CACHE=${CONTAINER_TEST_CACHE:-/var/cache/model-serving-ci}
-else CACHE=${CONTAINER_TEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/model-serving-ci}; fi
+if [ "$(id -u)" = 0 ]; then CACHE=${CONTAINER_TEST_CACHE:-/var/cache/model-serving-ci}; STATE=/run/model-serving-ci
+else CACHE=${CONTAINER_TEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/model-serving-ci}
+     STATE=${XDG_RUNTIME_DIR:-/tmp}/model-serving-ci-$(id -u); fi
 IMAGE=${CONTAINER_IMAGE:-model-serving:cpu}
 PROJECT=model-serving-check-$$
 BASE_SUITE=${CONTAINER_BASE_SUITE:-bookworm}   # Debian release of the debootstrap base (python3 3.11)
@@ -84,6 +85,11 @@ cleanup() {
   if [ "$ENGINE" = podman ] && [ -n "${CONTAINERS_STORAGE_CONF:-}" ]; then
     # This run's store only (see below): images of earlier builds that no tag holds any more.
     podman image prune -f >/dev/null 2>&1
+    # conmon and its `podman container cleanup` exit commands outlive the containers briefly and
+    # write into $STATE: wait for them (their command lines name $STATE), end them after 30 s.
+    for _ in $(seq 300); do pgrep -f -- "$STATE" >/dev/null || break; sleep 0.1; done
+    for pid in $(pgrep -f -- "$STATE"); do say "ending helper $pid: $(tr '\0' ' ' < "/proc/$pid/cmdline" | cut -c1-120)"; kill "$pid"; done
+    rm -rf "$STATE"
   fi
   rm -rf "$RUN_DIR"
   if [ -f "$CACHE/last-report.json" ]; then
@@ -108,15 +114,16 @@ if [ "$ENGINE" = podman ]; then
   # One run at a time per cache (they share podman's image store); wait at most 20 minutes.
   exec 9>"$CACHE/lock"
   flock -w 1200 9 || fail "another container check holds $CACHE/lock"
-  # podman for this run: its own image store in the cache (build layers reused from run to run,
-  # nothing of the machine's other podman images touched), its run state in $RUN_DIR; runc and
-  # no default ulimits (crun and podman's default ulimits are refused in some sandboxes).
-  mkdir -p "$CACHE/storage"
+  # podman for the check: its own image store in the cache (build layers reused from run to run,
+  # nothing of the machine's other podman images touched), its run state in $STATE (fixed paths:
+  # the store's database keeps the first ones it saw; emptied at the end); runc and no default
+  # ulimits (crun and podman's default ulimits are refused in some sandboxes).
+  mkdir -p "$CACHE/storage" "$STATE"
   cat > "$RUN_DIR/storage.conf" <<EOF
 [storage]
 driver = "overlay"
 graphroot = "$CACHE/storage"
-runroot = "$RUN_DIR/runroot"
+runroot = "$STATE/runroot"
 EOF
   cat > "$RUN_DIR/containers.conf" <<EOF
 [containers]
@@ -125,12 +132,14 @@ default_ulimits = []
 runtime = "runc"
 cgroup_manager = "cgroupfs"
 events_logger = "file"
-tmp_dir = "$RUN_DIR/libpod"
+tmp_dir = "$STATE/libpod"
 [network]
-network_config_dir = "$RUN_DIR/networks"
+network_config_dir = "$STATE/networks"
 EOF
   export CONTAINERS_STORAGE_CONF=$RUN_DIR/storage.conf CONTAINERS_CONF=$RUN_DIR/containers.conf
   podman info >/dev/null 2>"$RUN_DIR/podman-info.log" || { cat "$RUN_DIR/podman-info.log" >&2; fail "podman info"; }
+  [ "$(podman info --format '{{.Store.RunRoot}}')" = "$STATE/runroot" ] \
+    || fail "podman's store $CACHE/storage was made with another run state folder: remove it (rm -rf $CACHE/storage)"
   ENGINE_READY=1
 fi
 

@@ -492,10 +492,15 @@ async def _load_until_stopped(stack: Stack, images: np.ndarray) -> dict:
 
 
 def test_compose_stop_under_load_drains_and_loses_nothing(stack: Stack, fashion_test_set) -> None:
-    """Every call either completed (OK, with the right answer) or was refused UNAVAILABLE before
-    the server accepted it: the server's request log (one line per accepted call, with its request
-    id) holds exactly the calls the host saw succeed; the stop exits 0 within the grace period and
-    the log has the drain line."""
+    """Every call either completed (OK, with the right answer) or was refused before the server
+    accepted it: the server's request log (one line per accepted call, with its request id) holds
+    exactly the calls the host saw succeed, and no other ModelInfer line but OK; the stop exits 0
+    within the grace period and the log has the drain line.
+
+    Refused means UNAVAILABLE (the server's drain holds a new call and answers it so) or, for a
+    call that reaches gRPC after it has begun to stop, CANCELLED from gRPC itself (the window
+    service/guards.py describes). Neither was accepted; both are counted apart. The in-process
+    test (tests/test_load_faults.py) is the one that requires UNAVAILABLE only."""
     images = fashion_test_set[0][:16]
     result = asyncio.run(_load_until_stopped(stack, images))
     outcomes, stop = result["outcomes"], result["stop"]
@@ -505,8 +510,13 @@ def test_compose_stop_under_load_drains_and_loses_nothing(stack: Stack, fashion_
               if r.get("msg") == "request" and str(r.get("request_id", "")).startswith(DRAIN_ID)}
     drained = next((r for r in records if r.get("msg") == "drained: stopping gRPC"), None)
     client_ok = {rid for rid, code in outcomes.items() if code == "OK"}
-    refused = {rid for rid, code in outcomes.items() if code == "UNAVAILABLE"}
-    other = Counter(code for code in outcomes.values() if code not in ("OK", "UNAVAILABLE"))
+    refused = {rid for rid, code in outcomes.items() if code in ("UNAVAILABLE", "CANCELLED")}
+    other = Counter(code for code in outcomes.values() if code not in ("OK", "UNAVAILABLE", "CANCELLED"))
+    # The drain's refusals are logged without a request id (the adapter never saw them), as
+    # UNAVAILABLE; an accepted call that ended otherwise before the adapter noted its id would be
+    # logged without one too: no such line may have another code.
+    unidentified = Counter(r.get("code") for r in records if r.get("msg") == "request" and not r.get("request_id")
+                           and str(r.get("method", "")).endswith("ModelInfer") and r.get("code") != "OK")
     reference = next(iter(result["answers"].values()))
     wrong = [rid for rid, answer in result["answers"].items() if not np.array_equal(answer, reference)]
     lost = len({rid for rid, code in served.items() if code == "OK"} - client_ok) + sum(c != "OK" for c in served.values())
@@ -519,8 +529,10 @@ def test_compose_stop_under_load_drains_and_loses_nothing(stack: Stack, fashion_
         "running_in_server_at_sigterm": (drained or {}).get("running_at_signal"),
         "held_then_refused": (drained or {}).get("held_for_unavailable"),
         "drain_s": (drained or {}).get("drain_seconds"),
-        "refused_unavailable": len(refused),
+        "refused_unavailable": sum(code == "UNAVAILABLE" for code in outcomes.values()),
+        "refused_cancelled_by_grpc": sum(code == "CANCELLED" for code in outcomes.values()),
         "other_codes": dict(other),
+        "server_refusals_logged": unidentified["UNAVAILABLE"],
         "server_accepted": len(served),
         "lost": lost,
         "refused_after_acceptance": len(refused & set(served)),
@@ -540,7 +552,9 @@ def test_compose_stop_under_load_drains_and_loses_nothing(stack: Stack, fashion_
     assert drained["still_running"] == 0, drained
     assert any(r.get("msg") == "server stopped" for r in records)
     assert result["stop_s"] < 15, "the stop took the whole stop_grace_period: the server was killed?"
-    assert other == {}, f"calls ended with codes other than OK/UNAVAILABLE: {other}"
+    assert other == {}, f"calls ended with codes other than OK/UNAVAILABLE/CANCELLED: {other}"
+    assert set(unidentified) <= {"UNAVAILABLE"}, f"ModelInfer calls that ended otherwise: {unidentified}"
+    assert unidentified["UNAVAILABLE"] <= figures["refused_unavailable"], "refusals the callers did not see"
     assert lost == 0 and figures["refused_after_acceptance"] == 0 and figures["answered_but_not_logged"] == 0
     assert wrong == []
     assert figures["in_flight_from_host_at_stop"] >= LOAD_CALLERS // 2, "too few calls in flight: the check proves little"
