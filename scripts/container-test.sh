@@ -141,6 +141,11 @@ EOF
   [ "$(podman info --format '{{.Store.RunRoot}}')" = "$STATE/runroot" ] \
     || fail "podman's store $CACHE/storage was made with another run state folder: remove it (rm -rf $CACHE/storage)"
   ENGINE_READY=1
+  # The store is the check's own and the lock is ours: a container, network or volume still in it
+  # is a leftover of a run that was killed before it could clean up.
+  for id in $(podman ps -aq); do say "removing container $id left by an earlier run"; podman rm -f -t 5 "$id" >/dev/null; done
+  podman network prune -f >/dev/null
+  podman volume prune -f >/dev/null
 fi
 
 # -- the base image --------------------------------------------------------------------------------
