@@ -43,8 +43,8 @@ if [ "$ENGINE" = podman ]; then
     [ "$(id -u)" = 0 ] || fail "missing ${missing[*]}: sudo apt-get install podman runc debootstrap"
     say "installing ${missing[*]} (apt-get install podman runc debootstrap)"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >/dev/null || fail "apt-get update"
-    apt-get install -y -qq podman runc debootstrap >/dev/null || fail "apt-get install podman runc debootstrap"
+    timeout 600 apt-get update -qq >/dev/null || fail "apt-get update"
+    timeout 900 apt-get install -y -qq podman runc debootstrap >/dev/null || fail "apt-get install podman runc debootstrap"
   fi
 fi
 
@@ -179,7 +179,7 @@ if [ "$ENGINE" = podman ] && [ -z "$BASE_IMAGE" ]; then
       t=$SECONDS
       root=$RUN_DIR/rootfs
       mkdir -p "$CACHE/debs"
-      debootstrap --variant=minbase --include="$includes" --cache-dir="$CACHE/debs" "$BASE_SUITE" "$root" "$mirror" \
+      timeout 900 debootstrap --variant=minbase --include="$includes" --cache-dir="$CACHE/debs" "$BASE_SUITE" "$root" "$mirror" \
         > "$RUN_DIR/debootstrap.log" 2>&1 || { tail -30 "$RUN_DIR/debootstrap.log" >&2; fail "debootstrap"; }
       rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/cache/apt/*.bin "$root"/var/lib/apt/lists/* \
              "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/* "$root"/var/log/*
