@@ -1,45 +1,47 @@
 # syntax=docker/dockerfile:1
 #
-# Model server image: serving dependencies only (no torch), non-root, the bundled models/ baked in
-# at /models (mount another repository over it to serve other models).
+# Model server image: serving dependencies only (no torch), non-root, runs on a read-only root
+# filesystem, the bundled models/ baked in at /models (mount another repository over it to serve
+# other models).
 #
 #   docker build -t model-serving:cpu .                # default target: cpu (python:slim, onnxruntime)
 #   docker build -t model-serving:gpu --target gpu .   # CUDA + cuDNN runtime, onnxruntime-gpu
-#   docker run --rm -p 8001:8001 -p 8002:8002 model-serving:cpu
+#   docker run --rm --read-only -p 8001:8001 -p 8002:8002 model-serving:cpu
 #
-# The install steps are the ones ./scripts/serve.sh runs (a venv, pip upgraded, then `pip install`
-# of this project, with the `gpu` extra for the CUDA target); tests/test_deploy_files.py checks
-# that both stay the same. Settings come from SERVING_* env vars (README, "Serve the models").
+# Both targets run the same steps, deploy/docker/image-steps.sh (the install of ./scripts/serve.sh,
+# split into a dependency layer and a project layer, then the runtime user); they differ only in the
+# base image and the `gpu` extra. tests/test_deploy_files.py checks that; scripts/container-test.sh
+# builds the cpu target and runs it (docs/deployment.md). BASE_IMAGE replaces python:slim by another
+# Debian-like image that has python3 >= 3.11 with venv (the container check builds on one made with
+# debootstrap where no image registry is reachable). Settings come from SERVING_* env vars.
 
 ARG PYTHON_VERSION=3.12
+ARG BASE_IMAGE=python:${PYTHON_VERSION}-slim
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 # ---- CUDA variant (built only with --target gpu) ---------------------------------------------------
 
-FROM ${CUDA_IMAGE} AS build-gpu
-ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv \
- && rm -rf /var/lib/apt/lists/*
-WORKDIR /src
-RUN python3 -m venv /opt/venv
-COPY pyproject.toml ./
-COPY service ./service
-RUN /opt/venv/bin/python -m pip install --upgrade pip \
- && /opt/venv/bin/python -m pip install ".[gpu]" \
- && /opt/venv/bin/python -m pip uninstall -y onnxruntime \
- && /opt/venv/bin/python -m pip install --force-reinstall --no-deps "onnxruntime-gpu>=1.20"
-# (onnxruntime, a base dependency, and onnxruntime-gpu both install the `onnxruntime` package
-# folder; removing the CPU build and reinstalling the GPU build leaves the GPU one in place.)
-
-FROM ${CUDA_IMAGE} AS gpu
-ENV DEBIAN_FRONTEND=noninteractive
+# The interpreter of both GPU stages: Ubuntu's python3 on the CUDA runtime image.
+FROM ${CUDA_IMAGE} AS gpu-base
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 \
- && rm -rf /var/lib/apt/lists/* \
- && groupadd --system --gid 10001 serving \
- && useradd --system --uid 10001 --gid serving --create-home --home-dir /home/serving --shell /usr/sbin/nologin serving \
- && mkdir /output && chown serving:serving /output
+ && rm -rf /var/lib/apt/lists/*
+
+FROM gpu-base AS build-gpu
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3-venv \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY deploy/docker/image-steps.sh /usr/local/bin/
+COPY pyproject.toml ./
+RUN image-steps.sh deps gpu
+COPY service ./service
+RUN image-steps.sh project
+
+FROM gpu-base AS gpu
+RUN --mount=type=bind,source=deploy/docker/image-steps.sh,target=/usr/local/bin/image-steps.sh \
+    image-steps.sh runtime
 COPY --from=build-gpu /opt/venv /opt/venv
 COPY models /models
 ENV PATH=/opt/venv/bin:$PATH \
@@ -60,19 +62,18 @@ ENTRYPOINT ["python", "-m", "service"]
 
 # ---- CPU (default target) --------------------------------------------------------------------------
 
-FROM python:${PYTHON_VERSION}-slim AS build
+FROM ${BASE_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-RUN python -m venv /opt/venv
+COPY deploy/docker/image-steps.sh /usr/local/bin/
 COPY pyproject.toml ./
+RUN image-steps.sh deps
 COPY service ./service
-RUN /opt/venv/bin/python -m pip install --upgrade pip \
- && /opt/venv/bin/python -m pip install .
+RUN image-steps.sh project
 
-FROM python:${PYTHON_VERSION}-slim AS cpu
-RUN groupadd --system --gid 10001 serving \
- && useradd --system --uid 10001 --gid serving --create-home --home-dir /home/serving --shell /usr/sbin/nologin serving \
- && mkdir /output && chown serving:serving /output
+FROM ${BASE_IMAGE} AS cpu
+RUN --mount=type=bind,source=deploy/docker/image-steps.sh,target=/usr/local/bin/image-steps.sh \
+    image-steps.sh runtime
 COPY --from=build /opt/venv /opt/venv
 COPY models /models
 ENV PATH=/opt/venv/bin:$PATH \

@@ -7,7 +7,10 @@
   HEALTHCHECK and STOPSIGNAL SIGTERM, installs no torch, passes hadolint when it is installed;
 * every command and SERVING_* variable the files name exists in the code (commands are parsed by
   the real argument parsers; the health probe and the compose batch command are really run);
-* the Dockerfile's install steps are the ones ./scripts/serve.sh runs.
+* the Dockerfile's install steps are the ones ./scripts/serve.sh runs, and both targets run the
+  same steps (deploy/docker/image-steps.sh).
+
+tests/test_container_stack.py (./scripts/container-test.sh) builds the image and runs the stack.
 """
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ DOCKERFILE = REPO_ROOT / "Dockerfile"
 SCHEMA = REPO_ROOT / "deploy" / "schema" / "compose-spec.json"
 PROMETHEUS = REPO_ROOT / "deploy" / "prometheus.yml"
 SERVE_SH = REPO_ROOT / "scripts" / "serve.sh"
-DEPLOY_DOC = REPO_ROOT / "README.md"
+IMAGE_STEPS = REPO_ROOT / "deploy" / "docker" / "image-steps.sh"
+DEPLOY_DOCS = [REPO_ROOT / "README.md", REPO_ROOT / "docs" / "deployment.md"]
 SERVER_SERVICES = ["server", "server-gpu"]
 SETTINGS_ENV = {f"SERVING_{name.upper()}": name for name in Settings.model_fields}
 HAS_METRICS_PORT = "metrics_port" in Settings.model_fields
@@ -114,14 +118,18 @@ def parse_dockerfile(text: str) -> tuple[dict[str, str], list[Stage]]:
         current = ""
     args: dict[str, str] = {}
     stages: list[Stage] = []
+
+    def substitute(text: str) -> str:
+        return re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], text)
+
     for line in logical:
         keyword, _, value = line.partition(" ")
         keyword, value = keyword.upper(), value.strip()
         if keyword == "ARG" and not stages:
             name, _, default = value.partition("=")
-            args[name] = default
+            args[name] = substitute(default)  # a default may use an earlier ARG
         elif keyword == "FROM":
-            base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], value.split()[0])
+            base = substitute(value.split()[0])
             parts = value.split()
             name = parts[2] if len(parts) == 3 and parts[1].upper() == "AS" else str(len(stages))
             stages.append(Stage(base, name))
@@ -138,6 +146,19 @@ def stages() -> dict[str, Stage]:
 
 RUNTIME = ["cpu", "gpu"]
 BUILDERS = {"cpu": "build", "gpu": "build-gpu"}
+
+
+def image_of(stages: dict[str, Stage], name: str) -> str:
+    """The image a stage starts from, following FROM <another stage>."""
+    while stages[name].base in stages:
+        name = stages[name].base
+    return stages[name].base
+
+
+def image_steps(stage: Stage) -> list[list[str]]:
+    """The deploy/docker/image-steps.sh invocations of a stage's RUN lines (mount options dropped)."""
+    commands = [[t for t in c if not t.startswith("--mount=")] for c in stage.run_commands()]
+    return [c for c in commands if c and c[0] == "image-steps.sh"]
 
 
 # -- compose: schema, real `docker compose config` -------------------------------------------------
@@ -251,11 +272,21 @@ def test_compose_batch_job_command(compose: dict) -> None:
     args = batch_parser().parse_args(batch["command"])  # the real CLI's parser
     host, port = args.server.split(":")
     assert host in compose["services"] and port == compose["services"][host]["environment"]["SERVING_PORT"]
-    mounts = [v if isinstance(v, dict) else {"target": v.split(":")[1]} for v in batch["volumes"]]
+    mounts = [v if isinstance(v, dict) else {"target": v.rsplit(":", 1)[1]} for v in batch["volumes"]]
     targets = [m["target"] for m in mounts]
     for path in (args.input, args.labels, args.output):
         assert any(str(path).startswith(t + "/") for t in targets), f"{path} is on no mounted volume"
     assert "batch-output" in compose["volumes"]
+    # The output: the named volume unless BATCH_OUTPUT names a host folder.
+    assert "${BATCH_OUTPUT:-batch-output}:/output" in batch["volumes"]
+
+
+def test_compose_containers_run_on_a_read_only_root_filesystem(compose: dict) -> None:
+    """As the Kubernetes pods: nothing writable but /tmp (memory) and the batch job's /output."""
+    for name in [*SERVER_SERVICES, "batch"]:
+        service = compose["services"][name]
+        assert service.get("read_only") is True, name
+        assert service.get("tmpfs") == ["/tmp"], name
 
 
 def test_compose_batch_command_really_runs(
@@ -309,19 +340,22 @@ def test_prometheus_scrapes_the_metrics_port(compose: dict, stages: dict[str, St
 def test_compose_variables_are_documented() -> None:
     names = set(re.findall(r"\$\{(\w+)", COMPOSE.read_text()))
     assert names
-    doc = DEPLOY_DOC.read_text()
+    doc = "\n".join(path.read_text() for path in DEPLOY_DOCS if path.is_file())
     missing = [n for n in sorted(names) if f"`{n}`" not in doc]
-    assert not missing, f"README.md does not explain {missing}"
+    assert not missing, f"neither README.md nor docs/deployment.md explains {missing}"
 
 
 # -- Dockerfile ------------------------------------------------------------------------------------
 
 
 def test_dockerfile_is_multi_stage_slim_and_cuda(stages: dict[str, Stage]) -> None:
-    assert list(stages) == ["build-gpu", "gpu", "build", "cpu"]  # cpu last: the default target
+    assert list(stages) == ["gpu-base", "build-gpu", "gpu", "build", "cpu"]  # cpu last: the default target
     assert re.fullmatch(r"python:3\.\d+-slim", stages["build"].base) and stages["cpu"].base == stages["build"].base
-    assert stages["gpu"].base.startswith("nvidia/cuda:") and "cudnn-runtime" in stages["gpu"].base
-    assert stages["build-gpu"].base == stages["gpu"].base
+    assert image_of(stages, "gpu").startswith("nvidia/cuda:") and "cudnn-runtime" in image_of(stages, "gpu")
+    # One interpreter per target: each build stage starts from its runtime stage's base.
+    assert stages["build-gpu"].base == stages["gpu"].base == "gpu-base"
+    args, _ = parse_dockerfile(DOCKERFILE.read_text())
+    assert args["BASE_IMAGE"] == stages["build"].base  # the default; the container check passes another
     for runtime, builder in BUILDERS.items():
         copies = [c.value for c in stages[runtime].all("COPY")]
         assert f"--from={builder} /opt/venv /opt/venv" in copies
@@ -354,20 +388,54 @@ def test_dockerfile_runtime_stages(stages: dict[str, Stage]) -> None:
         assert not unknown
         Settings.model_validate({SETTINGS_ENV[k]: v for k, v in serving.items() if k in SETTINGS_ENV})
         assert env["SERVING_MODEL_REPOSITORY"] == "/models" and "models /models" in [c.value for c in stage.all("COPY")]
-        # /output belongs to the service user (the compose batch job writes there).
-        assert any("chown serving:serving /output" in " ".join(c) for c in stage.run_commands())
+        # The runtime step makes the user and gives it /output (the compose batch job writes there).
+        assert image_steps(stage) == [["image-steps.sh", "runtime"]]
+        assert "deploy/docker/image-steps.sh" in stage.all("RUN")[0].value
+    runtime_step = _script_block("runtime")
+    assert any("chown serving:serving /output" in " ".join(c) for c in runtime_step)
+    assert any(c[0] == "useradd" and "10001" in c for c in runtime_step)
     assert stages["gpu"].env()["SERVING_PROVIDER"] == "cuda"
+
+
+def test_cpu_and_gpu_targets_run_the_same_steps(stages: dict[str, Stage]) -> None:
+    """The GPU target cannot be built here (its CUDA base is on a registry we cannot reach), so
+    it is kept equal to the CPU target by construction and checked here: the same runtime
+    instructions (only the provider setting differs) and the same build steps (only the extra)."""
+
+    def runtime(stage: Stage) -> list[tuple[str, str]]:
+        out = []
+        for i in stage.instructions:
+            value = i.value.replace("--from=build-gpu", "--from=BUILD").replace("--from=build", "--from=BUILD")
+            if i.keyword == "ENV":
+                env = {k: v for k, v in stage.env().items() if k != "SERVING_PROVIDER"}
+                value = json.dumps(env, sort_keys=True)
+            out.append((i.keyword, value))
+        return out
+
+    assert runtime(stages["gpu"]) == runtime(stages["cpu"])
+    assert image_steps(stages["build"]) == [["image-steps.sh", "deps"], ["image-steps.sh", "project"]]
+    assert image_steps(stages["build-gpu"]) == [["image-steps.sh", "deps", "gpu"], ["image-steps.sh", "project"]]
+    builds = [[(i.keyword, i.value) for i in stages[name].instructions if i.keyword in ("COPY", "WORKDIR", "ENV")]
+              for name in ("build", "build-gpu")]
+    assert builds[0] == builds[1]
+    # The GPU stages add Ubuntu's python3 (runtime) and python3-venv (build) to the CUDA image, no more.
+    apt = [c for c in stages["gpu-base"].run_commands() + stages["build-gpu"].run_commands() if c[:2] == ["apt-get", "install"]]
+    assert [c[-1] for c in apt] == ["python3", "python3-venv"]
 
 
 def test_image_holds_serving_code_only_no_torch(stages: dict[str, Stage]) -> None:
     text = DOCKERFILE.read_text()
     assert "torch" not in text.replace("no torch", "")
     sources = {c.value.split()[0] for s in stages.values() for c in s.all("COPY") if not c.value.startswith("--from")}
-    assert sources == {"pyproject.toml", "service", "models"}
+    mounts = {m.group(1) for s in stages.values() for r in s.all("RUN")
+              for m in [re.search(r"--mount=type=bind,source=([^,\s]+)", r.value)] if m}
+    assert sources == {"pyproject.toml", "service", "models", "deploy/docker/image-steps.sh"}
+    assert mounts == {"deploy/docker/image-steps.sh"}
     allowed = [line[1:].rstrip("/") for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
                if line.startswith("!")]
-    for source in sources:
-        assert (REPO_ROOT / source).exists() and source in allowed
+    for source in sources | mounts:
+        assert (REPO_ROOT / source).exists()
+        assert any(source == a or source.startswith(a + "/") for a in allowed), f"{source} is not in the build context"
     try:
         import tomllib
     except ImportError:  # Python 3.10
@@ -404,12 +472,12 @@ def _steps(commands: list[list[str]], extra: str = "") -> list[tuple]:
     return steps
 
 
-def _serve_sh_commands(extra: str = "") -> list[list[str]]:
-    """pip/venv commands serve.sh runs for ``extra`` (lines in its `if [ "$EXTRA" = gpu ]` block only for gpu)."""
+def _gpu_block_commands(lines: list[str], extra: str) -> list[list[str]]:
+    """venv/pip commands of ``lines``; those inside an `if [ "$EXTRA" = gpu ]` block only for gpu."""
     commands, in_gpu_block = [], False
-    for line in SERVE_SH.read_text().splitlines():
+    for line in lines:
         line = line.strip()
-        if line.startswith('if [ "$EXTRA" = gpu ]'):
+        if re.match(r'if \[ "\$(EXTRA|extra)" = gpu \]', line):
             in_gpu_block = True
         elif line == "fi":
             in_gpu_block = False
@@ -418,24 +486,64 @@ def _serve_sh_commands(extra: str = "") -> list[list[str]]:
     return commands
 
 
+def _serve_sh_commands(extra: str = "") -> list[list[str]]:
+    """pip/venv commands serve.sh runs for ``extra``."""
+    return _gpu_block_commands(SERVE_SH.read_text().splitlines(), extra)
+
+
+def _script_lines(step: str) -> list[str]:
+    """The lines of one step (``deps)`` … ``;;``) of deploy/docker/image-steps.sh."""
+    lines = IMAGE_STEPS.read_text().splitlines()
+    start = lines.index(f"{step})")
+    return lines[start + 1 : lines.index("  ;;", start)]
+
+
+def _script_block(step: str) -> list[list[str]]:
+    """The commands of one step, continuation lines joined, comments dropped."""
+    text = "\n".join(line for line in _script_lines(step) if not line.strip().startswith("#"))
+    return [shlex.split(line) for line in text.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def _requirements(extra: str) -> list[str]:
+    if sys.version_info < (3, 11):
+        pytest.skip("image-steps.sh reads pyproject.toml with tomllib (Python >= 3.11)")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # python3 = this one
+    result = subprocess.run(["sh", str(IMAGE_STEPS), "requirements", extra], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=60, check=True)
+    return result.stdout.split("\n")[:-1]
+
+
 def test_dockerfile_installs_like_serve_sh(stages: dict[str, Stage]) -> None:
+    """Both build stages run image-steps.sh (deps [gpu], then project), whose install steps are
+    serve.sh's with `pip install .[extra]` split in two: pyproject.toml's requirements (+ the
+    extra's), then the project itself without dependencies."""
     serve_sh = SERVE_SH.read_text()
     assert "SERVING_EXTRA:-" in serve_sh and "SERVING_EXTRA=gpu" in serve_sh  # the documented extras: none or gpu
     cpu_script = _steps(_serve_sh_commands(), extra="")
     gpu_script = _steps(_serve_sh_commands("gpu"), extra="gpu")
     assert cpu_script == [("venv",), ("upgrade-pip",), ("install", (), ())]
-    assert _steps(stages["build"].run_commands()) == cpu_script
-    gpu = _steps(stages["build-gpu"].run_commands())
-    assert gpu[:3] == gpu_script[:3] == [("venv",), ("upgrade-pip",), ("install", ("gpu",), ())]
-    assert gpu == gpu_script
-    # The one extra GPU step: make onnxruntime-gpu, not the CPU build, own the onnxruntime package.
+    assert image_steps(stages["build"])[0] == ["image-steps.sh", "deps"]
+    assert image_steps(stages["build-gpu"])[0] == ["image-steps.sh", "deps", "gpu"]
+    requirements_step = ("pip", "install", "-r", "/tmp/requirements.txt")
+    for extra, script in (("", cpu_script), ("gpu", gpu_script)):
+        image = _steps(_gpu_block_commands(_script_lines("deps"), extra))
+        assert image[:2] == script[:2] == [("venv",), ("upgrade-pip",)]
+        assert image[2] == requirements_step
+        assert image[3:] == script[3:]  # the GPU swap, for gpu
+    project_installs = [c for c in _script_block("project") if c[1:4] == ["-m", "pip", "install"]]
+    assert _steps(project_installs) == [("install", (), ("--no-deps",))]
+    # What the requirements file holds: pyproject.toml's dependencies (+ the extra's).
     try:
         import tomllib
     except ImportError:  # Python 3.10
         tomllib = pytest.importorskip("tomli")
-    gpu_requirement = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
-    assert gpu[3:] == [("pip", "uninstall", "-y", "onnxruntime"),
-                       ("pip", "install", "--force-reinstall", "--no-deps", *gpu_requirement)]
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    assert _requirements("") == project["dependencies"]
+    assert _requirements("gpu") == project["dependencies"] + project["optional-dependencies"]["gpu"]
+    # The one extra GPU step: make onnxruntime-gpu, not the CPU build, own the onnxruntime package.
+    gpu_requirement = project["optional-dependencies"]["gpu"]
+    assert gpu_script[3:] == [("pip", "uninstall", "-y", "onnxruntime"),
+                              ("pip", "install", "--force-reinstall", "--no-deps", *gpu_requirement)]
     # serve.sh then runs `python -m service --model-repository models`; the image runs
     # `python -m service` with the same setting as an env var (so compose can override it).
     exec_line = next(line for line in serve_sh.splitlines() if line.startswith("exec "))
