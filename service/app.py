@@ -106,6 +106,8 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # The bound ports, before the models load (port 0 settings read back from here).
+    log.info("listening", extra={"grpc_port": app.port, "http_port": app.http_port, "metrics_port": metrics_port})
 
     await app.load_models()
     registry = app.registry
