@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from data_fixtures import REPO_ROOT, fashion_files, fashion_test  # noqa: F401
+from fixtures.data import REPO_ROOT
 from training import data, evaluate
 
 MODELS = REPO_ROOT / "models"

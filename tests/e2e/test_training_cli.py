@@ -1,4 +1,4 @@
-"""The training CLI end to end: a short run exports a valid ONNX model; bad input fails cleanly."""
+"""The training CLI end to end (`python -m training` subprocesses): a short run exports a valid ONNX model; bad input fails cleanly."""
 from __future__ import annotations
 
 import gzip
@@ -13,7 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from data_fixtures import REPO_ROOT, fashion_dir, fashion_files, fashion_test  # noqa: F401
+from fixtures.data import REPO_ROOT
 from training import data
 
 

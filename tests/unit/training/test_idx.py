@@ -11,8 +11,6 @@ import pytest
 from training import data
 from training.data import DataError, read_idx
 
-from data_fixtures import fashion_dir, fashion_files  # noqa: F401  (fixtures)
-
 
 def idx_bytes(array: np.ndarray, type_code: int = 0x08) -> bytes:
     header = bytes([0, 0, type_code, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)

@@ -1,0 +1,1 @@
+"""In-process unit tests, one folder per package of service/ (and training/, deploy/)."""

@@ -1,0 +1,1 @@
+"""service.core: spec, discovery, registry, data plane, batching, tensors, tasks, runtime."""

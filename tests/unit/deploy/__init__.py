@@ -1,0 +1,1 @@
+"""deploy/, Dockerfile, docker-compose.yml: static checks (no server runs)."""

@@ -1,0 +1,1 @@
+"""service.grpc: codecs, interceptor, status table, generated code (no server subprocess)."""

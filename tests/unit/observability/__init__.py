@@ -1,0 +1,1 @@
+"""service.observability: the metrics exporter and the request log."""

@@ -1,0 +1,1 @@
+"""training: data, regression, export, the bundled model files."""
