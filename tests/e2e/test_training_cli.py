@@ -1,4 +1,5 @@
-"""The training CLI end to end (`python -m training` subprocesses): a short run exports a valid ONNX model; bad input fails cleanly."""
+"""The training CLI end to end (``python -m training`` subprocesses): a short run exports a valid
+ONNX model; bad input fails cleanly."""
 from __future__ import annotations
 
 import gzip
