@@ -1,169 +1,28 @@
-"""Dynamic batching (service.batching): correctness under concurrency, splitting, backpressure,
-deadlines — through real server processes, plus in-process checks of the scheduler itself."""
+"""Dynamic batching (service.core.batching) in process: the scheduler with a fake run function
+(batches formed from what queued meanwhile, cancellation, splitting, errors, capacity, deadlines,
+the idle wait a drain uses) and the per-model batching configuration.
+(Through real servers under concurrency: tests/e2e/test_batching.py.)"""
 from __future__ import annotations
 
 import asyncio
 import json
 import threading
-import time
-import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
 import numpy as np
-import onnxruntime as ort
 import pytest
-from conftest import MODELS, ServerProcess, free_port, start_server
-from onnx_models import linear, save
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.batching import Batcher, BatchingConfig
-from service.errors import DeadlineExceeded, Internal, ResourceExhausted
-from service.generated.inference import grpc_service_pb2 as v2
-from service.generated.inference import grpc_service_pb2_grpc as v2_grpc
-from service.generated.serving.v1 import serving_pb2 as pb
-from service.generated.serving.v1 import serving_pb2_grpc as pb_grpc
-from service.metrics import Metrics
-from service.repository import ModelRepository
+from fixtures.inprocess import open_registry
+from fixtures.onnx_models import linear, save
+from fixtures.servers import MODELS
+from service.core.batching import Batcher, BatchingConfig
+from service.core.context import RequestContext
+from service.errors import DeadlineExceeded, Internal, ResourceExhausted, Unavailable
+from service.observability.metrics import Metrics
 from service.settings import Settings
-
-MAX_ROWS = 16
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of the /metrics page: (name, sorted labels) → value."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def sample(samples: dict, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def v2_request(model: str, name: str, array: np.ndarray, datatype: str) -> v2.ModelInferRequest:
-    tensor = v2.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=array.shape)
-    return v2.ModelInferRequest(model_name=model, inputs=[tensor], raw_input_contents=[array.tobytes()])
-
-
-@pytest.fixture(scope="module")
-def batching_server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
-    """Bundled models; batches of at most 16 rows gathered for up to 2 ms, so concurrent requests
-    from many clients really share batches and large ones are split."""
-    metrics_port = free_port()
-    overrides = {"fashion_cnn": {"max_batch_size": MAX_ROWS, "max_queue_delay_us": 2000}}  # over config.json
-    args = ["--model-repository", str(MODELS), "--batching", json.dumps(overrides), "--metrics-port", str(metrics_port)]
-    with start_server(tmp_path_factory.mktemp("batching"), *args) as proc:
-        proc.metrics_port = metrics_port  # type: ignore[attr-defined]
-        yield proc
-
-
-def test_many_concurrent_clients_each_get_exactly_their_own_rows(batching_server: ServerProcess) -> None:
-    """64 concurrent clients, distinct images, 1-5 rows each plus some larger than a batch (split),
-    over both protocols: every answer equals onnxruntime run on that request alone."""
-    model = "fashion_cnn"
-    session = ort.InferenceSession(str(MODELS / model / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(7)
-    sizes = [int(n) for n in rng.integers(1, 6, 60)] + [MAX_ROWS + 1, 2 * MAX_ROWS + 5, 40, 3 * MAX_ROWS]
-    requests = [rng.integers(0, 256, (n, 1, 28, 28), dtype=np.uint8) for n in sizes]
-    expected = [session.run(None, {"image": x})[0] for x in requests]
-    before = scrape(batching_server.metrics_port)  # type: ignore[attr-defined]
-
-    async def run() -> list[np.ndarray]:
-        async with grpc.aio.insecure_channel(batching_server.address) as channel:
-            typed, infer = pb_grpc.ModelServiceStub(channel), v2_grpc.GRPCInferenceServiceStub(channel)
-
-            async def one(i: int, x: np.ndarray) -> np.ndarray:
-                if i % 2:
-                    tensor = pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=x.shape, data=x.tobytes())
-                    reply = await typed.Classify(pb.ClassifyRequest(model=pb.ModelRef(name=model), images=tensor), timeout=60)
-                    return np.array([r.probabilities for r in reply.results], np.float32)
-                reply = await infer.ModelInfer(v2_request(model, "image", x, "UINT8"), timeout=60)
-                return np.frombuffer(reply.raw_output_contents[0], np.float32).reshape(len(x), 10)
-
-            return await asyncio.gather(*(one(i, x) for i, x in enumerate(requests)))
-
-    answers = asyncio.run(run())
-    for i, (got, want) in enumerate(zip(answers, expected)):
-        assert got.shape == want.shape, f"request {i}"
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"request {i} got other rows")
-
-    after = scrape(batching_server.metrics_port)  # type: ignore[attr-defined]
-    labels = {"model": model, "version": "1"}
-    batches = sample(after, "serving_batch_size_count", **labels) - sample(before, "serving_batch_size_count", **labels)
-    rows = sample(after, "serving_batch_size_sum", **labels) - sample(before, "serving_batch_size_sum", **labels)
-    assert rows == sum(sizes)  # every row computed exactly once
-    assert batches < len(sizes), "no two requests were ever batched together"
-    assert batches >= -(-sum(sizes) // MAX_ROWS)  # and no batch over the limit...
-    assert sample(after, "serving_batch_size_bucket", le="16.0", **labels) == sample(after, "serving_batch_size_count", **labels)
-
-
-def test_queue_full_and_expired_deadline_are_answered_and_counted(tmp_path: Path) -> None:
-    """Queue capacity 1 and a 5 s gathering delay: the first request waits, the second finds the
-    queue full (RESOURCE_EXHAUSTED at once), the first's 0.5 s deadline passes before any compute
-    (DEADLINE_EXCEEDED) — nothing is ever run, and both are counted."""
-    save(linear(1, [2.0], 1.0, "population", "profit"), tmp_path / "models", "profit")
-    metrics_port = free_port()
-    overrides = {"profit": {"queue_capacity": 1, "max_queue_delay_us": 5_000_000}}
-    args = ["--model-repository", str(tmp_path / "models"), "--metrics-port", str(metrics_port),
-            "--batching", json.dumps(overrides)]
-    with start_server(tmp_path, *args) as proc, proc.channel() as channel:
-        stub = pb_grpc.ModelServiceStub(channel)
-        request = pb.PredictProfitRequest(population=[1.0])
-        first = stub.PredictProfit.future(request, timeout=0.5)
-        time.sleep(0.2)
-        started = time.monotonic()
-        with pytest.raises(grpc.RpcError) as full:
-            stub.PredictProfit(request, timeout=5)
-        assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "capacity" in full.value.details()
-        assert time.monotonic() - started < 0.3  # refused at once, not after waiting
-        with pytest.raises(grpc.RpcError) as late:
-            first.result()
-        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        time.sleep(0.2)  # the server's side of the expiry
-        samples = scrape(metrics_port)
-        assert proc.health("profit") == 1  # SERVING
-
-    model = {"model": "profit", "version": "1"}
-    assert sample(samples, "serving_dropped_requests_total", reason="queue_full", **model) == 1
-    assert sample(samples, "serving_dropped_requests_total", reason="deadline", **model) == 1
-    assert sample(samples, "serving_batch_size_count", **model) == 0  # dropped before compute
-    assert sample(samples, "serving_requests_total", protocol="typed", code="RESOURCE_EXHAUSTED", **model) == 1
-    assert sample(samples, "serving_requests_total", protocol="typed", code="DEADLINE_EXCEEDED", **model) == 1
-    assert sample(samples, "serving_queue_depth", **model) == 0
-
-
-def test_batching_off_runs_each_request_alone(tmp_path: Path) -> None:
-    metrics_port = free_port()
-    args = ["--model-repository", str(MODELS), "--metrics-port", str(metrics_port),
-            "--batching", json.dumps({"fashion_softmax": {"enabled": False, "max_batch_size": 2}})]
-    x = np.random.default_rng(3).integers(0, 256, (20, 5, 1, 28, 28), dtype=np.uint8)
-    session = ort.InferenceSession(str(MODELS / "fashion_softmax" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-    with start_server(tmp_path, *args) as proc:
-
-        async def run() -> list[bytes]:
-            async with grpc.aio.insecure_channel(proc.address) as channel:
-                stub = v2_grpc.GRPCInferenceServiceStub(channel)
-                replies = await asyncio.gather(
-                    *(stub.ModelInfer(v2_request("fashion_softmax", "image", xi, "UINT8"), timeout=30) for xi in x)
-                )
-                return [r.raw_output_contents[0] for r in replies]
-
-        outputs = asyncio.run(run())
-        samples = scrape(metrics_port)
-    for xi, raw in zip(x, outputs):
-        np.testing.assert_allclose(np.frombuffer(raw, np.float32).reshape(5, 10), session.run(None, {"image": xi})[0], rtol=1e-6)
-    labels = {"model": "fashion_softmax", "version": "1"}
-    assert sample(samples, "serving_batch_size_count", **labels) == 20  # one batch per request...
-    assert sample(samples, "serving_batch_size_sum", **labels) == 100  # ...unsplit (5 rows > max 2)
-
-
-# -- the scheduler in process ---------------------------------------------------------------
 
 
 class GatedModel:
@@ -192,11 +51,9 @@ def rows(*values: float) -> dict[str, np.ndarray]:
 
 
 def test_requests_queued_during_a_batch_form_the_next_one_and_cancellation_spares_the_others() -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
     model = GatedModel()
     with ThreadPoolExecutor(1) as executor:
-        b = batcher(model, executor, max_batch_size=8)
+        b = batcher(model, executor, max_batch_rows=8)
 
         async def scenario() -> list:
             first = asyncio.create_task(b.submit(rows(1), ["y"]))
@@ -218,12 +75,10 @@ def test_requests_queued_during_a_batch_form_the_next_one_and_cancellation_spare
 
 
 def test_split_request_is_joined_in_order_and_errors_reach_every_caller() -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
     model = GatedModel()
     model.gate.set()
     with ThreadPoolExecutor(2) as executor:
-        b = Batcher("test model", model, executor, BatchingConfig(max_batch_size=3), max_in_flight=2)
+        b = Batcher("test model", model, executor, BatchingConfig(max_batch_rows=3), max_in_flight=2)
 
         async def split() -> dict:
             return await b.submit(rows(*range(10)), ["y"])
@@ -241,8 +96,6 @@ def test_split_request_is_joined_in_order_and_errors_reach_every_caller() -> Non
 
 
 def test_capacity_and_deadline_in_process() -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
     metrics = Metrics()
     model = GatedModel()
     with ThreadPoolExecutor(1) as executor:
@@ -273,24 +126,87 @@ def test_per_model_config_file_and_setting(tmp_path: Path) -> None:
     save(linear(1, [2.0], 1.0), tmp_path, "a")
     save(linear(1, [2.0], 1.0), tmp_path, "b")
     save(linear(1, [2.0], 1.0), tmp_path, "bad")
+    # The old key, max_batch_size, is still accepted in config.json.
     (tmp_path / "a" / "config.json").write_text(json.dumps({"batching": {"max_batch_size": 8, "max_queue_delay_us": 100}}))
     (tmp_path / "bad" / "config.json").write_text(json.dumps({"batching": {"max_batch_sise": 8}}))
-    settings = Settings(provider="cpu", batch_max_size=32, batching={"a": {"max_queue_delay_us": 7}, "b": {"enabled": False}})
-    repository = ModelRepository(tmp_path, settings)
-    repository.load()
+    save(linear(1, [2.0], 1.0), tmp_path, "c")
+    (tmp_path / "c" / "config.json").write_text(json.dumps({"batching": {"max_batch_rows": 4}}))  # today's key
+    settings = Settings(provider="cpu", max_batch_rows=32,
+                        batching={"a": {"max_queue_delay_us": 7}, "b": {"enabled": False}})
+    registry = open_registry(tmp_path, settings)
     try:
-        assert repository.get("a").batcher.config == BatchingConfig(True, 8, 7, 512)  # file, then setting
-        assert repository.get("b").batcher.config == BatchingConfig(False, 32, 0, 512)
-        assert not repository.get("b").batcher.batching
-        assert "max_batch_sise" in repository.failed["bad/1"]
-        assert repository.get("a").batcher.expected_seconds(1) is not None  # timed at load
+        assert registry.get("a").batcher.config == BatchingConfig(True, 8, 7, 512)  # file, then setting
+        assert registry.get("b").batcher.config == BatchingConfig(False, 32, 0, 512)
+        assert registry.get("c").batcher.config == BatchingConfig(True, 4, 0, 512)
+        assert not registry.get("b").batcher.batching
+        assert "max_batch_sise" in registry.failed["bad/1"]
+        assert registry.get("a").batcher.expected_seconds(1) is not None  # timed at load
     finally:
-        repository.close()
+        registry.close()
 
 
 def test_bundled_batching_configs() -> None:
     """The bundled per-model files: the tiny softmax runs whole 256-row requests in one call, the
     CNN is split into 64-row batches (its per-row cost grows past that, and two workers share)."""
     settings = Settings(provider="cpu")
-    assert BatchingConfig.resolve(settings, "fashion_softmax", MODELS / "fashion_softmax").max_batch_size == 256
-    assert BatchingConfig.resolve(settings, "fashion_cnn", MODELS / "fashion_cnn").max_batch_size == 64
+    assert BatchingConfig.resolve(settings, "fashion_softmax", MODELS / "fashion_softmax").max_batch_rows == 256
+    assert BatchingConfig.resolve(settings, "fashion_cnn", MODELS / "fashion_cnn").max_batch_rows == 64
+
+
+def test_busy_wait_idle_and_the_request_context() -> None:
+    """What a drain relies on (busy, wait_idle) and what metrics and logs read (the context)."""
+    model = GatedModel()
+    with ThreadPoolExecutor(1) as executor:
+        b = batcher(model, executor, max_batch_rows=8)
+
+        async def scenario() -> tuple:
+            assert not b.busy and await b.wait_idle(0)
+            contexts = [RequestContext("test", "/t", inference=True) for _ in range(3)]
+            first = asyncio.create_task(b.submit(rows(1), ["y"], context=contexts[0]))
+            await asyncio.sleep(0.05)
+            others = [asyncio.create_task(b.submit(rows(2, 3), ["y"], context=c)) for c in contexts[1:]]
+            await asyncio.sleep(0.01)
+            busy, timed_out = b.busy, not await b.wait_idle(0.05)
+            model.gate.set()
+            idle = await b.wait_idle(5)
+            await asyncio.gather(first, *others)
+            return busy, timed_out, idle, b.busy, contexts
+
+        busy, timed_out, idle, busy_after, contexts = asyncio.run(scenario())
+    assert busy and timed_out and idle and not busy_after
+    assert [c.batch_rows for c in contexts] == [1, 4, 4]  # the two later requests shared a batch
+    assert contexts[1].queue_seconds > 0.01 and all(c.compute_seconds > 0 for c in contexts)
+
+
+def test_expired_timeout_closed_queue_and_a_new_event_loop() -> None:
+    model = GatedModel()
+    model.gate.set()
+    with ThreadPoolExecutor(1) as executor:
+        b = batcher(model, executor)
+        with pytest.raises(DeadlineExceeded, match="deadline already passed"):
+            asyncio.run(b.submit(rows(1), ["y"], timeout=0))
+        # Each asyncio.run is a new event loop: the batcher rebinds to it.
+        assert asyncio.run(b.submit(rows(1), ["y"]))["y"].ravel().tolist() == [2.0]
+        assert asyncio.run(b.submit(rows(2), ["y"]))["y"].ravel().tolist() == [4.0]
+        b.close()
+        with pytest.raises(Unavailable, match="being unloaded"):
+            asyncio.run(b.submit(rows(1), ["y"]))
+    assert model.batches == [[1.0], [2.0]]
+
+
+def test_batching_off_runs_each_request_alone_and_unsplit() -> None:
+    model = GatedModel()
+    with ThreadPoolExecutor(1) as executor:
+        b = batcher(model, executor, enabled=False, max_batch_rows=2)
+
+        async def scenario() -> list:
+            first = asyncio.create_task(b.submit(rows(1), ["y"]))
+            await asyncio.sleep(0.05)
+            waiting = [asyncio.create_task(b.submit(rows(*v), ["y"])) for v in ([2, 3, 4], [5])]
+            await asyncio.sleep(0.01)
+            model.gate.set()
+            return await asyncio.gather(first, *waiting)
+
+        results = asyncio.run(scenario())
+    assert model.batches == [[1.0], [2.0, 3.0, 4.0], [5.0]]  # 3 rows > max_batch_rows 2: not split
+    assert results[1]["y"].ravel().tolist() == [4.0, 6.0, 8.0]
