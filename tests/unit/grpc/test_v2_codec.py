@@ -1,4 +1,4 @@
-"""V2 tensor codec: raw and typed decoding, raw encoding, and the errors it raises.
+"""V2 tensor codec (service.grpc.v2_codec): raw and typed decoding, raw encoding, and the errors it raises.
 
 Requests and responses are built with tritonclient's own message classes (the codec is
 duck-typed over the V2 field names), so this also checks we read what Triton's client writes.
@@ -10,7 +10,8 @@ import pytest
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
-from service.codecs import v2 as codec
+from service.core.datatypes import DATATYPES
+from service.grpc import v2_codec as codec
 from service.errors import InvalidArgument
 
 
@@ -127,7 +128,7 @@ def _shared_memory() -> pb.ModelInferRequest:
         (lambda: _typed("UINT8", [1], uint_contents=[256]), "out of range"),
         (lambda: _typed("FP16", [1]), "raw_input_contents"),
         (lambda: _typed("BYTES", [1], bytes_contents=[b"a"]), "unsupported datatype"),
-        (lambda: _typed("FP32", [-1], fp32_contents=[1.0]), "negative"),
+        (lambda: _typed("FP32", [-1], fp32_contents=[1.0]), "dimensions must be >= 0"),
     ],
 )
 def test_bad_inputs_are_invalid_argument(build: object, message: str) -> None:
@@ -148,3 +149,19 @@ def test_requested_outputs() -> None:
     request.outputs.add(name="p").parameters["classification"].int64_param = 3
     with pytest.raises(InvalidArgument, match="classification"):
         codec.requested_outputs(request)
+
+
+def test_request_tensors_declare_and_decode_later() -> None:
+    """What the server hands the data plane: names, datatypes and shapes as declared (even ones
+    admission will refuse), payloads turned into arrays only by decode()."""
+    request = _raw_request(x=np.arange(6, dtype=np.float32).reshape(2, 3))
+    request.inputs.add(name="y", datatype="NOPE", shape=[-5])
+    request.raw_input_contents.append(b"junk")
+    x, y = codec.request_tensors(request)
+    assert (x.name, x.datatype, x.shape) == ("x", "FP32", (2, 3))
+    assert (y.name, y.datatype, y.shape) == ("y", "NOPE", (-5,))
+    np.testing.assert_array_equal(x.decode(), np.arange(6, dtype=np.float32).reshape(2, 3))
+
+
+def test_every_datatype_but_fp16_has_a_contents_field() -> None:
+    assert set(codec.CONTENTS_FIELD) == set(DATATYPES) - {"FP16"}

@@ -19,7 +19,9 @@ pytest.importorskip("grpc_tools")
 from grpc_tools import protoc  # noqa: E402
 from tritonclient.grpc import model_config_pb2, service_pb2  # noqa: E402
 
-PROTO_DIR = Path(__file__).resolve().parents[1] / "proto"
+from fixtures.servers import REPO_ROOT  # noqa: E402
+
+PROTO_DIR = REPO_ROOT / "proto"
 Msg = descriptor_pb2.DescriptorProto
 Enum = descriptor_pb2.EnumDescriptorProto
 
@@ -118,7 +120,7 @@ def test_model_config_is_a_wire_compatible_subset(
 
 def test_server_and_tritonclient_import_in_one_process() -> None:
     """A process may hold both our V2 code and Triton's client (tests, proxies, benchmarks)."""
-    code = "import tritonclient.grpc, service.server; import service.api.v2"
+    code = "import tritonclient.grpc, service.grpc.server; import service.grpc.v2"
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=PROTO_DIR.parent, capture_output=True, text=True, timeout=60
     )

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from fixtures.servers import REPO_ROOT as ROOT
 
 
 def load_gen_proto():
