@@ -1,5 +1,6 @@
-"""service.client: numpy in/out against the real server; retries, deadlines, errors, TLS and token
-against an in-process fake (tests/fake_serving.py); the container health probe."""
+"""service.client against an in-process fake of the typed API (fixtures.fake_serving): retries,
+deadlines, errors, TLS and the token, streams; the container health probe's NOT_SERVING and
+default port. (Against the real server: tests/e2e/test_client.py.)"""
 from __future__ import annotations
 
 import time
@@ -9,12 +10,12 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import ServerProcess, free_port
-from fake_serving import CLASSES, FakeModelService, fake_probabilities, fake_server, tls_files
+from fixtures.fake_serving import CLASSES, FakeModelService, fake_probabilities, fake_server
+from fixtures.servers import free_port
+from fixtures.tls import tls_files
 from service import healthcheck
 from service.client import (
     NO_RETRY,
-    Classification,
     DeadlineExceededError,
     InvalidArgumentError,
     NotFoundError,
@@ -22,7 +23,6 @@ from service.client import (
     RpcError,
     ServingClient,
     UnavailableError,
-    as_images,
     connect,
 )
 
@@ -34,68 +34,6 @@ IMAGES = rng.integers(0, 256, size=(10, 28, 28), dtype=np.uint8)
 @pytest.fixture
 def fake() -> FakeModelService:
     return FakeModelService()
-
-
-# -- against the real server -----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess):
-    with connect(server.address, timeout=20) as c:
-        yield c
-
-
-def test_classify_numpy_in_numpy_out(client: ServingClient) -> None:
-    result = client.classify(IMAGES)
-    assert isinstance(result, Classification) and len(result) == 10
-    assert result.probabilities.dtype == np.float32 and result.probabilities.shape == (10, 10)
-    assert result.class_index.dtype == np.int64
-    np.testing.assert_array_equal(result.class_index, result.probabilities.argmax(axis=1))
-    np.testing.assert_allclose(result.probabilities.sum(axis=1), 1.0, atol=1e-5)
-    names = client.metadata(result.model).class_names
-    assert result.labels == [names[i] for i in result.class_index]
-    assert (result.model, result.version) == ("fashion_softmax", 1)
-    # [N, 1, 28, 28], float32 0-1 pixels, and batches split client-side all agree.
-    same = client.classify(IMAGES[:, None], batch_size=3)
-    np.testing.assert_array_equal(same.probabilities, result.probabilities)
-    floats = client.classify(IMAGES.astype(np.float32) / 255)
-    np.testing.assert_array_equal(floats.class_index, result.class_index)
-    one = client.classify(IMAGES[4])
-    np.testing.assert_array_equal(one.probabilities[0], result.probabilities[4])
-
-
-def test_classify_stream_matches_unary(client: ServingClient) -> None:
-    whole = client.classify(IMAGES)
-    parts = list(client.classify_stream((IMAGES[i : i + 3] for i in range(0, 10, 3)), max_in_flight=2))
-    assert [len(p) for p in parts] == [3, 3, 3, 1]
-    np.testing.assert_array_equal(np.concatenate([p.probabilities for p in parts]), whole.probabilities)
-
-
-def test_regression_and_metadata(client: ServingClient) -> None:
-    profit = client.predict_profit([35_000, 70_000])
-    assert profit.dtype == np.float32
-    np.testing.assert_allclose(profit, [2798.37, 44554.55], atol=1.0)
-    np.testing.assert_allclose(client.predict_house_price([[1650, 3]]), [293081.46], atol=1.0)
-    info = client.metadata("fashion_softmax")
-    assert info.inputs[0].dtype == "uint8" and info.inputs[0].shape == (-1, 1, 28, 28)
-    assert len(info.class_names) == 10 and info.max_batch_size >= 1
-    models, failed = client.list_models()
-    assert {"fashion_softmax", "profit"} <= {m.name for m in models} and failed == {}
-    assert client.health() == "SERVING" and client.health("profit") == "SERVING"
-
-
-def test_errors_carry_the_grpc_status(client: ServingClient) -> None:
-    with pytest.raises(InvalidArgumentError) as bad_shape:
-        client.classify(np.zeros((2, 5, 5), np.uint8))
-    err = bad_shape.value
-    assert err.code == grpc.StatusCode.INVALID_ARGUMENT and err.method == "Classify" and err.attempts == 1
-    assert "expects shape [N, 1, 28, 28], got [2, 1, 5, 5]" in err.details and "INVALID_ARGUMENT" in str(err)
-    with pytest.raises(NotFoundError, match="not found"):
-        client.classify(IMAGES, model="no_such_model")
-    with pytest.raises(NotFoundError, match="no health status"):
-        client.health("no_such_model")
-    with pytest.raises(TypeError, match="uint8"):
-        as_images(np.zeros((1, 28, 28), np.int32))
 
 
 def test_unreachable_server_fails_with_unavailable_within_the_deadline() -> None:
@@ -217,15 +155,6 @@ def test_retry_policy_backoff_grows_and_is_capped() -> None:
 
 
 # -- the container health probe --------------------------------------------------------------------
-
-
-def test_healthcheck_exit_status(server: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
-    assert healthcheck.main(["--address", server.address]) == 0
-    assert "SERVING" in capsys.readouterr().out
-    assert healthcheck.main(["--address", server.address, "--service", "fashion_softmax"]) == 0
-    assert healthcheck.main(["--address", server.address, "--service", "no_such_model"]) == 1
-    assert healthcheck.main(["--address", f"127.0.0.1:{free_port()}", "--timeout", "1"]) == 1
-    assert "unhealthy" in capsys.readouterr().out
 
 
 def test_healthcheck_not_serving_and_default_port(fake: FakeModelService, monkeypatch: pytest.MonkeyPatch) -> None:
