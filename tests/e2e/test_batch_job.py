@@ -1,43 +1,30 @@
-"""The batch job (python -m service.batch): remote and local give the same bytes on the real
-Fashion-MNIST test set, a job killed mid-run resumes to exactly the full result, corrupt inputs fail
-clearly before any output, transient errors are retried, memory stays bounded."""
+"""The batch job (service.jobs; python -m service.jobs, and its old name python -m service.batch)
+against the session server: remote and local give the same bytes on the real Fashion-MNIST test
+set, a job killed mid-run resumes to exactly the full result, corrupt inputs fail clearly before
+any output. (Retries against a fake, memory, progress: tests/unit/jobs/test_batch_job.py.)"""
 from __future__ import annotations
 
 import gzip
-import io
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, ServerProcess
-from data_fixtures import fashion_files  # noqa: F401
-from fake_serving import FakeModelService, fake_probabilities, fake_server
-from service.batch import (
-    DEFAULT_MODELS,
-    InputError,
-    Job,
-    JobConfig,
-    JobError,
-    LocalBackend,
-    RemoteBackend,
-    open_images,
-)
-from service.batch.__main__ import main
-from service.batch.inputs import NpyImages, Source
-from service.batch.progress import Progress
+from fixtures.servers import MODELS, REPO_ROOT, ServerProcess
 from service.client import connect
+from service.generated.serving.v1 import serving_pb2 as pb
+from service.generated.serving.v1 import serving_pb2_grpc as pb_grpc
+from service.jobs import InputError, Job, JobConfig, JobError, RemoteBackend, open_images
+from service.jobs.__main__ import main
+from service.jobs.inputs import NpyImages, Source
 
 CHUNK = 32
 DATA_FILES = ["probabilities.npy", "predictions.npy", "predictions.csv", "confusion_matrix.csv"]
-MODELS = REPO_ROOT / "models"
 
 
 def run(*args: str | Path) -> int:
@@ -56,7 +43,7 @@ def write_idx(path: Path, images: np.ndarray, compress: bool = True) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fashion(fashion_files: dict[str, Path]) -> dict[str, Path]:  # noqa: F811
+def fashion(fashion_files: dict[str, Path]) -> dict[str, Path]:
     return {"images": fashion_files["t10k-images-idx3-ubyte"], "labels": fashion_files["t10k-labels-idx1-ubyte"]}
 
 
@@ -135,13 +122,16 @@ def test_kill_mid_run_then_resume_gives_exactly_the_full_result(
     reference: Path, server: ServerProcess, fashion: dict[str, Path], tmp_path: Path
 ) -> None:
     out = tmp_path / "job"
-    base = [sys.executable, "-m", "service.batch", "classify", str(fashion["images"]), "--labels",
-            str(fashion["labels"]), "-o", str(out), "--chunk-size", str(CHUNK), "--progress", "none"]
+    job = ["classify", str(fashion["images"]), "--labels", str(fashion["labels"]), "-o", str(out),
+           "--chunk-size", str(CHUNK), "--progress", "none"]
+    base = [sys.executable, "-m", "service.jobs", *job]
     remote = [*base, "--server", server.address]
     local = [*base, "--local", "--model-repository", str(MODELS)]
     popen = lambda cmd: subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # noqa: E731
 
-    first = _kill_when(popen(remote), out, 1000)  # killed mid-stream...
+    # The first run under the job's old module name, which must keep working.
+    old_name = [sys.executable, "-m", "service.batch", *job, "--server", server.address]
+    first = _kill_when(popen(old_name), out, 1000)  # killed mid-stream...
     assert 1000 <= first < 10_000 and first % CHUNK == 0
     assert not (out / "summary.json").exists() and not (out / "probabilities.npy").exists()
     second = _kill_when(popen(local), out, 5000)  # ...resumed in-process and killed again...
@@ -330,75 +320,26 @@ def test_profit_csv_remote_and_local(server: ServerProcess, tmp_path: Path) -> N
         "row,population,profit_usd", "0,35000,2798.38", "1,70000,44554.55"]
 
 
-# -- retries, memory, odds and ends ----------------------------------------------------------------
 
 
-def test_transient_errors_are_retried_without_losing_rows(tmp_path: Path) -> None:
-    fake = FakeModelService()
-    fake.stream_cut_after = 2  # the first stream dies after two answers
-    np.save(tmp_path / "x.npy", SMALL)
-    messages: list[str] = []
-    config = quiet(tmp_path / "out")
-    config.log = messages.append
-    with fake_server(fake) as address, connect(address) as client:
-        summary = Job("classify", NpyImages(tmp_path / "x.npy"), RemoteBackend(client, "classify", "fake_classifier"),
-                      config).run()
-    assert summary["model"] == {"name": "fake_classifier", "version": 3}
-    assert fake.calls["ClassifyStream"] == 2
-    assert any("transient error at row 40/100" in m and "UNAVAILABLE" in m for m in messages)
-    np.testing.assert_array_equal(np.load(tmp_path / "out" / "probabilities.npy"), fake_probabilities(SMALL))
+# -- one definition of the default models ---------------------------------------------------------
 
 
-def test_retries_exhausted_keep_the_unfinished_job(tmp_path: Path) -> None:
-    fake = FakeModelService()
-    fake.fail["ClassifyStream"] = 100
-    np.save(tmp_path / "x.npy", SMALL)
-    config = quiet(tmp_path / "out")
-    config.retries = 2
-    with fake_server(fake) as address, connect(address) as client:
-        backend = RemoteBackend(client, "classify", "fake_classifier")
-        with pytest.raises(JobError, match="giving up after 2 retries at row 0.*re-run the same command"):
-            Job("classify", NpyImages(tmp_path / "x.npy"), backend, config).run()
-        config.chunk_size = 65
-        with pytest.raises(JobError, match="over the largest batch model 'fake_classifier' accepts \\(64\\)"):
-            Job("classify", NpyImages(tmp_path / "x.npy"), backend, config).run()
-    assert fake.calls["ClassifyStream"] == 3 and not (tmp_path / "out" / "summary.json").exists()
-
-
-def test_memory_stays_bounded(tmp_path: Path) -> None:
-    """40,000 images (31 MB) through the local path: traced Python/numpy memory stays a few MB."""
-    np.save(tmp_path / "big.npy", np.zeros((40_000, 28, 28), np.uint8))
-    backend = LocalBackend(MODELS, "classify", None)
-    config = JobConfig(output=tmp_path / "out", chunk_size=512, progress="none", sync=False, log=lambda m: None)
-    tracemalloc.start()
-    try:
-        Job("classify", NpyImages(tmp_path / "big.npy"), backend, config).run()
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-        backend.close()
-    assert peak < 6 * 2**20, f"peak {peak / 2**20:.1f} MiB"
-    assert np.load(tmp_path / "out" / "probabilities.npy", mmap_mode="r").shape == (40_000, 10)
-
-
-def test_default_models_are_the_typed_api_defaults() -> None:
-    from service.api import typed
-
-    assert DEFAULT_MODELS == {"classify": typed.DEFAULT_CLASSIFIER, "profit": typed.DEFAULT_PROFIT}
-
-
-def test_progress_line_has_rate_and_eta() -> None:
-    stream = io.StringIO()
-    progress = Progress(1000, initial=200, mode="log", stream=stream, interval=0.0)
-    time.sleep(0.01)
-    progress.update(300)
-    progress.close()
-    line = stream.getvalue().splitlines()[0]
-    assert "500/1,000" in line and "50%" in line and "rows/s" in line and "ETA" in line and "resumed at 200" in line
-
-
-def test_cli_refuses_missing_mode(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit):
-        main(["classify", "x.gz", "-o", "out"])
-    assert "one of the arguments --server --local is required" in capsys.readouterr().err
-    assert os.path.exists(REPO_ROOT / "service" / "batch" / "__main__.py")
+def test_the_batch_job_and_the_typed_api_default_to_the_same_model(
+    server: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --model, a --local batch job and a typed Classify without a model name (both take
+    service.core.tasks.DEFAULT_MODELS) use the same model; so do profit jobs and PredictProfit."""
+    np.save(tmp_path / "x.npy", SMALL[:4])
+    (tmp_path / "p.csv").write_text("35000\n")
+    assert run("classify", tmp_path / "x.npy", "-o", tmp_path / "c", "--local", "--model-repository", MODELS,
+               "--progress", "none") == 0
+    assert run("profit", tmp_path / "p.csv", "-o", tmp_path / "p", "--local", "--model-repository", MODELS,
+               "--progress", "none") == 0
+    job_models = [json.loads((tmp_path / d / "summary.json").read_text())["model"]["name"] for d in "cp"]
+    with server.channel() as channel:
+        stub = pb_grpc.ModelServiceStub(channel)
+        images = pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=[4, 1, 28, 28], data=SMALL[:4].tobytes())
+        typed = [stub.Classify(pb.ClassifyRequest(images=images), timeout=10).model.name,
+                 stub.PredictProfit(pb.PredictProfitRequest(population=[35000]), timeout=10).model.name]
+    assert job_models == typed == ["fashion_softmax", "profit"]
