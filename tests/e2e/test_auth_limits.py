@@ -1,6 +1,7 @@
 """Security settings through real server processes: bearer tokens (list, file, rotation), TLS
 together with tokens, a plaintext client against TLS, and the concurrent-request limit.
-(Mutual TLS: test_server.py; message and metadata size limits: test_bad_requests.py.)"""
+(Mutual TLS: test_server.py; message and metadata size limits: test_bad_requests.py; tokens and
+the call gate in process: tests/unit/test_security.py, tests/unit/test_limits.py.)"""
 from __future__ import annotations
 
 import subprocess
@@ -11,13 +12,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, start_server
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from onnx_models import linear, save, slow
-from test_server import _tls_files
 
-from service.auth import TokenStore, read_token_file
+from fixtures.onnx_models import linear, save, slow
+from fixtures.servers import REPO_ROOT, start_server
+from fixtures.tls import tls_files
 from service.client import ServingClient
 from service.generated.inference import grpc_service_pb2 as v2
 from service.generated.inference import grpc_service_pb2_grpc as v2_grpc
@@ -115,7 +115,7 @@ def test_bearer_tokens(tmp_path: Path) -> None:
 
 
 def test_tls_with_a_token_and_a_plaintext_client(tmp_path: Path) -> None:
-    files = _tls_files(tmp_path)
+    files = tls_files(tmp_path)
     tls = grpc.ssl_channel_credentials(files["ca.crt"].read_bytes())
     args = ["--model-repository", str(_repo(tmp_path)), "--tls-cert", str(files["server.crt"]),
             "--tls-key", str(files["server.key"]), "--auth-tokens", "s3cret-token"]
@@ -142,8 +142,6 @@ def test_a_bad_token_file_refuses_to_start(tmp_path: Path, content: str | None, 
     token_file = tmp_path / "tokens"
     if content is not None:
         token_file.write_text(content)
-    with pytest.raises(Exception, match=message):
-        read_token_file(token_file) if content is not None else TokenStore(file=token_file)
     command = [sys.executable, "-m", "service", "--port", "0", "--model-repository", str(_repo(tmp_path)),
                "--auth-token-file", str(token_file)]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
@@ -156,17 +154,11 @@ def test_bad_inline_tokens_are_a_settings_error(tmp_path: Path) -> None:
     assert result.returncode == 2 and "printable ASCII without spaces" in result.stderr
 
 
-def test_token_comparison_covers_every_token() -> None:
-    store = TokenStore(["alpha", "beta"])
-    assert store.accepts("alpha") and store.accepts("beta")
-    assert not store.accepts("alph") and not store.accepts("alphaa") and not store.accepts("")
-
-
 def test_max_concurrent_requests(tmp_path: Path) -> None:
     repo = tmp_path / "models"
     save(slow(), repo, "slow")
     rows = 4000  # ~0.4 s per call on an idle core
-    args = ["--model-repository", str(repo), "--max-concurrent-requests", "2", "--max-batch-size", str(rows)]
+    args = ["--model-repository", str(repo), "--max-concurrent-requests", "2", "--max-request-rows", str(rows)]
     with start_server(tmp_path, *args) as proc, proc.channel() as channel:
         stub = pb_grpc.ModelServiceStub(channel)
         request = pb.PredictProfitRequest(model=pb.ModelRef(name="slow"), population=[0.5] * rows)

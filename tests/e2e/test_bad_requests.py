@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerProcess, start_server
 from grpc_health.v1 import health_pb2
-from onnx_models import tiny_repository
 
+from fixtures.onnx_models import tiny_repository
+from fixtures.servers import ServerProcess, start_server
 from service.errors import MAX_MESSAGE_CHARS
 from service.generated.inference import grpc_service_pb2 as v2
 from service.generated.serving.v1 import serving_pb2 as pb
@@ -122,7 +122,7 @@ CASES: dict[str, Case] = {
     "typed: profit, NaN": Case(TYPED + "PredictProfit", pb.PredictProfitRequest(population=[1.0, math.nan]), INVALID, "NaN/inf value(s), the first at index (1, 0)"),
     "typed: profit, inf": Case(TYPED + "PredictProfit", pb.PredictProfitRequest(population=[-math.inf]), INVALID, "NaN/inf"),
     "typed: profit, batch over the max": Case(TYPED + "PredictProfit", pb.PredictProfitRequest(population=[1.0] * (MAX_BATCH + 1)), INVALID, "over the maximum"),
-    "typed: profit on an image model": Case(TYPED + "PredictProfit", pb.PredictProfitRequest(model=pb.ModelRef(name="fashion_softmax"), population=[1.0]), INVALID, "expects dtype uint8, got float32"),
+    "typed: profit on an image model": Case(TYPED + "PredictProfit", pb.PredictProfitRequest(model=pb.ModelRef(name="fashion_softmax"), population=[1.0]), INVALID, "input 'image' of model 'fashion_softmax' version 2 has datatype UINT8, got FP32"),
     "typed: house price, no rows": Case(TYPED + "PredictHousePrice", pb.PredictHousePriceRequest(), INVALID, "empty batch"),
     "typed: house price, NaN bedrooms": Case(TYPED + "PredictHousePrice", pb.PredictHousePriceRequest(houses=[pb.House(size_sqft=1000, bedrooms=math.nan)]), INVALID, "NaN/inf"),
     "typed: metadata without a name": Case(TYPED + "GetModelMetadata", pb.GetModelMetadataRequest(), INVALID, "model.name is required"),
@@ -155,7 +155,7 @@ CASES: dict[str, Case] = {
     "v2: empty datatype": infer([profit_input(datatype="")], [floats(1)], model_name="profit", expect=(INVALID, "got (empty)")),
     "v2: truncated raw bytes": infer([profit_input((2, 1))], [floats(1)[:-1] + floats(2)], model_name="profit", expect=(INVALID, "needs 8 bytes (2 x 4), got 7")),
     "v2: extra raw bytes": infer([profit_input()], [floats(1, 2)], model_name="profit", expect=(INVALID, "got 8")),
-    "v2: negative dimension": infer([profit_input((-1, 1))], [b""], model_name="profit", expect=(INVALID, "negative dimension")),
+    "v2: negative dimension": infer([profit_input((-1, 1))], [b""], model_name="profit", expect=(INVALID, "dimensions must be >= 0")),
     "v2: enormous dimensions": infer([profit_input((2**62, 2**62))], [b""], model_name="profit", expect=(INVALID, "far too large")),
     "v2: 33 dimensions": infer([profit_input((1,) * 33)], [floats(1)], model_name="profit", expect=(INVALID, "at most 32 dimensions")),
     "v2: wrong rank": infer([profit_input((1,))], [floats(1)], model_name="profit", expect=(INVALID, "expects shape [N, 1], got [1]")),
@@ -190,7 +190,7 @@ CASES: dict[str, Case] = {
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     tmp = tmp_path_factory.mktemp("bad")
     repo = tiny_repository(tmp / "models")
-    args = ["--model-repository", str(repo), "--max-batch-size", str(MAX_BATCH), "--provider", "cpu",
+    args = ["--model-repository", str(repo), "--max-request-rows", str(MAX_BATCH), "--provider", "cpu",
             "--max-message-bytes", str(MAX_MESSAGE)]
     with start_server(tmp, *args) as proc:
         yield proc

@@ -15,13 +15,13 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import MODELS, REPO_ROOT, ServerProcess, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from onnx_models import save, slow, tiny_repository
 
+from fixtures.onnx_models import save, slow, tiny_repository
+from fixtures.servers import MODELS, REPO_ROOT, ServerProcess, start_server
 from service.generated.inference import grpc_service_pb2 as v2
 from service.generated.inference import grpc_service_pb2_grpc as v2_grpc
-from service.server import FLUSH_SECONDS
+from service.grpc.server import FLUSH_SECONDS
 from service.settings import Settings
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
@@ -88,7 +88,7 @@ def test_sigterm_under_load_loses_nothing(tmp_path: Path) -> None:
 
 def test_an_open_health_watch_does_not_hold_the_exit(tmp_path: Path) -> None:
     """A load balancer's health Watch stream stays open forever; after the drain, gRPC gets only
-    a short flush (service.server.FLUSH_SECONDS), not the whole grace."""
+    a short flush (service.grpc.server.FLUSH_SECONDS), not the whole grace."""
     repo = tiny_repository(tmp_path / "models")
     args = ["--model-repository", str(repo), "--provider", "cpu", "--shutdown-grace-seconds", "60"]
     with start_server(tmp_path, *args) as proc, proc.channel() as channel:
@@ -115,7 +115,7 @@ def test_cancelled_and_disconnected_callers_do_not_disturb_their_batch(tmp_path:
     inputs = [np.linspace(-1, 1, rows, dtype=np.float32).reshape(rows, 1) * (i + 1) / 10 for i in range(16)]
     expected = [session.run(["y"], {"x": x})[0] for x in inputs]
     args = ["--model-repository", str(repo), "--provider", "cpu", "--log-level", "debug",
-            "--max-batch-size", str(rows), *_batching_args(30_000)]
+            "--max-request-rows", str(rows), *_batching_args(30_000)]
 
     def request(i: int) -> v2.ModelInferRequest:
         return v2.ModelInferRequest(

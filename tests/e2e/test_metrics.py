@@ -1,4 +1,5 @@
-"""Prometheus endpoint (service.metrics): after known traffic over both protocols the counts add up."""
+"""Prometheus endpoint of a real server (service.observability.metrics): after known traffic over
+both protocols the counts add up. (The exporter in process: tests/unit/observability/test_metrics.py.)"""
 from __future__ import annotations
 
 import subprocess
@@ -8,9 +9,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import MODELS, REPO_ROOT, free_port, start_server
-from test_batching import sample, scrape, v2_request
 
+from fixtures.servers import MODELS, REPO_ROOT, free_port, sample, scrape, start_server, v2_request
 from service.generated.inference import grpc_service_pb2_grpc as v2_grpc
 from service.generated.serving.v1 import serving_pb2 as pb
 from service.generated.serving.v1 import serving_pb2_grpc as pb_grpc

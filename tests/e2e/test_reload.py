@@ -1,18 +1,15 @@
-"""Hot model reload: repository polling under load, V2 RepositoryModelLoad/Unload, draining.
-
-Through real servers for what clients see (0 failed requests while versions come and go, health
-following), in process for what only the process can show (drain order, sessions freed).
+"""Hot model reload through real servers: repository polling under load, V2
+RepositoryModelLoad/Unload — what clients see (0 failed requests while versions come and go,
+health following). (What only the process can show, drain order and sessions freed:
+tests/unit/core/test_registry.py.)
 """
 from __future__ import annotations
 
-import asyncio
-import gc
 import json
 import os
 import shutil
 import threading
 import time
-import weakref
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -21,17 +18,14 @@ import grpc
 import numpy as np
 import onnx
 import pytest
-from conftest import ServerProcess, start_server
 from grpc_health.v1 import health_pb2
-from onnx_models import linear, save, slow
 
+from fixtures.onnx_models import linear, save
+from fixtures.servers import ServerProcess, start_server
 from service.generated.inference import grpc_service_pb2 as v2
 from service.generated.inference import grpc_service_pb2_grpc as v2_grpc
 from service.generated.serving.v1 import serving_pb2 as pb
 from service.generated.serving.v1 import serving_pb2_grpc as pb_grpc
-from service.reload import ModelReloader
-from service.repository import ModelRepository
-from service.settings import Settings
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -255,78 +249,3 @@ def test_v2_model_load_and_unload(tmp_path: Path) -> None:
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "m/3" in details and "still serving versions [1, 2]" in details
         assert versions() == ["1", "2"]
     assert len(log_lines(proc, "model rejected")) == 1
-
-
-# --- in process: drain order and memory ----------------------------------------------------------
-
-
-def _settings(repo: Path, **kw: object) -> Settings:
-    return Settings(model_repository=repo, provider="cpu", shutdown_grace_seconds=30, **kw)
-
-
-def test_a_removed_version_drains_before_it_unloads(tmp_path: Path) -> None:
-    repo = tmp_path / "models"
-    publish(repo, "slow", 1, slow())
-    publish(repo, "slow", 2, slow())
-    rows = 6000  # ~0.6 s of CPU
-
-    async def scenario() -> tuple[list[str], object, object]:
-        repository = ModelRepository(repo, _settings(repo, max_batch_size=rows))
-        repository.load()
-        reloader = ModelReloader(repository, repository.settings)
-        reloader.start()
-        old = repository.get("slow", 1)
-        session = weakref.ref(old._session)
-        events: list[str] = []
-
-        async def request() -> None:
-            out = await old.infer({"x": np.full((rows, 1), 0.5, np.float32)})
-            assert out["y"].shape == (rows, 1)
-            events.append("request finished")
-
-        task = asyncio.create_task(request())
-        await asyncio.sleep(0.1)  # queued / running on version 1
-        shutil.rmtree(repo / "slow" / "1")
-        report = await reloader.reload()
-        events.append("reload returned")
-        await task
-        assert repository.versions("slow") == [2]
-        old = None  # (the closure above holds it too)
-        gc.collect()
-        await reloader.stop()
-        repository.close()
-        return events, report, session()
-
-    events, report, session = asyncio.run(scenario())
-    assert report.unloaded == ["slow/1"] and not report.loaded
-    assert events == ["request finished", "reload returned"]  # the drain waited for it
-    assert session is None  # and then the session was freed
-
-
-def test_rejections_are_not_retried_until_the_file_changes(tmp_path: Path) -> None:
-    repo = tmp_path / "models"
-    publish(repo, "m", 1, model(1.0))
-
-    async def scenario() -> list:
-        repository = ModelRepository(repo, _settings(repo))
-        repository.load()
-        reloader = ModelReloader(repository, repository.settings)
-        reloader.start()
-        (repo / "m" / "2").mkdir()
-        (repo / "m" / "2" / "model.onnx").write_bytes(b"bad")
-        reports = [await reloader.reload(), await reloader.reload()]
-        replace_file(repo / "m" / "2" / "model.onnx", model(2.0).SerializeToString())
-        reports.append(await reloader.reload())
-        failed_after = dict(repository.failed)
-        root = repo.rename(tmp_path / "moved")  # the root vanishes (an unmounted volume)
-        reports.append(await reloader.reload())
-        versions = repository.versions("m")
-        root.rename(repo)
-        repository.close()
-        return [*reports, failed_after, versions]
-
-    first, second, fixed, vanished, failed_after, versions = asyncio.run(scenario())
-    assert list(first.rejected) == ["m/2"] and not first.changed
-    assert not second.rejected and not second.changed  # same bad file: no retry, no log line
-    assert fixed.loaded == ["m/2"] and failed_after == {}
-    assert vanished.skipped and versions == [1, 2]  # nothing unloaded when the root is unreadable

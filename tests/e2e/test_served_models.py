@@ -7,9 +7,9 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import MODELS, ServerProcess
 from grpc_health.v1 import health_pb2
 
+from fixtures.servers import MODELS, ServerProcess
 from service.generated.serving.v1 import serving_pb2 as pb
 from service.generated.serving.v1 import serving_pb2_grpc as pb_grpc
 

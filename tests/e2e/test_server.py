@@ -1,9 +1,7 @@
-"""Server-level behaviour through real processes: reflection, graceful shutdown, TLS."""
+"""Server-level behaviour through real processes: reflection, graceful shutdown, TLS.
+(The assembled app in process: tests/unit/test_app.py.)"""
 from __future__ import annotations
 
-import asyncio
-import datetime
-import ipaddress
 import signal
 import subprocess
 import sys
@@ -12,17 +10,16 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import MODELS, REPO_ROOT, ServerProcess, start_server
 from google.protobuf import descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from onnx_models import linear, save, slow
 
+from fixtures.onnx_models import linear, save, slow
+from fixtures.servers import MODELS, REPO_ROOT, ServerProcess, start_server
+from fixtures.tls import tls_files
 from service.generated.serving.v1 import serving_pb2 as pb
 from service.generated.serving.v1 import serving_pb2_grpc as pb_grpc
-from service.server import build_server
-from service.settings import Settings
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -55,35 +52,6 @@ def test_call_through_reflection_without_proto_files(server: ServerProcess) -> N
     assert len(response.profit_usd) == 1
 
 
-def test_not_serving_until_models_are_loaded(tmp_path: Path) -> None:
-    """In process: a real server and client, with loading driven step by step."""
-    save(linear(1, [2.0], 1.0, "population", "profit"), tmp_path / "good", "profit")
-    (tmp_path / "bad" / "broken" / "1").mkdir(parents=True)
-
-    async def scenario(repo: Path) -> tuple[int, grpc.StatusCode, int, int]:
-        settings = Settings(model_repository=repo, host="127.0.0.1", port=0, provider="cpu")
-        app = await build_server(settings)
-        await app.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
-                health = health_pb2_grpc.HealthStub(channel)
-                check = health_pb2.HealthCheckRequest(service="")
-                before = (await health.Check(check)).status
-                with pytest.raises(grpc.aio.AioRpcError) as info:
-                    await pb_grpc.ModelServiceStub(channel).PredictProfit(pb.PredictProfitRequest(population=[1]))
-                await app.load_models()
-                after = (await health.Check(check)).status
-                typed = (await health.Check(health_pb2.HealthCheckRequest(service="serving.v1.ModelService"))).status
-                return before, info.value.code(), after, typed
-        finally:
-            await app.stop(0)
-
-    assert asyncio.run(scenario(tmp_path / "good")) == (NOT_SERVING, grpc.StatusCode.UNAVAILABLE, SERVING, SERVING)
-    # Nothing loadable: it keeps answering, but never reports SERVING.
-    before, _, after, typed = asyncio.run(scenario(tmp_path / "bad"))
-    assert (before, after, typed) == (NOT_SERVING, NOT_SERVING, NOT_SERVING)
-
-
 def test_port_in_use_is_refused(server: ServerProcess) -> None:
     command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(server.port),
                "--model-repository", str(MODELS)]
@@ -98,7 +66,7 @@ def test_graceful_shutdown_with_a_call_in_flight(tmp_path: Path, sig: signal.Sig
     rows = 15_000  # ~1.5 s of CPU for the slow model on an idle core
     repo = tmp_path / "models"
     save(slow(), repo, "slow")
-    args = ["--model-repository", str(repo), "--max-batch-size", str(rows), "--shutdown-grace-seconds", "60"]
+    args = ["--model-repository", str(repo), "--max-request-rows", str(rows), "--shutdown-grace-seconds", "60"]
     with start_server(tmp_path, *args) as proc, proc.channel() as channel:
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
         assert next(watch).status == SERVING
@@ -118,56 +86,9 @@ def test_graceful_shutdown_with_a_call_in_flight(tmp_path: Path, sig: signal.Sig
     assert '"shutting down"' in log and '"server stopped"' in log
 
 
-def _tls_files(tmp_path: Path) -> dict[str, Path]:
-    """A CA, and a server (127.0.0.1) and a client certificate it signed, as PEM files."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def make(name: str, issuer=None, issuer_key=None, server: bool = False, ca: bool = False):
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(issuer.subject if issuer else subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-        if server:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
-            )
-        cert = builder.sign(issuer_key or key, hashes.SHA256())
-        return cert, key
-
-    ca_cert, ca_key = make("test-ca", ca=True)
-    files = {}
-    for name, (cert, key) in {
-        "ca": (ca_cert, ca_key),
-        "server": make("127.0.0.1", ca_cert, ca_key, server=True),
-        "client": make("client", ca_cert, ca_key),
-    }.items():
-        files[f"{name}.crt"] = tmp_path / f"{name}.crt"
-        files[f"{name}.crt"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        files[f"{name}.key"] = tmp_path / f"{name}.key"
-        files[f"{name}.key"].write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-    return files
-
-
 def test_mutual_tls(tmp_path: Path) -> None:
     pytest.importorskip("cryptography")
-    files = _tls_files(tmp_path)
+    files = tls_files(tmp_path)
     repo = tmp_path / "models"
     save(linear(1, [2.0], 1.0, "population", "profit"), repo, "profit")
     read = lambda key: files[key].read_bytes()  # noqa: E731

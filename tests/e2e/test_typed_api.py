@@ -8,10 +8,10 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerProcess, start_server
 from grpc_health.v1 import health_pb2
-from onnx_models import tiny_repository
 
+from fixtures.onnx_models import tiny_repository
+from fixtures.servers import ServerProcess, start_server
 from service.generated.serving.v1 import serving_pb2 as pb
 from service.generated.serving.v1 import serving_pb2_grpc as pb_grpc
 
@@ -24,7 +24,7 @@ NOT_FOUND = grpc.StatusCode.NOT_FOUND
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     tmp = tmp_path_factory.mktemp("tiny")
     repo = tiny_repository(tmp / "models")
-    args = ["--model-repository", str(repo), "--max-batch-size", str(MAX_BATCH), "--log-level", "debug"]
+    args = ["--model-repository", str(repo), "--max-request-rows", str(MAX_BATCH), "--log-level", "debug"]
     with start_server(tmp, *args) as proc:
         yield proc
 

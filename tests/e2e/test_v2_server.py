@@ -1,7 +1,7 @@
 """KServe V2 over a real server process, spoken by Triton's own client (tritonclient[grpc]).
 
 Two servers: one over a tiny made-up repository (versions, a two-output model, a broken model,
-``--max-batch-size 8``) for protocol behaviour and errors, and the session ``server`` over the
+``--max-request-rows 8``) for protocol behaviour and errors, and the session ``server`` over the
 bundled models/ for results that must equal in-process onnxruntime and the typed API.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ import tritonclient.grpc.aio as tc_aio
 from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException
 
-from conftest import MODELS, ServerProcess, start_server
-from onnx_models import OPSET, save, tiny_repository
+from fixtures.onnx_models import OPSET, save, tiny_repository
+from fixtures.servers import MODELS, ServerProcess, start_server
 
 MAX_BATCH = 8
 CLASSIFIERS = ("fashion_softmax", "fashion_cnn")
@@ -58,7 +58,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    args = ("--model-repository", str(repo), "--max-batch-size", str(MAX_BATCH), "--provider", "cpu")
+    args = ("--model-repository", str(repo), "--max-request-rows", str(MAX_BATCH), "--provider", "cpu")
     with start_server(tmp_path_factory.mktemp("v2server"), *args) as proc:
         yield proc
 
