@@ -280,7 +280,7 @@ ERRORS: dict[str, tuple[Call, str, str]] = {
     "config, unknown model": (lambda t: t.get_model_config("no_such_model"), NOT_FOUND, "no_such_model"),
     "ready, bad version": (lambda t: t.is_model_ready("profit", "x"), INVALID, "integer"),
     "statistics": (lambda t: t.get_inference_statistics("profit"), UNIMPLEMENTED, "ModelStatistics"),
-    # Model control is off unless --allow-model-control (tests/test_reload.py turns it on).
+    # Model control is off unless --allow-model-control (tests/e2e/test_reload.py turns it on).
     "load": (lambda t: t.load_model("profit"), "StatusCode.FAILED_PRECONDITION", "--allow-model-control"),
     "unload": (lambda t: t.unload_model("profit"), "StatusCode.FAILED_PRECONDITION", "--allow-model-control"),
     "system shared memory": (lambda t: t.get_system_shared_memory_status(), UNIMPLEMENTED, "SystemSharedMemoryStatus"),
