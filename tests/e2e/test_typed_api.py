@@ -265,3 +265,8 @@ def test_one_debug_log_line_per_request(stub: pb_grpc.ModelServiceStub, tiny: Se
     assert startup["providers"] == ["CPUExecutionProvider"]
     assert startup["address"] == tiny.address
     assert "broken/1" in startup["failed"]
+    # A start-up load failure is the registry's one "model rejected" line (first round = startup).
+    rejected = [r for r in lines if r["msg"] == "model rejected"]
+    assert [(r["model"], r["version"], r["trigger"]) for r in rejected] == [("broken", 1, "startup")]
+    assert "Protobuf parsing failed" in rejected[0]["error"] and rejected[0]["level"] == "ERROR"
+    assert not [r for r in lines if r["msg"] == "model failed to load"]
