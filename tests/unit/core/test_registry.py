@@ -18,7 +18,7 @@ import pytest
 from fixtures.inprocess import ainfer, open_registry
 from fixtures.onnx_models import declared, image_classifier, linear, save, slow
 from service.core.discovery import Failure
-from service.core.registry import ModelRegistry
+from service.core.registry import ModelRegistry, RepositoryPoller
 from service.core.spec import ModelKey, TensorSpec
 from service.errors import InvalidArgument, NotFound, Unavailable
 from service.settings import Settings
@@ -226,3 +226,29 @@ def test_unload_and_load_by_request(tmp_path: Path) -> None:
     assert unloaded.unloaded == [ModelKey("m", 1)]
     assert not polled.changed and after_poll == []
     assert loaded.loaded == [ModelKey("m", 1)] and names == ["m"]
+
+
+def test_the_poller_follows_the_repository(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    publish(repo, "m", 1, model(1.0))
+
+    async def scenario() -> tuple:
+        registry = ModelRegistry(repo, _settings(repo))
+        await registry.start()
+        idle = RepositoryPoller(registry, 0)
+        idle.start()  # interval 0: no polling
+        poller = RepositoryPoller(registry, 0.02)
+        poller.start()
+        publish(repo, "m", 2, model(2.0))
+        for _ in range(250):
+            if registry.versions("m") == [1, 2]:
+                break
+            await asyncio.sleep(0.02)
+        found = registry.versions("m")
+        await poller.stop()
+        await idle.stop()
+        await registry.stop()
+        return found, idle._task, poller._task
+
+    found, idle_task, stopped = asyncio.run(scenario())
+    assert found == [1, 2] and idle_task is None and stopped is None
