@@ -1,1 +1,0 @@
-"""End to end: everything that starts a server, a CLI or Ray in subprocesses."""

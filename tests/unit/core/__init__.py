@@ -1,1 +1,0 @@
-"""service.core: spec, discovery, registry, data plane, batching, tensors, tasks, runtime."""

@@ -1,1 +1,0 @@
-"""deploy/, Dockerfile, docker-compose.yml: static checks (no server runs)."""

@@ -1,1 +1,0 @@
-"""service.grpc: codecs, interceptor, status table, generated code (no server subprocess)."""

@@ -1,1 +1,0 @@
-"""service.observability: the metrics exporter and the request log."""

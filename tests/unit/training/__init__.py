@@ -1,1 +1,0 @@
-"""training: data, regression, export, the bundled model files."""
