@@ -3,6 +3,8 @@ rows (before any payload is decoded), the outputs to compute, and one inference 
 process — through DataPlane.infer (the server's path) and predict (the batch job's and Ray's)."""
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -59,8 +61,6 @@ def test_unknown_output_and_deadline(tiny_registry: ModelRegistry) -> None:
 
 
 def test_the_context_records_the_request(tiny_registry: ModelRegistry) -> None:
-    import asyncio
-
     plane = DataPlane(tiny_registry, tiny_registry.settings)
     context = RequestContext("test", "/test/Infer", inference=True)
     model = plane.model(context, "fashion_softmax", 1)
@@ -73,8 +73,6 @@ def test_the_context_records_the_request(tiny_registry: ModelRegistry) -> None:
 
 
 def test_model_control_is_off_by_default(tiny_registry: ModelRegistry) -> None:
-    import asyncio
-
     plane = DataPlane(tiny_registry, Settings(provider="cpu"))
     with pytest.raises(FailedPrecondition, match="--allow-model-control"):
         asyncio.run(plane.unload_model("profit"))
