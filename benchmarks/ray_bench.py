@@ -53,7 +53,7 @@ def test_images() -> np.ndarray:
 
 def batch_job(npy: Path, out: Path, model: str, threads: int | None) -> tuple[float, float]:
     """(rows/s of the compute loop, wall seconds) of the single-process batch job."""
-    from service.batch import Job, JobConfig, LocalBackend, open_images
+    from service.jobs import Job, JobConfig, LocalBackend, open_images
 
     previous = os.environ.get("SERVING_INTRA_OP_THREADS")
     if threads is not None:
@@ -74,7 +74,7 @@ def batch_job(npy: Path, out: Path, model: str, threads: int | None) -> tuple[fl
 
 
 def ray_run(npy: Path, out: Path, model: str, actors: int) -> tuple[float, float]:
-    from service.batch.ray_pipeline import PipelineConfig, run_pipeline
+    from service.jobs.ray_pipeline import PipelineConfig, run_pipeline
 
     started = time.monotonic()
     summary = run_pipeline(PipelineConfig(inputs=[npy], output=out, model=model, model_repository=REPO_ROOT / "models",

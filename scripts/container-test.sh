@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The container check: build the image with ./Dockerfile, run the stack with ./docker-compose.yml,
-# check it through its published ports (tests/test_container_stack.py), clean everything up.
+# check it through its published ports (tests/e2e/test_container_stack.py), clean everything up.
 #
 #   ./scripts/container-test.sh [pytest args]          # e.g. -k drain, or -x
 #
@@ -235,11 +235,11 @@ $COMPOSE version >/dev/null || fail "$COMPOSE version"
 
 # -- the checks ------------------------------------------------------------------------------------
 
-say "checks: tests/test_container_stack.py (engine $ENGINE, compose: $COMPOSE)"
+say "checks: tests/e2e/test_container_stack.py (engine $ENGINE, compose: $COMPOSE)"
 export CONTAINER_STACK=1 CONTAINER_ENGINE=$ENGINE CONTAINER_COMPOSE=$COMPOSE CONTAINER_IMAGE=$IMAGE \
        CONTAINER_BASE_IMAGE=$BASE_IMAGE CONTAINER_PROJECT=$PROJECT CONTAINER_REPORT=$RUN_DIR/report.json
 set +e
-./scripts/test.sh -p no:cacheprovider -m container -v -rfEs tests/test_container_stack.py "$@"
+./scripts/test.sh -p no:cacheprovider -m container -v -rfEs tests/e2e/test_container_stack.py "$@"
 rc=$?
 set -e
 if [ -f "$RUN_DIR/report.json" ]; then

@@ -43,17 +43,22 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{info.description} [env {prefix}{name.upper()}, default {default}]",
             **kwargs,
         )
-    for old, new in RENAMED.items():  # the old spellings still work
+    for old, new in RENAMED.items():  # the old spellings still work (parse_settings maps them)
         parser.add_argument(
-            "--" + old.replace("_", "-"), dest=new, metavar=new.upper(),
+            "--" + old.replace("_", "-"), dest=old, metavar=new.upper(),
             help=f"old name of --{new.replace('_', '-')} [env {prefix}{old.upper()}]",
         )
     return parser
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> Settings:
-    """Settings from env vars, overridden by the flags in ``argv``."""
-    return Settings(**vars(build_parser().parse_args(argv)))
+    """Settings from env vars, overridden by the flags in ``argv`` (a renamed setting's new flag
+    wins over its old one, wherever each stands)."""
+    values = vars(build_parser().parse_args(argv))
+    for old, new in RENAMED.items():
+        if old in values:
+            values.setdefault(new, values.pop(old))
+    return Settings(**values)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,4 +3,5 @@ import sys
 
 from service.jobs.__main__ import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

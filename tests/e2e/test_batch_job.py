@@ -1,0 +1,345 @@
+"""The batch job (service.jobs; python -m service.jobs, and its old name python -m service.batch)
+against the session server: remote and local give the same bytes on the real Fashion-MNIST test
+set, a job killed mid-run resumes to exactly the full result, corrupt inputs fail clearly before
+any output. (Retries against a fake, memory, progress: tests/unit/jobs/test_batch_job.py.)"""
+from __future__ import annotations
+
+import gzip
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fixtures.servers import MODELS, REPO_ROOT, ServerProcess
+from service.client import connect
+from service.generated.serving.v1 import serving_pb2 as pb
+from service.generated.serving.v1 import serving_pb2_grpc as pb_grpc
+from service.jobs import InputError, Job, JobConfig, JobError, RemoteBackend, open_images
+from service.jobs.__main__ import main
+from service.jobs.inputs import NpyImages, Source
+
+CHUNK = 32
+DATA_FILES = ["probabilities.npy", "predictions.npy", "predictions.csv", "confusion_matrix.csv"]
+
+
+def run(*args: str | Path) -> int:
+    return main([str(a) for a in args])
+
+
+def quiet(output: Path) -> JobConfig:
+    return JobConfig(output=output, chunk_size=20, progress="none", sync=False, backoff=0.01, log=lambda m: None)
+
+
+def write_idx(path: Path, images: np.ndarray, compress: bool = True) -> Path:
+    header = bytes([0, 0, 8, images.ndim]) + b"".join(d.to_bytes(4, "big") for d in images.shape)
+    data = header + images.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if compress else data)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fashion(fashion_files: dict[str, Path]) -> dict[str, Path]:
+    return {"images": fashion_files["t10k-images-idx3-ubyte"], "labels": fashion_files["t10k-labels-idx1-ubyte"]}
+
+
+@pytest.fixture(scope="module")
+def reference(server: ServerProcess, fashion: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted remote run over the 10,000 test images, with labels."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    assert run("classify", fashion["images"], "--labels", fashion["labels"], "-o", out,
+               "--server", server.address, "--chunk-size", CHUNK, "--progress", "none") == 0
+    return out
+
+
+def test_remote_and_local_give_identical_outputs(
+    reference: Path, fashion: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    local = tmp_path / "local"
+    assert run("classify", fashion["images"], "--labels", fashion["labels"], "-o", local, "--local",
+               "--model-repository", MODELS, "--chunk-size", CHUNK, "--progress", "log") == 0
+    err = capsys.readouterr().err
+    for name in DATA_FILES:
+        assert (local / name).read_bytes() == (reference / name).read_bytes(), name
+    probabilities = np.load(reference / "probabilities.npy")
+    predictions = np.load(reference / "predictions.npy")
+    assert probabilities.shape == (10_000, 10) and probabilities.dtype == np.float32
+    np.testing.assert_array_equal(predictions, probabilities.argmax(axis=1))
+    remote_summary = json.loads((reference / "summary.json").read_text())
+    local_summary = json.loads((local / "summary.json").read_text())
+    assert remote_summary["complete"] and remote_summary["runs"][0]["mode"] == "remote"
+    assert local_summary["runs"][0]["mode"] == "local"
+    # The accuracy the job reports is the model card's test accuracy.
+    card = json.loads((MODELS / "fashion_softmax" / "1" / "card.json").read_text())
+    assert remote_summary["accuracy"] == local_summary["accuracy"]
+    assert remote_summary["accuracy"] == pytest.approx(card["metrics"]["test_accuracy"], abs=1e-4)
+    assert f"accuracy {remote_summary['accuracy']:.4f}" in err and "rows/s" in err and "ETA" in err
+    assert (reference / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = (reference / "predictions.csv").read_text().splitlines()
+    assert lines[0] == "row,predicted,label,probability,true,true_label,correct" and len(lines) == 10_001
+    matrix = np.loadtxt(reference / "confusion_matrix.csv", delimiter=",", skiprows=1, usecols=range(1, 11))
+    assert matrix.sum() == 10_000 and np.trace(matrix) == remote_summary["correct"]
+
+
+def test_finished_job_is_not_redone(reference: Path, server: ServerProcess, fashion: dict[str, Path],
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    before = {p.name: p.stat().st_mtime_ns for p in reference.iterdir()}
+    assert run("classify", fashion["images"], "--labels", fashion["labels"], "-o", reference,
+               "--server", server.address, "--chunk-size", CHUNK, "--progress", "none") == 0
+    assert "already complete" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in reference.iterdir()} == before
+    # Another job into the same folder is refused, and names what differs.
+    assert run("classify", fashion["images"], "-o", reference, "--server", server.address,
+               "--chunk-size", 64, "--progress", "none") == 1
+    err = capsys.readouterr().err
+    assert "different job" in err and "chunk_size: 32 there, 64 now" in err and "--restart" in err
+
+
+def _rows_done(out: Path) -> int:
+    try:
+        return json.loads((out / ".partial" / "journal.json").read_text())["rows_done"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return 0
+
+
+def _kill_when(process: subprocess.Popen, out: Path, rows: int) -> int:
+    """SIGKILL ``process`` once its journal shows at least ``rows`` rows; return rows_done then."""
+    deadline = time.monotonic() + 120
+    while _rows_done(out) < rows:
+        assert process.poll() is None, f"job ended (rc {process.returncode}) before reaching row {rows}"
+        assert time.monotonic() < deadline
+        time.sleep(0.003)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return _rows_done(out)
+
+
+def test_kill_mid_run_then_resume_gives_exactly_the_full_result(
+    reference: Path, server: ServerProcess, fashion: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "job"
+    job = ["classify", str(fashion["images"]), "--labels", str(fashion["labels"]), "-o", str(out),
+           "--chunk-size", str(CHUNK), "--progress", "none"]
+    base = [sys.executable, "-m", "service.jobs", *job]
+    remote = [*base, "--server", server.address]
+    local = [*base, "--local", "--model-repository", str(MODELS)]
+    popen = lambda cmd: subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # noqa: E731
+
+    # The first run under the job's old module name, which must keep working.
+    old_name = [sys.executable, "-m", "service.batch", *job, "--server", server.address]
+    first = _kill_when(popen(old_name), out, 1000)  # killed mid-stream...
+    assert 1000 <= first < 10_000 and first % CHUNK == 0
+    assert not (out / "summary.json").exists() and not (out / "probabilities.npy").exists()
+    second = _kill_when(popen(local), out, 5000)  # ...resumed in-process and killed again...
+    assert second >= 5000 and not (out / "summary.json").exists()
+    finish = subprocess.run(remote, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)  # ...finished remotely.
+    assert finish.returncode == 0, finish.stderr
+    assert f"resuming at row {second:,}" in finish.stderr
+    for name in DATA_FILES:
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["mode"] for r in summary["runs"]] == ["remote", "local", "remote"]
+    assert summary["runs"][-1]["start_row"] == second and not (out / ".partial").exists()
+
+
+# -- corrupt inputs ------------------------------------------------------------------------------
+
+rng = np.random.default_rng(6)
+SMALL = rng.integers(0, 256, size=(100, 28, 28), dtype=np.uint8)
+
+
+def _truncated_gzip(d: Path) -> Path:
+    good = gzip.compress(bytes([0, 0, 8, 3]) + b"".join(x.to_bytes(4, "big") for x in SMALL.shape) + SMALL.tobytes())
+    (d / "t.gz").write_bytes(good[: len(good) // 2])
+    return d / "t.gz"
+
+
+def _flipped_gzip(d: Path) -> Path:
+    data = bytearray(write_idx(d / "f.gz", SMALL).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (d / "f.gz").write_bytes(bytes(data))
+    return d / "f.gz"
+
+
+def _short_idx(d: Path) -> Path:
+    raw = write_idx(d / "s-idx3-ubyte", SMALL, compress=False).read_bytes()
+    (d / "s-idx3-ubyte").write_bytes(raw[:-100])
+    return d / "s-idx3-ubyte"
+
+
+def _not_images(d: Path) -> Path:
+    (d / "labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + (3).to_bytes(4, "big") + b"\x01\x02\x03")
+    return d / "labels-idx1-ubyte"
+
+
+def _short_npy(d: Path) -> Path:
+    np.save(d / "x.npy", SMALL)
+    raw = (d / "x.npy").read_bytes()
+    (d / "x.npy").write_bytes(raw[:-784])
+    return d / "x.npy"
+
+
+def _float_npy(d: Path) -> Path:
+    np.save(d / "x.npy", SMALL.astype(np.float32))
+    return d / "x.npy"
+
+
+def _broken_png(d: Path) -> Path:
+    image_module = pytest.importorskip("PIL.Image")
+    folder = d / "pngs"
+    folder.mkdir()
+    for i in range(3):
+        image_module.fromarray(SMALL[i]).save(folder / f"{i}.png")
+    (folder / "1.png").write_bytes((folder / "1.png").read_bytes()[:60])
+    return folder
+
+
+CORRUPT = {
+    "truncated gzip": (_truncated_gzip, "corrupt or truncated gzip stream"),
+    "gzip CRC": (_flipped_gzip, "corrupt or truncated gzip stream"),
+    "IDX shorter than its header says": (_short_idx, "truncated"),
+    "IDX of labels": (_not_images, "not an IDX file of uint8 images"),
+    "truncated .npy": (_short_npy, ".npy"),
+    "float .npy": (_float_npy, "expected uint8 images"),
+    "broken PNG": (_broken_png, "1.png: corrupt or unreadable PNG"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPT))
+def test_corrupt_input_fails_clearly_before_any_output(
+    case: str, tmp_path: Path, server: ServerProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make, message = CORRUPT[case]
+    path = make(tmp_path)
+    out = tmp_path / "out"
+    assert run("classify", path, "-o", out, "--server", server.address, "--progress", "none") == 2
+    err = capsys.readouterr().err
+    assert "bad input" in err and message in err and path.name in err
+    assert not out.exists()  # nothing written, so nothing can pass for a result
+
+
+def test_bad_labels_and_csv_values_are_reported(tmp_path: Path, server: ServerProcess,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    images = write_idx(tmp_path / "i.gz", SMALL)
+    np.save(tmp_path / "few.npy", np.zeros(99, np.int64))
+    assert run("classify", images, "--labels", tmp_path / "few.npy", "-o", tmp_path / "a", "--server", server.address) == 2
+    assert "99 labels for 100 input rows" in capsys.readouterr().err
+    np.save(tmp_path / "big.npy", np.full(100, 12, np.int64))
+    assert run("classify", images, "--labels", tmp_path / "big.npy", "-o", tmp_path / "b", "--server", server.address) == 2
+    assert "classes 0 to 9" in capsys.readouterr().err
+    (tmp_path / "p.csv").write_text("city,population\na,35000\nb,lots\n")
+    assert run("profit", tmp_path / "p.csv", "-o", tmp_path / "c", "--server", server.address) == 2
+    assert "line 3: population must be a finite number, got 'lots'" in capsys.readouterr().err
+    (tmp_path / "two.csv").write_text("6.1101,17.592\n5.5277,9.1302\n")
+    assert run("profit", tmp_path / "two.csv", "-o", tmp_path / "d", "--server", server.address) == 2
+    assert "2 columns and no header" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in "abcd")
+
+
+class FailingSource(Source):
+    """Wraps a source; its chunks fail after ``good`` chunks (a file that went bad mid-run)."""
+
+    def __init__(self, inner: Source, good: int) -> None:
+        self.inner, self.good = inner, good
+        self.kind, self.path, self.rows = inner.kind, inner.path, inner.rows
+        self.item_shape, self.dtype = inner.item_shape, inner.dtype
+
+    def verify(self) -> None:
+        self.inner.verify()
+        self.sha256 = self.inner.sha256
+
+    def chunks(self, start: int, size: int):
+        for i, chunk in enumerate(self.inner.chunks(start, size)):
+            if i == self.good:
+                raise InputError(f"{self.path}: read error at row {start + i * size}")
+            yield chunk
+
+
+def test_input_failing_mid_run_leaves_an_unfinished_job_only(server: ServerProcess, tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", SMALL)
+    out = tmp_path / "out"
+    with connect(server.address) as client:
+        backend = RemoteBackend(client, "classify", None)
+        with pytest.raises(InputError, match="read error at row 60"):
+            Job("classify", FailingSource(NpyImages(tmp_path / "x.npy"), good=3), backend, quiet(out)).run()
+        assert _rows_done(out) == 60 and not (out / "summary.json").exists()
+        assert sorted(p.name for p in out.iterdir()) == [".partial"]
+        # Resuming with other settings is refused; with the same ones it completes.
+        config = quiet(out)
+        config.chunk_size = 25
+        with pytest.raises(JobError, match="unfinished job that differs.*chunk_size: 20 there, 25 now"):
+            Job("classify", NpyImages(tmp_path / "x.npy"), backend, config).run()
+        summary = Job("classify", NpyImages(tmp_path / "x.npy"), backend, quiet(out)).run()
+        assert summary["complete"] and summary["runs"][-1]["start_row"] == 60
+        clean = Job("classify", NpyImages(tmp_path / "x.npy"), backend, quiet(tmp_path / "clean")).run()
+    for name in ("probabilities.npy", "predictions.csv"):
+        assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
+    assert summary["outputs"] == clean["outputs"]
+
+
+# -- other inputs --------------------------------------------------------------------------------
+
+
+def test_npy_and_png_inputs_match_the_idx_result(reference: Path, fashion: dict[str, Path], tmp_path: Path) -> None:
+    image_module = pytest.importorskip("PIL.Image")
+    images = next(open_images(fashion["images"]).chunks(0, 2 * CHUNK))  # two full chunks
+    np.save(tmp_path / "n.npy", images[:, 0])
+    np.save(tmp_path / "n1.npy", images)
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, image in enumerate(images[:, 0]):
+        image_module.fromarray(image).convert("RGB").save(folder / f"img{i:03d}.png")  # colour → grayscale
+    expected = np.load(reference / "probabilities.npy")[: 2 * CHUNK]
+    for path in (tmp_path / "n.npy", tmp_path / "n1.npy", folder):
+        out = tmp_path / f"out-{path.name}"
+        assert run("classify", path, "-o", out, "--local", "--model-repository", MODELS,
+                   "--chunk-size", CHUNK, "--progress", "none") == 0
+        np.testing.assert_array_equal(np.load(out / "probabilities.npy"), expected)
+    lines = (tmp_path / "out-pngs" / "predictions.csv").read_text().splitlines()
+    assert lines[0] == "row,file,predicted,label,probability" and lines[1].startswith("0,img000.png,")
+
+
+def test_profit_csv_remote_and_local(server: ServerProcess, tmp_path: Path) -> None:
+    populations = np.linspace(20_000, 250_000, 50).round()
+    (tmp_path / "p.csv").write_text("city,population\n" + "".join(f"c{i},{p:g}\n" for i, p in enumerate(populations)))
+    (tmp_path / "one.csv").write_text("35000\n\n70000\n")
+    for mode in (["--server", server.address], ["--local", "--model-repository", MODELS]):
+        assert run("profit", tmp_path / "p.csv", "-o", tmp_path / mode[0], *mode, "--chunk-size", 16,
+                   "--progress", "none") == 0
+    remote, local = tmp_path / "--server", tmp_path / "--local"
+    for name in ("profits.csv", "profits.npy"):
+        assert (remote / name).read_bytes() == (local / name).read_bytes()
+    profits = np.load(remote / "profits.npy")
+    assert profits.shape == (50,)
+    assert run("profit", tmp_path / "one.csv", "-o", tmp_path / "one", "--server", server.address) == 0
+    assert (tmp_path / "one" / "profits.csv").read_text().splitlines() == [
+        "row,population,profit_usd", "0,35000,2798.38", "1,70000,44554.55"]
+
+
+
+
+# -- one definition of the default models ---------------------------------------------------------
+
+
+def test_the_batch_job_and_the_typed_api_default_to_the_same_model(
+    server: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --model, a --local batch job and a typed Classify without a model name (both take
+    service.core.tasks.DEFAULT_MODELS) use the same model; so do profit jobs and PredictProfit."""
+    np.save(tmp_path / "x.npy", SMALL[:4])
+    (tmp_path / "p.csv").write_text("35000\n")
+    assert run("classify", tmp_path / "x.npy", "-o", tmp_path / "c", "--local", "--model-repository", MODELS,
+               "--progress", "none") == 0
+    assert run("profit", tmp_path / "p.csv", "-o", tmp_path / "p", "--local", "--model-repository", MODELS,
+               "--progress", "none") == 0
+    job_models = [json.loads((tmp_path / d / "summary.json").read_text())["model"]["name"] for d in "cp"]
+    with server.channel() as channel:
+        stub = pb_grpc.ModelServiceStub(channel)
+        images = pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=[4, 1, 28, 28], data=SMALL[:4].tobytes())
+        typed = [stub.Classify(pb.ClassifyRequest(images=images), timeout=10).model.name,
+                 stub.PredictProfit(pb.PredictProfitRequest(population=[35000]), timeout=10).model.name]
+    assert job_models == typed == ["fashion_softmax", "profit"]

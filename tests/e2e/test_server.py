@@ -1,0 +1,115 @@
+"""Server-level behaviour through real processes: reflection, graceful shutdown, TLS.
+(The assembled app in process: tests/unit/test_app.py.)"""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pool, message_factory
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from fixtures.onnx_models import linear, save, slow
+from fixtures.servers import MODELS, REPO_ROOT, ServerProcess, start_server
+from fixtures.tls import tls_files
+from service.generated.serving.v1 import serving_pb2 as pb
+from service.generated.serving.v1 import serving_pb2_grpc as pb_grpc
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_reflection_lists_services(server: ServerProcess) -> None:
+    with server.channel() as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        response = next(stub.ServerReflectionInfo(iter([request])))
+    names = {s.name for s in response.list_services_response.service}
+    assert {"serving.v1.ModelService", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+
+
+def test_call_through_reflection_without_proto_files(server: ServerProcess) -> None:
+    """What grpcurl does: fetch descriptors by reflection, build messages, call."""
+    with server.channel() as channel:
+        pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+        assert pool.FindServiceByName("grpc.health.v1.Health").methods_by_name["Check"]
+        method = pool.FindServiceByName("serving.v1.ModelService").methods_by_name["PredictProfit"]
+        request_cls = message_factory.GetMessageClass(method.input_type)
+        response_cls = message_factory.GetMessageClass(method.output_type)
+        call = channel.unary_unary(
+            "/serving.v1.ModelService/PredictProfit",
+            request_serializer=request_cls.SerializeToString,
+            response_deserializer=response_cls.FromString,
+        )
+        response = call(request_cls(population=[35000]), timeout=10)
+    assert response.model.name == "profit"
+    assert len(response.profit_usd) == 1
+
+
+def test_port_in_use_is_refused(server: ServerProcess) -> None:
+    command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(server.port),
+               "--model-repository", str(MODELS)]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"model-serving: error: Failed to bind to address 127.0.0.1:{server.port}" in result.stderr
+    assert server.health() == SERVING  # the running server is untouched
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_graceful_shutdown_with_a_call_in_flight(tmp_path: Path, sig: signal.Signals) -> None:
+    rows = 15_000  # ~1.5 s of CPU for the slow model on an idle core
+    repo = tmp_path / "models"
+    save(slow(), repo, "slow")
+    args = ["--model-repository", str(repo), "--max-request-rows", str(rows), "--shutdown-grace-seconds", "60"]
+    with start_server(tmp_path, *args) as proc, proc.channel() as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+        assert next(watch).status == SERVING
+        stub = pb_grpc.ModelServiceStub(channel)
+        request = pb.PredictProfitRequest(model=pb.ModelRef(name="slow"), population=[0.5] * rows)
+        future = stub.PredictProfit.future(request, timeout=120)
+        time.sleep(0.5)
+        assert not future.done(), "the call finished before the signal; make the slow model slower"
+
+        proc.process.send_signal(sig)
+        assert next(watch).status == NOT_SERVING  # health flips first
+        watch.cancel()
+        response = future.result()  # the in-flight call still completes
+        assert future.done() and len(response.profit_usd) == rows
+        assert proc.process.wait(60) == 0
+    log = proc.log()
+    assert '"shutting down"' in log and '"server stopped"' in log
+
+
+def test_mutual_tls(tmp_path: Path) -> None:
+    pytest.importorskip("cryptography")
+    files = tls_files(tmp_path)
+    repo = tmp_path / "models"
+    save(linear(1, [2.0], 1.0, "population", "profit"), repo, "profit")
+    read = lambda key: files[key].read_bytes()  # noqa: E731
+    client = grpc.ssl_channel_credentials(read("ca.crt"), read("client.key"), read("client.crt"))
+    args = [
+        "--model-repository", str(repo),
+        "--tls-cert", str(files["server.crt"]),
+        "--tls-key", str(files["server.key"]),
+        "--tls-client-ca", str(files["ca.crt"]),
+    ]
+    with start_server(tmp_path, *args, credentials=client) as proc:
+        with proc.channel() as channel:
+            response = pb_grpc.ModelServiceStub(channel).PredictProfit(
+                pb.PredictProfitRequest(population=[3]), timeout=10
+            )
+        assert list(response.profit_usd) == [7.0]
+        # Without a client certificate, or without TLS at all, nothing gets through.
+        for channel in (
+            grpc.secure_channel(proc.address, grpc.ssl_channel_credentials(read("ca.crt"))),
+            grpc.insecure_channel(proc.address),
+        ):
+            with channel, pytest.raises(grpc.RpcError) as info:
+                pb_grpc.ModelServiceStub(channel).PredictProfit(pb.PredictProfitRequest(population=[3]), timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE

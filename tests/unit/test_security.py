@@ -1,0 +1,113 @@
+"""Bearer-token auth (service.security): the token file, the store, the authenticator's answers."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from service import security
+from service.security import INVALID, MALFORMED, MISSING, AuthConfigError, Authenticator, TokenStore, read_token_file
+from service.settings import Settings
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "cannot read auth token file"), ("\n# only comments\n", "holds no token"), ("two words\n", "spaces")],
+    ids=["missing", "empty", "spaces"],
+)
+def test_a_bad_token_file_is_a_config_error(tmp_path: Path, content: str | None, message: str) -> None:
+    token_file = tmp_path / "tokens"
+    if content is not None:
+        token_file.write_text(content)
+    with pytest.raises(AuthConfigError, match=message):
+        read_token_file(token_file) if content is not None else TokenStore(file=token_file)
+    with pytest.raises(AuthConfigError, match=message):
+        TokenStore(file=token_file)  # the server refuses to start on it (tests/e2e/test_auth_limits.py)
+
+
+def test_token_file_format(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text("# rotated monthly\n\n  first \nsecond\n")
+    assert read_token_file(path) == ["first", "second"]
+
+
+def test_token_comparison_covers_every_token() -> None:
+    store = TokenStore(["alpha", "beta"])
+    assert store.accepts("alpha") and store.accepts("beta")
+    assert not store.accepts("alph") and not store.accepts("alphaa") and not store.accepts("")
+
+
+def test_every_token_is_compared(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No early exit at the first match: each check compares against every accepted token."""
+    compared: list[bytes] = []
+    real = security.hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append(b)
+        return real(a, b)
+
+    monkeypatch.setattr(security.hmac, "compare_digest", spy)
+    store = TokenStore(["alpha", "beta", "gamma"])
+    for token in ("alpha", "gamma", "wrong"):
+        compared.clear()
+        store.accepts(token)
+        assert len(compared) == 3 and len(set(compared)) == 3, token
+
+
+def test_from_settings() -> None:
+    assert TokenStore.from_settings(Settings()) is None  # auth off
+    store = TokenStore.from_settings(Settings(auth_tokens=["a-token"]))
+    assert store is not None and store.accepts("a-token")
+
+
+@pytest.mark.parametrize(
+    ("values", "problem"),
+    [
+        ([], MISSING),
+        (["Bearer a", "Bearer b"], "more than one authorization metadata entry"),
+        (["Basic Zm9vOmJhcg=="], MALFORMED),
+        (["Bearer "], MALFORMED),
+        (["Bearer"], MALFORMED),
+        (["Bearer wrong"], INVALID),
+        (["Bearer good-token"], None),
+        (["bearer good-token"], None),  # the scheme is case-insensitive
+        (["  Bearer   good-token  "], None),
+        ([b"Bearer good-token"], None),  # binary metadata values
+        ([b"Bearer \xff"], INVALID),
+    ],
+)
+def test_authenticator_problems(values: list[str | bytes], problem: str | None) -> None:
+    assert Authenticator(TokenStore(["good-token"])).problem(values) == problem
+
+
+def test_the_messages_clients_see() -> None:
+    assert MISSING == "missing 'authorization: Bearer <token>' metadata: this server requires a bearer token"
+    assert MALFORMED == "the authorization metadata must be 'Bearer <token>'"
+    assert INVALID == "invalid bearer token"
+
+
+def test_refusals_are_logged_without_flooding(caplog: pytest.LogCaptureFixture) -> None:
+    authenticator = Authenticator(TokenStore(["good-token"]))
+    with caplog.at_level(logging.WARNING, logger="service.security"):
+        for _ in range(5):
+            authenticator.refused("/serving.v1.ModelService/Classify", INVALID)
+    lines = [r for r in caplog.records if r.getMessage() == "call refused: UNAUTHENTICATED"]
+    assert len(lines) == 1  # one warning per 10 s at most
+    assert lines[0].method == "/serving.v1.ModelService/Classify" and lines[0].reason == INVALID
+    assert "good-token" not in caplog.text
+
+
+def test_the_token_file_is_re_read_when_it_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(security, "RECHECK_SECONDS", 0.0)
+    path = tmp_path / "tokens"
+    path.write_text("old-token\n")
+    store = TokenStore(["fixed-token"], file=path)
+    assert store.accepts("old-token")
+    replacement = tmp_path / "tokens.new"
+    replacement.write_text("new-token\n")
+    os.replace(replacement, path)
+    assert store.accepts("new-token") and not store.accepts("old-token") and store.accepts("fixed-token")
+    path.write_text("# nothing\n")  # a broken file keeps the last good tokens
+    assert store.accepts("new-token")
