@@ -19,6 +19,7 @@ rename), drops a corrupt one in, removes the oldest version, and loads/unloads a
 V2 RPC. It prints the answers per version, the failures (must be 0) and how long each new version
 took to be served.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,7 +66,13 @@ RETRY_MODES = ("failover", "backoff", "hammer")
 
 
 async def _caller(
-    address: str, index: int, model: str, images: int, outcomes: dict[str, str], stop: asyncio.Event, odd: list[str],
+    address: str,
+    index: int,
+    model: str,
+    images: int,
+    outcomes: dict[str, str],
+    stop: asyncio.Event,
+    odd: list[str],
     mode: str,
 ) -> None:
     """Calls back to back, each with a unique id; reacts to UNAVAILABLE as ``mode`` says."""
@@ -82,11 +89,19 @@ async def _caller(
             rid = f"c{index}-{n}"
             try:
                 if index % 2:
-                    await typed.Classify(pb.ClassifyRequest(model=pb.ModelRef(name=model), images=tensor, request_id=rid), timeout=60)
+                    await typed.Classify(
+                        pb.ClassifyRequest(model=pb.ModelRef(name=model), images=tensor, request_id=rid), timeout=60
+                    )
                 else:
                     request = v2.ModelInferRequest(
-                        model_name=model, id=rid, raw_input_contents=[pixels],
-                        inputs=[v2.ModelInferRequest.InferInputTensor(name="image", datatype="UINT8", shape=[images, 1, 28, 28])],
+                        model_name=model,
+                        id=rid,
+                        raw_input_contents=[pixels],
+                        inputs=[
+                            v2.ModelInferRequest.InferInputTensor(
+                                name="image", datatype="UINT8", shape=[images, 1, 28, 28]
+                            )
+                        ],
                     )
                     await infer.ModelInfer(request, timeout=60)
                 outcomes[rid] = "OK"
@@ -103,8 +118,15 @@ async def _caller(
 
 
 async def sigterm_under_load(
-    address: str, process: subprocess.Popen, log: Callable[[], str], *, clients: int, seconds: float,
-    model: str, images: int, mode: str = "failover",
+    address: str,
+    process: subprocess.Popen,
+    log: Callable[[], str],
+    *,
+    clients: int,
+    seconds: float,
+    model: str,
+    images: int,
+    mode: str = "failover",
 ) -> dict[str, Any]:
     """Run one SIGTERM-under-load round against a server started with ``--log-level debug``."""
     outcomes: dict[str, str] = {}
@@ -170,13 +192,26 @@ def run_sigterm(args: argparse.Namespace) -> int:
             args.model_repository, ["--log-level", "debug", "--shutdown-grace-seconds", "30"], log_path
         )
         result = asyncio.run(
-            sigterm_under_load(address, process, log_path.read_text, clients=args.clients, seconds=args.seconds,
-                               model=args.model, images=args.images, mode=args.retry)
+            sigterm_under_load(
+                address,
+                process,
+                log_path.read_text,
+                clients=args.clients,
+                seconds=args.seconds,
+                model=args.model,
+                images=args.images,
+                mode=args.retry,
+            )
         )
-        bad = result["lost"] or result["refused_after_acceptance"] or result["other_client_codes"] or result["exit_code"]
+        bad = (
+            result["lost"] or result["refused_after_acceptance"] or result["other_client_codes"] or result["exit_code"]
+        )
         failures += bool(bad)
         print(f"round {round_}: {json.dumps(result)}")
-    print("sigterm: " + ("FAILED" if failures else "every accepted call completed; every refusal was UNAVAILABLE before acceptance"))
+    print(
+        "sigterm: "
+        + ("FAILED" if failures else "every accepted call completed; every refusal was UNAVAILABLE before acceptance")
+    )
     return 1 if failures else 0
 
 
@@ -188,9 +223,11 @@ def _linear(weight: float, in_name: str = "population") -> bytes:
 
     w = numpy_helper.from_array(np.array([[weight]], np.float32), "w")
     graph = helper.make_graph(
-        [helper.make_node("MatMul", [in_name, "w"], ["profit"])], "linear",
+        [helper.make_node("MatMul", [in_name, "w"], ["profit"])],
+        "linear",
         [helper.make_tensor_value_info(in_name, TensorProto.FLOAT, ["N", 1])],
-        [helper.make_tensor_value_info("profit", TensorProto.FLOAT, ["N", 1])], [w],
+        [helper.make_tensor_value_info("profit", TensorProto.FLOAT, ["N", 1])],
+        [w],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
@@ -223,7 +260,9 @@ def run_reload(args: argparse.Namespace) -> int:
             stub = pb_grpc.ModelServiceStub(channel)
             while not stop.is_set():
                 try:
-                    r = stub.PredictProfit(pb.PredictProfitRequest(model=pb.ModelRef(name="m"), population=[2.0]), timeout=30)
+                    r = stub.PredictProfit(
+                        pb.PredictProfitRequest(model=pb.ModelRef(name="m"), population=[2.0]), timeout=30
+                    )
                 except grpc.RpcError as err:
                     with lock:
                         errors.append(f"{err.code().name}: {err.details()}")
@@ -242,7 +281,9 @@ def run_reload(args: argparse.Namespace) -> int:
             control = v2_grpc.GRPCInferenceServiceStub(channel)
 
             def latest() -> int:
-                return stub.GetModelMetadata(pb.GetModelMetadataRequest(model=pb.ModelRef(name="m")), timeout=10).version
+                return stub.GetModelMetadata(
+                    pb.GetModelMetadataRequest(model=pb.ModelRef(name="m")), timeout=10
+                ).version
 
             for cycle in range(args.cycles):
                 new = cycle + 2
@@ -295,9 +336,13 @@ def main(argv: list[str] | None = None) -> int:
     sig.add_argument("--rounds", type=int, default=3)
     sig.add_argument("--model", default="fashion_cnn")
     sig.add_argument("--images", type=int, default=32, help="images per call")
-    sig.add_argument("--retry", choices=RETRY_MODES, default="hammer",
-                     help="what a caller does after UNAVAILABLE: stop (failover), back off like "
-                     "service.client, or retry every 20 ms (hammer, default)")
+    sig.add_argument(
+        "--retry",
+        choices=RETRY_MODES,
+        default="hammer",
+        help="what a caller does after UNAVAILABLE: stop (failover), back off like "
+        "service.client, or retry every 20 ms (hammer, default)",
+    )
     sig.add_argument("--model-repository", type=Path, default=REPO_ROOT / "models")
     rel = sub.add_parser("reload", help="hot reload while clients are busy")
     rel.add_argument("--clients", type=int, default=8)

@@ -11,6 +11,7 @@ expected), and sends the next: no HTTP parsing beyond the status line and that o
 Spec: target (host:port), path, body_file (the request body), content_type, headers (extra,
 a dict), concurrency, duration_s, warmup_s, max_samples.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -19,6 +20,7 @@ import os
 import resource
 import sys
 import time
+from pathlib import Path
 
 
 def _cpu() -> float:
@@ -27,8 +29,13 @@ def _cpu() -> float:
 
 
 def request_bytes(host: str, path: str, body: bytes, content_type: str, headers: dict[str, str]) -> bytes:
-    lines = [f"POST {path} HTTP/1.1", f"Host: {host}", f"Content-Type: {content_type}",
-             f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in headers.items())]
+    lines = [
+        f"POST {path} HTTP/1.1",
+        f"Host: {host}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
@@ -84,9 +91,14 @@ class _Connection(asyncio.Protocol):
 
 async def _run(spec: dict) -> dict:
     host, port = spec["target"].rsplit(":", 1)
-    body = open(spec["body_file"], "rb").read()
-    payload = request_bytes(spec["target"], spec["path"], body, spec.get("content_type", "application/octet-stream"),
-                            spec.get("headers", {}))
+    body = Path(spec["body_file"]).read_bytes()
+    payload = request_bytes(
+        spec["target"],
+        spec["path"],
+        body,
+        spec.get("content_type", "application/octet-stream"),
+        spec.get("headers", {}),
+    )
     concurrency = int(spec["concurrency"])
     duration = float(spec["duration_s"])
     warmup = float(spec.get("warmup_s", 0.5))
@@ -135,8 +147,14 @@ async def _run(spec: dict) -> dict:
     if len(latencies) > max_samples:  # keep an even subsample
         step = len(latencies) / max_samples
         latencies = [latencies[int(i * step)] for i in range(max_samples)]
-    return {"requests": counted, "errors": errors, "wall_s": wall, "cpu_s": cpu, "latencies_s": latencies,
-            "pid": os.getpid()}
+    return {
+        "requests": counted,
+        "errors": errors,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "latencies_s": latencies,
+        "pid": os.getpid(),
+    }
 
 
 def main() -> None:

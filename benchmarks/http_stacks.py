@@ -12,6 +12,7 @@ Candidates: aiohttp's server; uvicorn (httptools) with a bare ASGI app; uvicorn 
 granian (Rust, embedded in the asyncio loop, RSGI). Loads: batch 1 x 32 connections and batch
 256 x 8 (binary), with benchmarks/http_loadgen.py (pre-serialised bodies, keep-alive).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,9 +44,20 @@ def _answer(body: bytes, header_length: int) -> tuple[bytes, int]:
     rows = spec["shape"][0]
     np.frombuffer(body[header_length:], np.uint8).reshape(spec["shape"])
     raw = OUTPUT[:rows].tobytes()
-    head = json.dumps({"model_name": "m", "model_version": "1", "outputs": [
-        {"name": "probabilities", "datatype": "FP32", "shape": [rows, 10],
-         "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    head = json.dumps(
+        {
+            "model_name": "m",
+            "model_version": "1",
+            "outputs": [
+                {
+                    "name": "probabilities",
+                    "datatype": "FP32",
+                    "shape": [rows, 10],
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+        }
+    ).encode()
     return head + raw, len(head)
 
 
@@ -66,8 +78,11 @@ def serve(candidate: str, port: int) -> None:
             async def handle(request: web.Request) -> web.Response:
                 body = await request.read()
                 out, length = _answer(body, int(request.headers["Inference-Header-Content-Length"]))
-                return web.Response(body=out, content_type="application/octet-stream",
-                                    headers={"Inference-Header-Content-Length": str(length)})
+                return web.Response(
+                    body=out,
+                    content_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(length)},
+                )
 
             app = web.Application(client_max_size=64 * 2**20)
             app.router.add_post("/v2/models/{name}/infer", handle)
@@ -81,6 +96,7 @@ def serve(candidate: str, port: int) -> None:
             import uvicorn
 
             if candidate == "uvicorn-asgi":
+
                 async def app(scope, receive, send):  # type: ignore[no-untyped-def]
                     if scope["type"] != "http":
                         return
@@ -92,9 +108,17 @@ def serve(candidate: str, port: int) -> None:
                             break
                     headers = dict(scope["headers"])
                     out, length = _answer(b"".join(chunks), int(headers[b"inference-header-content-length"]))
-                    await send({"type": "http.response.start", "status": 200, "headers": [
-                        (b"content-type", b"application/octet-stream"), (b"content-length", str(len(out)).encode()),
-                        (b"inference-header-content-length", str(length).encode())]})
+                    await send(
+                        {
+                            "type": "http.response.start",
+                            "status": 200,
+                            "headers": [
+                                (b"content-type", b"application/octet-stream"),
+                                (b"content-length", str(len(out)).encode()),
+                                (b"inference-header-content-length", str(length).encode()),
+                            ],
+                        }
+                    )
                     await send({"type": "http.response.body", "body": out})
             else:
                 from starlette.applications import Starlette
@@ -105,12 +129,23 @@ def serve(candidate: str, port: int) -> None:
                 async def handle(request: Request) -> Response:
                     body = await request.body()
                     out, length = _answer(body, int(request.headers["inference-header-content-length"]))
-                    return Response(out, media_type="application/octet-stream",
-                                    headers={"Inference-Header-Content-Length": str(length)})
+                    return Response(
+                        out,
+                        media_type="application/octet-stream",
+                        headers={"Inference-Header-Content-Length": str(length)},
+                    )
 
                 app = Starlette(routes=[Route("/v2/models/{name}/infer", handle, methods=["POST"])])
-            config = uvicorn.Config(app, host="127.0.0.1", port=port, loop="none", http="httptools",
-                                    lifespan="off", access_log=False, log_level="warning")
+            config = uvicorn.Config(
+                app,
+                host="127.0.0.1",
+                port=port,
+                loop="none",
+                http="httptools",
+                lifespan="off",
+                access_log=False,
+                log_level="warning",
+            )
             server = uvicorn.Server(config)
             task = asyncio.create_task(server.serve())
             while not server.started:
@@ -126,8 +161,11 @@ def serve(candidate: str, port: int) -> None:
             async def rsgi(scope, protocol):  # type: ignore[no-untyped-def]
                 body = await protocol()
                 out, length = _answer(body, int(scope.headers.get("inference-header-content-length")))
-                protocol.response_bytes(200, [("content-type", "application/octet-stream"),
-                                              ("inference-header-content-length", str(length))], out)
+                protocol.response_bytes(
+                    200,
+                    [("content-type", "application/octet-stream"), ("inference-header-content-length", str(length))],
+                    out,
+                )
 
             server = Server(rsgi, address="127.0.0.1", port=port, interface=Interfaces.RSGI, log_enabled=False)
             task = asyncio.create_task(server.serve())
@@ -143,9 +181,19 @@ def serve(candidate: str, port: int) -> None:
 
 def body(batch: int) -> bytes:
     images = np.random.default_rng(batch).integers(0, 256, (batch, 1, 28, 28), dtype=np.uint8).tobytes()
-    header = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [batch, 1, 28, 28],
-                                     "parameters": {"binary_data_size": len(images)}}],
-                         "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "datatype": "UINT8",
+                    "shape": [batch, 1, 28, 28],
+                    "parameters": {"binary_data_size": len(images)},
+                }
+            ],
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
     return header + images, len(header)
 
 
@@ -153,9 +201,15 @@ def measure(port: int, pid: int, batch: int, concurrency: int, duration: float, 
     data, header_length = body(batch)
     path = workdir / f"b{batch}.bin"
     path.write_bytes(data)
-    spec = {"target": f"127.0.0.1:{port}", "path": "/v2/models/m/infer", "body_file": str(path),
-            "headers": {"Inference-Header-Content-Length": str(header_length)}, "concurrency": concurrency,
-            "duration_s": duration, "warmup_s": 1.0}
+    spec = {
+        "target": f"127.0.0.1:{port}",
+        "path": "/v2/models/m/infer",
+        "body_file": str(path),
+        "headers": {"Inference-Header-Content-Length": str(header_length)},
+        "concurrency": concurrency,
+        "duration_s": duration,
+        "warmup_s": 1.0,
+    }
     cpu: dict[str, float] = {}
 
     def sample() -> None:
@@ -172,8 +226,15 @@ def measure(port: int, pid: int, batch: int, concurrency: int, duration: float, 
     rps = result["requests"] / result["wall_s"]
     server_cpu = (cpu["b"] - cpu["a"]) / (cpu["t1"] - cpu["t0"])
     lat = np.asarray(result["latencies_s"]) * 1000
-    return {"rps": rps, "server_cpu": server_cpu, "cpu_us": 1e6 * server_cpu / rps, "client_cpu": result["cpu_s"] / result["wall_s"],
-            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)), "errors": result["errors"]}
+    return {
+        "rps": rps,
+        "server_cpu": server_cpu,
+        "cpu_us": 1e6 * server_cpu / rps,
+        "client_cpu": result["cpu_s"] / result["wall_s"],
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "errors": result["errors"],
+    }
 
 
 def main() -> int:
@@ -191,8 +252,9 @@ def main() -> int:
     try:
         for name in CANDIDATES:
             port = free_port()
-            process = subprocess.Popen([PY, __file__, "--serve", name, "--port", str(port)], stdout=subprocess.PIPE,
-                                       start_new_session=True)
+            process = subprocess.Popen(
+                [PY, __file__, "--serve", name, "--port", str(port)], stdout=subprocess.PIPE, start_new_session=True
+            )
             assert process.stdout is not None
             if process.stdout.readline().strip() != b"ready":
                 raise RuntimeError(f"{name} did not start")
@@ -203,9 +265,13 @@ def main() -> int:
                     for name, (process, port) in servers.items():
                         point = measure(port, process.pid, batch, concurrency, args.duration, Path(tmp))
                         results.setdefault((name, batch, concurrency), []).append(point)
-                        print(f"{name:18s} b{batch:<4d} x{concurrency:<3d} {point['rps']:8.0f} req/s  "
-                              f"server {point['cpu_us']:5.0f} µs/req  client {point['client_cpu']:.2f} cores  "
-                              f"p99 {point['p99_ms']:.2f} ms {point['errors'] or ''}", file=sys.stderr, flush=True)
+                        print(
+                            f"{name:18s} b{batch:<4d} x{concurrency:<3d} {point['rps']:8.0f} req/s  "
+                            f"server {point['cpu_us']:5.0f} µs/req  client {point['client_cpu']:.2f} cores  "
+                            f"p99 {point['p99_ms']:.2f} ms {point['errors'] or ''}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
     finally:
         for process, _ in servers.values():
             os.killpg(process.pid, signal.SIGTERM)
@@ -214,8 +280,10 @@ def main() -> int:
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for (name, batch, concurrency), points in results.items():
         best = max(points, key=lambda p: p["rps"])
-        print(f"| {name} | batch {batch} x {concurrency} | {best['rps']:.0f} | {best['cpu_us']:.0f} | "
-              f"{best['client_cpu']:.2f} | {best['p50_ms']:.2f} | {best['p99_ms']:.2f} |")
+        print(
+            f"| {name} | batch {batch} x {concurrency} | {best['rps']:.0f} | {best['cpu_us']:.0f} | "
+            f"{best['client_cpu']:.2f} | {best['p50_ms']:.2f} | {best['p99_ms']:.2f} |"
+        )
     return 0
 
 

@@ -8,6 +8,7 @@ Spec: target, method (full gRPC path), payload_file (serialised request bytes), 
 duration_s, warmup_s, channels (concurrent callers are spread over this many channels),
 max_samples (latency samples kept).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -16,6 +17,7 @@ import os
 import resource
 import sys
 import time
+from pathlib import Path
 
 import grpc
 
@@ -28,7 +30,7 @@ def _cpu() -> float:
 
 
 async def _run(spec: dict) -> dict:
-    payload = open(spec["payload_file"], "rb").read()
+    payload = Path(spec["payload_file"]).read_bytes()
     concurrency = int(spec["concurrency"])
     duration = float(spec["duration_s"])
     warmup = float(spec.get("warmup_s", 0.5))

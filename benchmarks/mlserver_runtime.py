@@ -3,6 +3,7 @@
 Loaded by MLServer from the benchmark's own venv (benchmarks/.venv-mlserver), never by our server.
 Same onnxruntime session options as our server's defaults: one intra-op thread, no spinning.
 """
+
 from __future__ import annotations
 
 import numpy as np

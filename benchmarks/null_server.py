@@ -3,6 +3,7 @@ returns an empty response, doing nothing else. Same server options as the real s
 
 ``python benchmarks/null_server.py PORT``
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -12,8 +13,8 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from service.generated.inference import grpc_service_pb2 as v2  # noqa: E402
-from service.generated.serving.v1 import serving_pb2 as typed  # noqa: E402
+from service.generated.inference import grpc_service_pb2 as v2
+from service.generated.serving.v1 import serving_pb2 as typed
 
 MAX_MESSAGE = 64 * 1024 * 1024
 
@@ -35,17 +36,11 @@ async def main(port: int) -> None:
             _nothing, request_deserializer=v2.ModelInferRequest.FromString
         )
     }
-    server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler("inference.GRPCInferenceService", handlers)]
-    )
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("inference.GRPCInferenceService", handlers)])
     typed_handlers = {
-        "Classify": grpc.unary_unary_rpc_method_handler(
-            _nothing, request_deserializer=typed.ClassifyRequest.FromString
-        )
+        "Classify": grpc.unary_unary_rpc_method_handler(_nothing, request_deserializer=typed.ClassifyRequest.FromString)
     }
-    server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler("serving.v1.ModelService", typed_handlers)]
-    )
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("serving.v1.ModelService", typed_handlers)])
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print("ready", flush=True)

@@ -19,6 +19,7 @@ rate. On a shared machine the best of a few runs is the least disturbed one.
 
 Prints one table, and the load average after each round: other work on the machine skews it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,12 @@ def batch_job(npy: Path, out: Path, model: str, threads: int | None) -> tuple[fl
     try:
         started = time.monotonic()
         backend = LocalBackend(REPO_ROOT / "models", "classify", model)
-        job = Job("classify", open_images(npy), backend,
-                  JobConfig(output=out, chunk_size=256, progress="none", sync=False, log=lambda m: None))
+        job = Job(
+            "classify",
+            open_images(npy),
+            backend,
+            JobConfig(output=out, chunk_size=256, progress="none", sync=False, log=lambda m: None),
+        )
         job.run()
         backend.close()
         return job.rate, time.monotonic() - started
@@ -77,8 +82,18 @@ def ray_run(npy: Path, out: Path, model: str, actors: int) -> tuple[float, float
     from service.jobs.ray_pipeline import PipelineConfig, run_pipeline
 
     started = time.monotonic()
-    summary = run_pipeline(PipelineConfig(inputs=[npy], output=out, model=model, model_repository=REPO_ROOT / "models",
-                                          actors=actors, cpus_per_actor=1, verify=False, log=lambda m: None))
+    summary = run_pipeline(
+        PipelineConfig(
+            inputs=[npy],
+            output=out,
+            model=model,
+            model_repository=REPO_ROOT / "models",
+            actors=actors,
+            cpus_per_actor=1,
+            verify=False,
+            log=lambda m: None,
+        )
+    )
     return summary["images_per_second"], time.monotonic() - started
 
 
@@ -87,8 +102,12 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=100_000, help="images per run [default 100000]")
     parser.add_argument("--models", nargs="+", default=["fashion_softmax", "fashion_cnn"])
     parser.add_argument("--actors", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="rounds; each round runs every configuration once, interleaved [default 3]")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="rounds; each round runs every configuration once, interleaved [default 3]",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -100,10 +119,18 @@ def main() -> int:
     tiled = np.resize(images, (args.rows, *images.shape[1:]))
     configs = []
     for model in args.models:
-        configs += [(model, "batch job, 1 process, ort default threads", lambda npy, o, m=model: batch_job(npy, o, m, None)),
-                    (model, "batch job, 1 process, 1 thread", lambda npy, o, m=model: batch_job(npy, o, m, 1))]
-        configs += [(model, f"ray pipeline, {a} actor{'s' if a > 1 else ''} x 1 CPU",
-                     lambda npy, o, m=model, a=a: ray_run(npy, o, m, a)) for a in args.actors]
+        configs += [
+            (model, "batch job, 1 process, ort default threads", lambda npy, o, m=model: batch_job(npy, o, m, None)),
+            (model, "batch job, 1 process, 1 thread", lambda npy, o, m=model: batch_job(npy, o, m, 1)),
+        ]
+        configs += [
+            (
+                model,
+                f"ray pipeline, {a} actor{'s' if a > 1 else ''} x 1 CPU",
+                lambda npy, o, m=model, a=a: ray_run(npy, o, m, a),
+            )
+            for a in args.actors
+        ]
     rates: dict[tuple[str, str], list[float]] = {(m, e): [] for m, e, _ in configs}
     walls: dict[tuple[str, str], list[float]] = {(m, e): [] for m, e, _ in configs}
     loads = []
@@ -122,8 +149,10 @@ def main() -> int:
                     shutil.rmtree(out, ignore_errors=True)
                     rates[model, engine].append(rate)
                     walls[model, engine].append(wall)
-                    print(f"  round {round_}  {model:16} {engine:42} {rate:>9,.0f} images/s  ({wall:.1f} s wall)",
-                          flush=True)
+                    print(
+                        f"  round {round_}  {model:16} {engine:42} {rate:>9,.0f} images/s  ({wall:.1f} s wall)",
+                        flush=True,
+                    )
                 loads.append(load_avg())
                 print(f"  load average after round {round_}: {loads[-1]}", flush=True)
         finally:
@@ -134,17 +163,27 @@ def main() -> int:
     results = []
     for model, engine, _ in configs:
         best = max(range(len(rates[model, engine])), key=lambda i: rates[model, engine][i])
-        result = {"model": model, "engine": engine, "rows": args.rows,
-                  "best_images_per_second": round(rates[model, engine][best]),
-                  "median_images_per_second": round(float(np.median(rates[model, engine]))),
-                  "best_wall_seconds": round(walls[model, engine][best], 2),
-                  "all_images_per_second": [round(r) for r in rates[model, engine]]}
+        result = {
+            "model": model,
+            "engine": engine,
+            "rows": args.rows,
+            "best_images_per_second": round(rates[model, engine][best]),
+            "median_images_per_second": round(float(np.median(rates[model, engine]))),
+            "best_wall_seconds": round(walls[model, engine][best], 2),
+            "all_images_per_second": [round(r) for r in rates[model, engine]],
+        }
         results.append(result)
-        print(f"| {model} | {engine} | {result['best_images_per_second']:,} | {result['median_images_per_second']:,} | "
-              f"{result['best_wall_seconds']} |")
+        print(
+            f"| {model} | {engine} | {result['best_images_per_second']:,} | {result['median_images_per_second']:,} | "
+            f"{result['best_wall_seconds']} |"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"cores": cores, "ray_start_seconds": round(ray_start, 2), "loads": loads,
-                                         "results": results}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {"cores": cores, "ray_start_seconds": round(ray_start, 2), "loads": loads, "results": results}, indent=2
+            )
+            + "\n"
+        )
     return 0
 
 

@@ -23,6 +23,7 @@ Measurements:
 5. MLServer (its own venv, benchmarks/.venv-mlserver) with a small onnxruntime runtime
    (benchmarks/mlserver_runtime.py) loading the same ONNX files, same V2 requests.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -100,16 +101,38 @@ def write_payloads(directory: Path) -> dict[tuple[str, str, int], Path]:
                 paths[(protocol, model, batch)] = path
             # REST: Triton's binary tensor extension (what tritonclient.http sends by default), and JSON.
             raw = x.tobytes()
-            binary_head = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(x.shape),
-                                                  "parameters": {"binary_data_size": len(raw)}}],
-                                      "parameters": {"binary_data_output": True}}).encode()
+            binary_head = json.dumps(
+                {
+                    "inputs": [
+                        {
+                            "name": "image",
+                            "datatype": "UINT8",
+                            "shape": list(x.shape),
+                            "parameters": {"binary_data_size": len(raw)},
+                        }
+                    ],
+                    "parameters": {"binary_data_output": True},
+                }
+            ).encode()
             path = directory / f"rest-{model}-{batch}.bin"
             path.write_bytes(binary_head + raw)
             paths[("rest", model, batch)] = path
             REST_HEADER_LENGTH[(model, batch)] = len(binary_head)
             path = directory / f"rest-json-{model}-{batch}.json"
-            path.write_text(json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(x.shape),
-                                                    "data": x.reshape(-1).tolist()}]}))
+            path.write_text(
+                json.dumps(
+                    {
+                        "inputs": [
+                            {
+                                "name": "image",
+                                "datatype": "UINT8",
+                                "shape": list(x.shape),
+                                "data": x.reshape(-1).tolist(),
+                            }
+                        ]
+                    }
+                )
+            )
             paths[("rest-json", model, batch)] = path
     return paths
 
@@ -185,12 +208,25 @@ def wait_ready(server: Server, model: str | None, timeout: float = 120) -> None:
     raise TimeoutError(f"{server.name} not ready after {timeout} s:\n{server.log_path.read_text()[-3000:]}")
 
 
-def start(name: str, command: list[str], port: int, workdir: Path, env: dict[str, str] | None = None,
-          ready_model: str | None = SOFTMAX, cwd: Path = ROOT) -> Server:
+def start(
+    name: str,
+    command: list[str],
+    port: int,
+    workdir: Path,
+    env: dict[str, str] | None = None,
+    ready_model: str | None = SOFTMAX,
+    cwd: Path = ROOT,
+) -> Server:
     log_path = workdir / f"{name}.log"
     with open(log_path, "wb") as out:
-        process = subprocess.Popen(command, cwd=cwd, env={**os.environ, **(env or {})}, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     server = Server(name, process, port, log_path)
     if ready_model is None:
         for _ in range(200):  # the null server prints "ready"
@@ -208,8 +244,24 @@ def start_ours(workdir: Path, *args: str, tree: Path = ROOT, name: str = "ours",
     port = free_port()
     http_port = free_port() if http else None
     flags = ("--http-port", str(http_port or 0), *args) if tree == ROOT else args
-    command = [PY, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--provider", "cpu",
-               "--metrics-port", str(free_port()), "--log-level", "WARNING", "--model-repository", str(MODELS), *flags]
+    command = [
+        PY,
+        "-m",
+        "service",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--provider",
+        "cpu",
+        "--metrics-port",
+        str(free_port()),
+        "--log-level",
+        "WARNING",
+        "--model-repository",
+        str(MODELS),
+        *flags,
+    ]
     server = start(name + "".join(a.strip("-") for a in args), command, port, workdir, cwd=tree)
     server.http_port = http_port if tree == ROOT else None
     wait_ready(server, CNN)
@@ -239,8 +291,13 @@ def mlserver_python(install: bool) -> Path | str:
     try:
         if not python.exists():
             subprocess.run([base, "-m", "venv", str(MLSERVER_VENV)], check=True, capture_output=True, text=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", *MLSERVER_REQUIREMENTS],
-                       check=True, capture_output=True, text=True, timeout=1200)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", *MLSERVER_REQUIREMENTS],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         output = getattr(exc, "stderr", "") or getattr(exc, "stdout", "") or str(exc)
         return f"pip install {' '.join(MLSERVER_REQUIREMENTS)} failed: {str(output)[-1500:]}"
@@ -255,16 +312,29 @@ def start_mlserver(workdir: Path, python: Path, parallel_workers: int) -> Server
     shutil.rmtree(repo, ignore_errors=True)
     port, http_port, metrics_port = free_port(), free_port(), free_port()
     repo.mkdir(parents=True)
-    (repo / "settings.json").write_text(json.dumps({
-        "grpc_port": port, "http_port": http_port, "metrics_port": metrics_port, "host": "127.0.0.1",
-        "parallel_workers": parallel_workers, "debug": False,
-    }))
+    (repo / "settings.json").write_text(
+        json.dumps(
+            {
+                "grpc_port": port,
+                "http_port": http_port,
+                "metrics_port": metrics_port,
+                "host": "127.0.0.1",
+                "parallel_workers": parallel_workers,
+                "debug": False,
+            }
+        )
+    )
     for model in (SOFTMAX, CNN):
         (repo / model).mkdir()
-        (repo / model / "model-settings.json").write_text(json.dumps({
-            "name": model, "implementation": "mlserver_runtime.OnnxRuntime",
-            "parameters": {"uri": str(MODELS / model / "1" / "model.onnx")},
-        }))
+        (repo / model / "model-settings.json").write_text(
+            json.dumps(
+                {
+                    "name": model,
+                    "implementation": "mlserver_runtime.OnnxRuntime",
+                    "parameters": {"uri": str(MODELS / model / "1" / "model.onnx")},
+                }
+            )
+        )
     env = {"PYTHONPATH": str(HERE), "MLSERVER_LOGGING_LEVEL": "WARNING"}
     command = [str(Path(python).parent / "mlserver"), "start", str(repo)]
     server = start(f"mlserver-pw{parallel_workers}", command, port, workdir, env=env, ready_model=SOFTMAX)
@@ -310,17 +380,31 @@ class Point:
         return d
 
 
-def _measure_once(server: Server, system: str, protocol: str, model: str, batch: int, concurrency: int,
-                  payloads: dict, duration: float, warmup: float) -> Point:
+def _measure_once(
+    server: Server,
+    system: str,
+    protocol: str,
+    model: str,
+    batch: int,
+    concurrency: int,
+    payloads: dict,
+    duration: float,
+    warmup: float,
+) -> Point:
     if protocol.startswith("rest"):  # HTTP/1.1 keep-alive, one connection per client
         spec: dict[str, Any] = {
             "target": f"127.0.0.1:{server.http_port}",
             "path": f"/v2/models/{model}/infer",
             "body_file": str(payloads[(protocol, model, batch)]),
             "content_type": "application/octet-stream" if protocol == "rest" else "application/json",
-            "headers": ({"Inference-Header-Content-Length": str(REST_HEADER_LENGTH[(model, batch)])}
-                        if protocol == "rest" else {}),
-            "concurrency": concurrency, "duration_s": duration, "warmup_s": warmup,
+            "headers": (
+                {"Inference-Header-Content-Length": str(REST_HEADER_LENGTH[(model, batch)])}
+                if protocol == "rest"
+                else {}
+            ),
+            "concurrency": concurrency,
+            "duration_s": duration,
+            "warmup_s": warmup,
         }
         generator = HERE / "http_loadgen.py"
     else:
@@ -334,8 +418,9 @@ def _measure_once(server: Server, system: str, protocol: str, model: str, batch:
             "channels": 1 if concurrency < 8 else 4,
         }
         generator = HERE / "loadgen.py"
-    process = subprocess.Popen([PY, str(generator), json.dumps(spec)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, cwd=ROOT)
+    process = subprocess.Popen(
+        [PY, str(generator), json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT
+    )
     # Server CPU over the measured window only: sample when the window starts and ends.
     cpu: dict[str, float] = {}
 
@@ -361,9 +446,11 @@ def _measure_once(server: Server, system: str, protocol: str, model: str, batch:
         point.server_cpu = (cpu["end"] - cpu["start"]) / (cpu["t1"] - cpu["t0"])
     if len(latencies):
         point.p50_ms, point.p90_ms, point.p99_ms = (float(np.percentile(latencies, q)) for q in (50, 90, 99))
-    log(f"  {point.key():45s} {point.rps:9.0f} req/s {point.rows_per_s:10.0f} rows/s  p50 {point.p50_ms:7.2f}"
+    log(
+        f"  {point.key():45s} {point.rps:9.0f} req/s {point.rows_per_s:10.0f} rows/s  p50 {point.p50_ms:7.2f}"
         f"  p99 {point.p99_ms:7.2f} ms  client {point.client_cpu:.2f} server {point.server_cpu:.2f} cores"
-        + (f"  errors {point.errors}" if point.errors else ""))
+        + (f"  errors {point.errors}" if point.errors else "")
+    )
     return point
 
 
@@ -384,7 +471,8 @@ def session(path, intra):
     return ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
 for model in ("fashion_softmax", "fashion_cnn"):
     path = {str(MODELS)!r} + "/" + model + "/1/model.onnx"
-    for label, intra, callers in (("onnxruntime defaults, 1 caller", 0, 1), ("server options (1 thread), 2 callers", 1, 2)):
+    configs = (("onnxruntime defaults, 1 caller", 0, 1), ("server options (1 thread), 2 callers", 1, 2))
+    for label, intra, callers in configs:
         s = session(path, intra)
         for batch in (1, 64, 256):
             x = images(batch)
@@ -393,14 +481,16 @@ for model in ("fashion_softmax", "fashion_cnn"):
             stop = time.perf_counter() + {duration}
             def work(i):
                 while time.perf_counter() < stop:
-                    t = time.perf_counter(); s.run(None, {{"image": x}}); lat.append(time.perf_counter() - t); counts[i] += 1
+                    t = time.perf_counter(); s.run(None, {{"image": x}})
+                    lat.append(time.perf_counter() - t); counts[i] += 1
             t0 = time.perf_counter()
             threads = [threading.Thread(target=work, args=(i,)) for i in range(callers)]
             [t.start() for t in threads]; [t.join() for t in threads]
             wall = time.perf_counter() - t0
             l = np.asarray(lat) * 1000
-            out.append(dict(model=model, config=label, batch=batch, callers=callers, rows_per_s=sum(counts) * batch / wall,
-                            calls_per_s=sum(counts) / wall, p50_ms=float(np.percentile(l, 50)), p99_ms=float(np.percentile(l, 99))))
+            out.append(dict(model=model, config=label, batch=batch, callers=callers,
+                            rows_per_s=sum(counts) * batch / wall, calls_per_s=sum(counts) / wall,
+                            p50_ms=float(np.percentile(l, 50)), p99_ms=float(np.percentile(l, 99))))
 print(json.dumps(out))
 """
     result = subprocess.run([PY, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=600)
@@ -408,8 +498,10 @@ print(json.dumps(out))
         raise RuntimeError(result.stderr)
     rows = json.loads(result.stdout)
     for r in rows:
-        log(f"  in-process {r['model']:16s} b{r['batch']:<4d} {r['config']:38s} {r['rows_per_s']:10.0f} rows/s "
-            f"p50 {r['p50_ms']:.3f} ms")
+        log(
+            f"  in-process {r['model']:16s} b{r['batch']:<4d} {r['config']:38s} {r['rows_per_s']:10.0f} rows/s "
+            f"p50 {r['p50_ms']:.3f} ms"
+        )
     return rows
 
 
@@ -451,45 +543,100 @@ def goals(points: list[Point], ceilings: list[dict[str, Any]]) -> list[dict[str,
         out.append({"goal": name, "value": value, "target": target, "better": better, "met": met, "detail": detail})
 
     for protocol in ("v2", "typed"):
-        goal(f"softmax b256 (8 clients), {protocol}: ours / transport ceiling",
-             ratio(rows("ours", protocol, SOFTMAX, 256, 8), rows("null", protocol, SOFTMAX, 256, 8)), 0.85, "higher",
-             "do-nothing server, same request bytes")
-        goal(f"softmax b1, 32 clients, {protocol}: ours / transport ceiling",
-             ratio(rows("ours", protocol, SOFTMAX, 1, 32), rows("null", protocol, SOFTMAX, 1, 32)), 0.85, "higher",
-             "do-nothing server, same request bytes; server CPU per request: ours "
-             f"{cpu_us('ours', protocol, SOFTMAX, 1, 32)} µs, do-nothing {cpu_us('null', protocol, SOFTMAX, 1, 32)} µs")
-        goal(f"cnn b256 (8 clients), {protocol}: ours / in-process onnxruntime",
-             ratio(rows("ours", protocol, CNN, 256, 8), ceiling(CNN, 256)), 0.90, "higher",
-             "best in-process configuration at batch 256")
+        goal(
+            f"softmax b256 (8 clients), {protocol}: ours / transport ceiling",
+            ratio(rows("ours", protocol, SOFTMAX, 256, 8), rows("null", protocol, SOFTMAX, 256, 8)),
+            0.85,
+            "higher",
+            "do-nothing server, same request bytes",
+        )
+        goal(
+            f"softmax b1, 32 clients, {protocol}: ours / transport ceiling",
+            ratio(rows("ours", protocol, SOFTMAX, 1, 32), rows("null", protocol, SOFTMAX, 1, 32)),
+            0.85,
+            "higher",
+            "do-nothing server, same request bytes; server CPU per request: ours "
+            f"{cpu_us('ours', protocol, SOFTMAX, 1, 32)} µs, do-nothing {cpu_us('null', protocol, SOFTMAX, 1, 32)} µs",
+        )
+        goal(
+            f"cnn b256 (8 clients), {protocol}: ours / in-process onnxruntime",
+            ratio(rows("ours", protocol, CNN, 256, 8), ceiling(CNN, 256)),
+            0.90,
+            "higher",
+            "best in-process configuration at batch 256",
+        )
     # The most any server could gain over batching off here: the do-nothing server's rate at the
     # same load (batch-1 requests of the same size) over ours with batching off.
     bound = ratio(rows("null", "v2", SOFTMAX, 1, 32), rows("ours-nobatch", "v2", CNN, 1, 32))
-    goal("cnn b1, 32 clients: batching on / off", ratio(rows("ours", "v2", CNN, 1, 32), rows("ours-nobatch", "v2", CNN, 1, 32)),
-         3.0, "higher", f"p99 on {p99('ours', 'v2', CNN, 1, 32)} ms, off {p99('ours-nobatch', 'v2', CNN, 1, 32)} ms; "
-         f"transport ceiling / batching off = {fmt(bound)}")
-    goal("softmax b1 unloaded round trip p99 (ms), v2", p99("ours", "v2", SOFTMAX, 1, 1), 1.0, "lower",
-         f"do-nothing server p99 {p99('null', 'v2', SOFTMAX, 1, 1)} ms")
-    goal("softmax b1 unloaded round trip p99 (ms), typed", p99("ours", "typed", SOFTMAX, 1, 1), 1.0, "lower",
-         f"do-nothing server p99 {p99('null', 'typed', SOFTMAX, 1, 1)} ms")
-    goal("softmax b1, 32 clients: ours / MLServer", ratio(rows("ours", "v2", SOFTMAX, 1, 32), rows("mlserver", "v2", SOFTMAX, 1, 32)),
-         3.0, "higher", f"transport ceiling / MLServer = {fmt(ratio(rows('null', 'v2', SOFTMAX, 1, 32), rows('mlserver', 'v2', SOFTMAX, 1, 32)))}")
-    goal("softmax b256 (8 clients): ours / MLServer", ratio(rows("ours", "v2", SOFTMAX, 256, 8), rows("mlserver", "v2", SOFTMAX, 256, 8)),
-         10.0, "higher", "")
-    goal("REST softmax b1, 32 clients: ours (binary) / MLServer REST (JSON)",
-         ratio(rows("ours", "rest", SOFTMAX, 1, 32), rows("mlserver", "rest-json", SOFTMAX, 1, 32)), 3.0, "higher",
-         f"ours JSON / MLServer = {fmt(ratio(rows('ours', 'rest-json', SOFTMAX, 1, 32), rows('mlserver', 'rest-json', SOFTMAX, 1, 32)))}; "
-         f"server CPU per request: ours REST {cpu_us('ours', 'rest', SOFTMAX, 1, 32)} µs, gRPC {cpu_us('ours', 'v2', SOFTMAX, 1, 32)} µs, "
-         f"MLServer REST {cpu_us('mlserver', 'rest-json', SOFTMAX, 1, 32)} µs")
-    goal("REST softmax b256 (8 clients): ours (binary) / MLServer REST (JSON)",
-         ratio(rows("ours", "rest", SOFTMAX, 256, 8), rows("mlserver", "rest-json", SOFTMAX, 256, 8)), 10.0, "higher",
-         f"server CPU per request: ours REST {cpu_us('ours', 'rest', SOFTMAX, 256, 8)} µs, gRPC {cpu_us('ours', 'v2', SOFTMAX, 256, 8)} µs")
-    goal("gRPC softmax b1, 32 clients: HTTP on (idle) / HTTP off",
-         ratio(rows("ours", "v2", SOFTMAX, 1, 32), rows("ours-nohttp", "v2", SOFTMAX, 1, 32)), 0.95, "higher",
-         f"server CPU per request {cpu_us('ours', 'v2', SOFTMAX, 1, 32)} vs {cpu_us('ours-nohttp', 'v2', SOFTMAX, 1, 32)} µs")
+    goal(
+        "cnn b1, 32 clients: batching on / off",
+        ratio(rows("ours", "v2", CNN, 1, 32), rows("ours-nobatch", "v2", CNN, 1, 32)),
+        3.0,
+        "higher",
+        f"p99 on {p99('ours', 'v2', CNN, 1, 32)} ms, off {p99('ours-nobatch', 'v2', CNN, 1, 32)} ms; "
+        f"transport ceiling / batching off = {fmt(bound)}",
+    )
+    goal(
+        "softmax b1 unloaded round trip p99 (ms), v2",
+        p99("ours", "v2", SOFTMAX, 1, 1),
+        1.0,
+        "lower",
+        f"do-nothing server p99 {p99('null', 'v2', SOFTMAX, 1, 1)} ms",
+    )
+    goal(
+        "softmax b1 unloaded round trip p99 (ms), typed",
+        p99("ours", "typed", SOFTMAX, 1, 1),
+        1.0,
+        "lower",
+        f"do-nothing server p99 {p99('null', 'typed', SOFTMAX, 1, 1)} ms",
+    )
+    goal(
+        "softmax b1, 32 clients: ours / MLServer",
+        ratio(rows("ours", "v2", SOFTMAX, 1, 32), rows("mlserver", "v2", SOFTMAX, 1, 32)),
+        3.0,
+        "higher",
+        f"transport ceiling / MLServer = {fmt(ratio(rows('null', *B1), rows('mlserver', *B1)))}",
+    )
+    goal(
+        "softmax b256 (8 clients): ours / MLServer",
+        ratio(rows("ours", "v2", SOFTMAX, 256, 8), rows("mlserver", "v2", SOFTMAX, 256, 8)),
+        10.0,
+        "higher",
+        "",
+    )
+    goal(
+        "REST softmax b1, 32 clients: ours (binary) / MLServer REST (JSON)",
+        ratio(rows("ours", "rest", SOFTMAX, 1, 32), rows("mlserver", "rest-json", SOFTMAX, 1, 32)),
+        3.0,
+        "higher",
+        f"ours JSON / MLServer = {fmt(ratio(rows('ours', *JSON_B1), rows('mlserver', *JSON_B1)))}; "
+        f"server CPU per request: ours REST {cpu_us('ours', 'rest', SOFTMAX, 1, 32)} µs, "
+        f"gRPC {cpu_us('ours', *B1)} µs, MLServer REST {cpu_us('mlserver', *JSON_B1)} µs",
+    )
+    goal(
+        "REST softmax b256 (8 clients): ours (binary) / MLServer REST (JSON)",
+        ratio(rows("ours", "rest", SOFTMAX, 256, 8), rows("mlserver", "rest-json", SOFTMAX, 256, 8)),
+        10.0,
+        "higher",
+        f"server CPU per request: ours REST {cpu_us('ours', 'rest', SOFTMAX, 256, 8)} µs, "
+        f"gRPC {cpu_us('ours', 'v2', SOFTMAX, 256, 8)} µs",
+    )
+    goal(
+        "gRPC softmax b1, 32 clients: HTTP on (idle) / HTTP off",
+        ratio(rows("ours", "v2", SOFTMAX, 1, 32), rows("ours-nohttp", "v2", SOFTMAX, 1, 32)),
+        0.95,
+        "higher",
+        f"server CPU per request {cpu_us('ours', *B1)} vs {cpu_us('ours-nohttp', *B1)} µs",
+    )
     for batch, conc in ((1, 1), (1, 32), (256, 8)):
         ours, theirs = p99("ours", "v2", SOFTMAX, batch, conc), p99("mlserver", "v2", SOFTMAX, batch, conc)
-        goal(f"softmax b{batch}, {conc} clients: p99 ours / MLServer", ratio(ours, theirs), 1.0, "lower",
-             f"ours {ours} ms, MLServer {theirs} ms")
+        goal(
+            f"softmax b{batch}, {conc} clients: p99 ours / MLServer",
+            ratio(ours, theirs),
+            1.0,
+            "lower",
+            f"ours {ours} ms, MLServer {theirs} ms",
+        )
     return out
 
 
@@ -507,23 +654,41 @@ def regression(points: list[Point]) -> list[dict[str, Any]]:
         def cpu(p: Point) -> float | None:
             return 1e6 * p.server_cpu / p.rps if p.rps else None
 
-        rows.append({"load": "/".join(map(str, load)), "before_rows_per_s": before.rows_per_s,
-                     "after_rows_per_s": after.rows_per_s, "ratio": ratio(after.rows_per_s, before.rows_per_s),
-                     "before_cpu_us": cpu(before), "after_cpu_us": cpu(after),
-                     "before_p99_ms": before.p99_ms, "after_p99_ms": after.p99_ms})
+        rows.append(
+            {
+                "load": "/".join(map(str, load)),
+                "before_rows_per_s": before.rows_per_s,
+                "after_rows_per_s": after.rows_per_s,
+                "ratio": ratio(after.rows_per_s, before.rows_per_s),
+                "before_cpu_us": cpu(before),
+                "after_cpu_us": cpu(after),
+                "before_p99_ms": before.p99_ms,
+                "after_p99_ms": after.p99_ms,
+            }
+        )
     return rows
 
 
 def regression_table(rows: list[dict[str, Any]], tree: Path) -> str:
-    lines = [f"Before ({tree}) vs after (this tree), same run:", "",
-             "| load (protocol/model/batch/clients) | before rows/s | after rows/s | after / before | "
-             "server CPU µs/req before | after | p99 ms before | after |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"Before ({tree}) vs after (this tree), same run:",
+        "",
+        "| load (protocol/model/batch/clients) | before rows/s | after rows/s | after / before | "
+        "server CPU µs/req before | after | p99 ms before | after |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
-        lines.append(f"| {r['load']} | {r['before_rows_per_s']:.0f} | {r['after_rows_per_s']:.0f} | {fmt(r['ratio'])} | "
-                     f"{fmt(r['before_cpu_us'], 0)} | {fmt(r['after_cpu_us'], 0)} | {r['before_p99_ms']:.2f} | "
-                     f"{r['after_p99_ms']:.2f} |")
+        lines.append(
+            f"| {r['load']} | {r['before_rows_per_s']:.0f} | {r['after_rows_per_s']:.0f} | {fmt(r['ratio'])} | "
+            f"{fmt(r['before_cpu_us'], 0)} | {fmt(r['after_cpu_us'], 0)} | {r['before_p99_ms']:.2f} | "
+            f"{r['after_p99_ms']:.2f} |"
+        )
     return "\n".join(lines)
+
+
+#: (protocol, model, batch, clients) of the loads several goals compare.
+B1 = ("v2", SOFTMAX, 1, 32)
+JSON_B1 = ("rest-json", SOFTMAX, 1, 32)
 
 
 def fmt(value: float | None, digits: int = 2) -> str:
@@ -531,20 +696,31 @@ def fmt(value: float | None, digits: int = 2) -> str:
 
 
 def table(points: list[Point], ceilings: list[dict[str, Any]], goal_rows: list[dict[str, Any]]) -> str:
-    lines = ["| system | protocol | model | batch | clients | req/s | rows/s | p50 ms | p90 ms | p99 ms | client CPU (cores) "
-             "| server CPU (cores) | server CPU µs/req |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| system | protocol | model | batch | clients | req/s | rows/s | p50 ms | p90 ms | p99 ms "
+        "| client CPU (cores) | server CPU (cores) | server CPU µs/req |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for c in ceilings:
-        lines.append(f"| in-process onnxruntime ({c['config']}) | - | {c['model']} | {c['batch']} | {c['callers']} | "
-                     f"{c['calls_per_s']:.0f} | {c['rows_per_s']:.0f} | {c['p50_ms']:.3f} | | {c['p99_ms']:.3f} | | | |")
-    names = {"null": "do-nothing gRPC server", "ours": "ours (batching on)", "ours-nobatch": "ours (batching off)",
-             "ours-nohttp": "ours (HTTP off)", "before": "ours before (baseline tree)",
-             "mlserver": "MLServer 1.7.1"}
+        lines.append(
+            f"| in-process onnxruntime ({c['config']}) | - | {c['model']} | {c['batch']} | {c['callers']} | "
+            f"{c['calls_per_s']:.0f} | {c['rows_per_s']:.0f} | {c['p50_ms']:.3f} | | {c['p99_ms']:.3f} | | | |"
+        )
+    names = {
+        "null": "do-nothing gRPC server",
+        "ours": "ours (batching on)",
+        "ours-nobatch": "ours (batching off)",
+        "ours-nohttp": "ours (HTTP off)",
+        "before": "ours before (baseline tree)",
+        "mlserver": "MLServer 1.7.1",
+    }
     for p in points:
         errors = f" ({sum(p.errors.values())} errors)" if p.errors else ""
-        lines.append(f"| {names.get(p.system, p.system)} | {p.protocol} | {p.model} | {p.batch} | {p.concurrency} | "
-                     f"{p.rps:.0f}{errors} | {p.rows_per_s:.0f} | {p.p50_ms:.2f} | {p.p90_ms:.2f} | {p.p99_ms:.2f} | "
-                     f"{p.client_cpu:.2f} | {p.server_cpu:.2f} | {1e6 * p.server_cpu / p.rps if p.rps else 0:.0f} |")
+        lines.append(
+            f"| {names.get(p.system, p.system)} | {p.protocol} | {p.model} | {p.batch} | {p.concurrency} | "
+            f"{p.rps:.0f}{errors} | {p.rows_per_s:.0f} | {p.p50_ms:.2f} | {p.p90_ms:.2f} | {p.p99_ms:.2f} | "
+            f"{p.client_cpu:.2f} | {p.server_cpu:.2f} | {1e6 * p.server_cpu / p.rps if p.rps else 0:.0f} |"
+        )
     lines += ["", "| goal | measured | target | met |", "| --- | ---: | ---: | --- |"]
     for g in goal_rows:
         sign = ">=" if g["better"] == "higher" else "<="
@@ -569,8 +745,10 @@ def plot(points: list[Point], path: Path) -> None:
         ("ours-nobatch", "v2", CNN, "ours, fashion_cnn, batching off", "C1-^"),
     ]
     for system, protocol, model, label, style in series:
-        pts = sorted((p for p in points if (p.system, p.protocol, p.model, p.batch) == (system, protocol, model, 1)),
-                     key=lambda p: p.concurrency)
+        pts = sorted(
+            (p for p in points if (p.system, p.protocol, p.model, p.batch) == (system, protocol, model, 1)),
+            key=lambda p: p.concurrency,
+        )
         if len(pts) > 1:
             left.plot([p.concurrency for p in pts], [p.rps for p in pts], style, label=label)
     left.set_xscale("log", base=2)
@@ -582,11 +760,15 @@ def plot(points: list[Point], path: Path) -> None:
     left.legend(fontsize=8)
 
     picks = [
-        ("null", "v2", SOFTMAX, 1, 1, "null b1 c1"), ("ours", "v2", SOFTMAX, 1, 1, "ours V2 b1 c1"),
-        ("ours", "typed", SOFTMAX, 1, 1, "ours typed b1 c1"), ("mlserver", "v2", SOFTMAX, 1, 1, "MLServer b1 c1"),
-        ("null", "v2", SOFTMAX, 1, 32, "null b1 c32"), ("ours", "v2", SOFTMAX, 1, 32, "ours b1 c32"),
+        ("null", "v2", SOFTMAX, 1, 1, "null b1 c1"),
+        ("ours", "v2", SOFTMAX, 1, 1, "ours V2 b1 c1"),
+        ("ours", "typed", SOFTMAX, 1, 1, "ours typed b1 c1"),
+        ("mlserver", "v2", SOFTMAX, 1, 1, "MLServer b1 c1"),
+        ("null", "v2", SOFTMAX, 1, 32, "null b1 c32"),
+        ("ours", "v2", SOFTMAX, 1, 32, "ours b1 c32"),
         ("mlserver", "v2", SOFTMAX, 1, 32, "MLServer b1 c32"),
-        ("ours", "v2", CNN, 1, 32, "cnn on b1 c32"), ("ours-nobatch", "v2", CNN, 1, 32, "cnn off b1 c32"),
+        ("ours", "v2", CNN, 1, 32, "cnn on b1 c32"),
+        ("ours-nobatch", "v2", CNN, 1, 32, "cnn off b1 c32"),
     ]
     chosen = [(label, find(points, *key)) for *key, label in picks]
     chosen = [(label, p) for label, p in chosen if p is not None]
@@ -607,37 +789,67 @@ def plot(points: list[Point], path: Path) -> None:
 
 
 def machine() -> dict[str, Any]:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "?",
+    )
     import grpc
     import onnxruntime
 
-    return {"cpu": model, "cores": os.cpu_count(), "gpu": "none", "python": platform.python_version(),
-            "onnxruntime": onnxruntime.__version__, "grpcio": grpc.__version__, "kernel": platform.release(),
-            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "gpu": "none",
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "grpcio": grpc.__version__,
+        "kernel": platform.release(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=3.0, help="seconds measured per point (default 3)")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring (default 1)")
-    parser.add_argument("--repeat", type=int, default=2, help="rounds over all points; each point keeps its best (default 2)")
+    parser.add_argument(
+        "--repeat", type=int, default=2, help="rounds over all points; each point keeps its best (default 2)"
+    )
     parser.add_argument("--skip-mlserver", action="store_true", help="leave MLServer out")
     parser.add_argument("--no-install", action="store_true", help="do not create the MLServer venv")
-    parser.add_argument("--mlserver-workers", type=int, default=0,
-                        help="MLServer parallel_workers (0 = inference in the server process, its fastest here; "
-                        "MLServer's default is 1)")
+    parser.add_argument(
+        "--mlserver-workers",
+        type=int,
+        default=0,
+        help="MLServer parallel_workers (0 = inference in the server process, its fastest here; "
+        "MLServer's default is 1)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
-    parser.add_argument("--baseline-tree", type=Path,
-                        help="also run our server from this source tree (e.g. a `git worktree` of an earlier "
-                        "commit) on the regression loads, interleaved with today's: a before/after table")
-    parser.add_argument("--only-regression", action="store_true",
-                        help="with --baseline-tree: measure the regression loads only (no ceilings, no MLServer)")
+    parser.add_argument(
+        "--baseline-tree",
+        type=Path,
+        help="also run our server from this source tree (e.g. a `git worktree` of an earlier "
+        "commit) on the regression loads, interleaved with today's: a before/after table",
+    )
+    parser.add_argument(
+        "--only-regression",
+        action="store_true",
+        help="with --baseline-tree: measure the regression loads only (no ceilings, no MLServer)",
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     d, w = args.duration, args.warmup
     started = time.time()
-    report: dict[str, Any] = {"machine": machine(), "load_average_before": os.getloadavg(),
-                              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "load_average_before": os.getloadavg(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
     points: list[Point] = []
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         workdir = Path(tmp)
@@ -646,21 +858,35 @@ def main(argv: list[str] | None = None) -> int:
         log("1. in-process onnxruntime (compute ceiling)")
         ceilings = inprocess_ceiling(min(d, 2.0))
 
-        softmax_loads = [("v2", SOFTMAX, 1, 1), ("v2", SOFTMAX, 1, 8), ("v2", SOFTMAX, 1, 32), ("v2", SOFTMAX, 1, 64),
-                         ("v2", SOFTMAX, 64, 8), ("v2", SOFTMAX, 256, 8)]
+        softmax_loads = [
+            ("v2", SOFTMAX, 1, 1),
+            ("v2", SOFTMAX, 1, 8),
+            ("v2", SOFTMAX, 1, 32),
+            ("v2", SOFTMAX, 1, 64),
+            ("v2", SOFTMAX, 64, 8),
+            ("v2", SOFTMAX, 256, 8),
+        ]
         typed_loads = [("typed", SOFTMAX, 1, 1), ("typed", SOFTMAX, 1, 32), ("typed", SOFTMAX, 256, 8)]
         cnn_batch1 = [("v2", CNN, 1, 1), ("v2", CNN, 1, 8), ("v2", CNN, 1, 32), ("v2", CNN, 1, 64)]
         # REST: ours with Triton's binary tensors (and JSON); MLServer's REST takes JSON.
-        rest_loads = [("rest", SOFTMAX, 1, 1), ("rest", SOFTMAX, 1, 32), ("rest", SOFTMAX, 256, 8),
-                      ("rest-json", SOFTMAX, 1, 32), ("rest-json", SOFTMAX, 256, 8)]
+        rest_loads = [
+            ("rest", SOFTMAX, 1, 1),
+            ("rest", SOFTMAX, 1, 32),
+            ("rest", SOFTMAX, 256, 8),
+            ("rest-json", SOFTMAX, 1, 32),
+            ("rest-json", SOFTMAX, 256, 8),
+        ]
         mlserver_rest = [("rest-json", SOFTMAX, 1, 1), ("rest-json", SOFTMAX, 1, 32), ("rest-json", SOFTMAX, 256, 8)]
         plan: dict[str, list[tuple[str, str, int, int]]] = {
             "null": softmax_loads + typed_loads,
-            "ours": softmax_loads + typed_loads + cnn_batch1 + rest_loads
+            "ours": softmax_loads
+            + typed_loads
+            + cnn_batch1
+            + rest_loads
             + [("v2", CNN, 64, 8), ("v2", CNN, 256, 8), ("typed", CNN, 256, 8), ("typed", CNN, 1, 32)],
             "ours-nobatch": cnn_batch1,
             "ours-nohttp": [("v2", SOFTMAX, 1, 32), ("v2", SOFTMAX, 1, 1)],
-            "mlserver": softmax_loads + [("v2", CNN, 1, 32), ("v2", CNN, 256, 8)] + mlserver_rest,
+            "mlserver": [*softmax_loads, ("v2", CNN, 1, 32), ("v2", CNN, 256, 8), *mlserver_rest],
         }
         if args.baseline_tree:
             plan["before"] = REGRESSION_LOADS
@@ -704,8 +930,9 @@ def main(argv: list[str] | None = None) -> int:
                     for system, server in servers.items():
                         if load in plan[system]:
                             runs.setdefault((system, load), []).append(
-                                _measure_once(server, system, *load, payloads, d, w))
-            for (system, load), measured in runs.items():
+                                _measure_once(server, system, *load, payloads, d, w)
+                            )
+            for measured in runs.values():
                 best = max(measured, key=lambda p: p.rps)
                 best.note = f"best of {len(measured)}: " + ", ".join(f"{p.rps:.0f}" for p in measured) + " req/s"
                 points.append(best)
@@ -725,8 +952,13 @@ def main(argv: list[str] | None = None) -> int:
     goal_rows = goals(points, ceilings) if not args.only_regression else []
     if args.baseline_tree:
         report["regression"] = regression(points)
-    report.update(load_average_after=os.getloadavg(), wall_seconds=round(time.time() - started, 1),
-                  ceilings=ceilings, points=[p.as_dict() for p in points], goals=goal_rows)
+    report.update(
+        load_average_after=os.getloadavg(),
+        wall_seconds=round(time.time() - started, 1),
+        ceilings=ceilings,
+        points=[p.as_dict() for p in points],
+        goals=goal_rows,
+    )
     (args.out / "benchmark.json").write_text(json.dumps(report, indent=2))
     text = table(points, ceilings, goal_rows)
     if args.baseline_tree:
@@ -738,9 +970,11 @@ def main(argv: list[str] | None = None) -> int:
         log(f"no plot: {exc}")
     print(text)
     m = report["machine"]
-    print(f"\nmachine: {m['cpu']}, {m['cores']} cores, no GPU; load average before "
-          f"{report['load_average_before'][0]:.2f}, after {report['load_average_after'][0]:.2f}; "
-          f"{report['wall_seconds']:.0f} s; results in {args.out}")
+    print(
+        f"\nmachine: {m['cpu']}, {m['cores']} cores, no GPU; load average before "
+        f"{report['load_average_before'][0]:.2f}, after {report['load_average_after'][0]:.2f}; "
+        f"{report['wall_seconds']:.0f} s; results in {args.out}"
+    )
     return 0
 
 

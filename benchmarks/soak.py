@@ -21,6 +21,7 @@ second; growth is measured from the end of the warm-up to the end. Prints a summ
 ``--json``, writes it.
 Exit status 1 when any request failed or mismatched, or RSS grew by ``--max-rss-growth`` % or more.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -91,36 +92,79 @@ def templates(models: dict[str, str]) -> list[Template]:
         if name in models:
             tensor = pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=[n, 1, 28, 28], data=images[:n].tobytes())
             request = pb.ClassifyRequest(model=pb.ModelRef(name=name), images=tensor, top_k=3)
-            out.append(Template(f"typed Classify {name} x{n}", TYPED + "Classify", request.SerializeToString(), classify_values))
-            raw = v2.ModelInferRequest(model_name=name, inputs=[v2.ModelInferRequest.InferInputTensor(name=models[name], datatype="UINT8", shape=[n, 1, 28, 28])], raw_input_contents=[images[:n].tobytes()])
+            out.append(
+                Template(
+                    f"typed Classify {name} x{n}", TYPED + "Classify", request.SerializeToString(), classify_values
+                )
+            )
+            raw = v2.ModelInferRequest(
+                model_name=name,
+                inputs=[
+                    v2.ModelInferRequest.InferInputTensor(name=models[name], datatype="UINT8", shape=[n, 1, 28, 28])
+                ],
+                raw_input_contents=[images[:n].tobytes()],
+            )
             out.append(Template(f"V2 ModelInfer {name} x{n}", V2 + "ModelInfer", raw.SerializeToString(), _v2_values))
     if "profit" in models:
         request = pb.PredictProfitRequest(population=[35_000.0, 70_000.0, 123_456.0])
-        out.append(Template("typed PredictProfit x3", TYPED + "PredictProfit", request.SerializeToString(),
-                            lambda d: np.array(pb.PredictProfitResponse.FromString(d).profit_usd, np.float32)))
-        raw = v2.ModelInferRequest(model_name="profit", inputs=[v2.ModelInferRequest.InferInputTensor(name=models["profit"], datatype="FP32", shape=[2, 1])], raw_input_contents=[np.array([50_000, 80_000], "<f4").tobytes()])
+        out.append(
+            Template(
+                "typed PredictProfit x3",
+                TYPED + "PredictProfit",
+                request.SerializeToString(),
+                lambda d: np.array(pb.PredictProfitResponse.FromString(d).profit_usd, np.float32),
+            )
+        )
+        raw = v2.ModelInferRequest(
+            model_name="profit",
+            inputs=[v2.ModelInferRequest.InferInputTensor(name=models["profit"], datatype="FP32", shape=[2, 1])],
+            raw_input_contents=[np.array([50_000, 80_000], "<f4").tobytes()],
+        )
         out.append(Template("V2 ModelInfer profit x2", V2 + "ModelInfer", raw.SerializeToString(), _v2_values))
     if "house_price" in models:
-        request = pb.PredictHousePriceRequest(houses=[pb.House(size_sqft=1650, bedrooms=3), pb.House(size_sqft=2400, bedrooms=4)])
-        out.append(Template("typed PredictHousePrice x2", TYPED + "PredictHousePrice", request.SerializeToString(),
-                            lambda d: np.array(pb.PredictHousePriceResponse.FromString(d).price_usd, np.float32)))
+        request = pb.PredictHousePriceRequest(
+            houses=[pb.House(size_sqft=1650, bedrooms=3), pb.House(size_sqft=2400, bedrooms=4)]
+        )
+        out.append(
+            Template(
+                "typed PredictHousePrice x2",
+                TYPED + "PredictHousePrice",
+                request.SerializeToString(),
+                lambda d: np.array(pb.PredictHousePriceResponse.FromString(d).price_usd, np.float32),
+            )
+        )
         typed = v2.ModelInferRequest(model_name="house_price")
         tensor = typed.inputs.add(name=models["house_price"], datatype="FP32", shape=[1, 2])
         tensor.contents.fp32_contents.extend([3000.0, 4.0])
-        out.append(Template("V2 ModelInfer house_price typed contents", V2 + "ModelInfer", typed.SerializeToString(), _v2_values))
+        out.append(
+            Template(
+                "V2 ModelInfer house_price typed contents", V2 + "ModelInfer", typed.SerializeToString(), _v2_values
+            )
+        )
     if not out:
         raise SystemExit(f"none of the bundled model names in {sorted(models)}")
     return out
 
 
 async def _models(channel: grpc.aio.Channel) -> dict[str, str]:
-    call = channel.unary_unary(TYPED + "ListModels", request_serializer=pb.ListModelsRequest.SerializeToString,
-                               response_deserializer=pb.ListModelsResponse.FromString)
+    call = channel.unary_unary(
+        TYPED + "ListModels",
+        request_serializer=pb.ListModelsRequest.SerializeToString,
+        response_deserializer=pb.ListModelsResponse.FromString,
+    )
     return {m.name: m.inputs[0].name for m in (await call(pb.ListModelsRequest(), timeout=30)).models}
 
 
-async def soak(address: str, pid: int, requests: int, concurrency: int, warmup: int, channels: int = 4,
-               progress: bool = False, prime: bool = True) -> dict[str, Any]:
+async def soak(
+    address: str,
+    pid: int,
+    requests: int,
+    concurrency: int,
+    warmup: int,
+    channels: int = 4,
+    progress: bool = False,
+    prime: bool = True,
+) -> dict[str, Any]:
     """Run the soak against ``address`` (server process ``pid``); return the figures."""
     options = [("grpc.max_receive_message_length", 64 * MiB), ("grpc.use_local_subchannel_pool", 1)]
     chans = [grpc.aio.insecure_channel(address, options=options) for _ in range(channels)]
@@ -132,7 +176,9 @@ async def soak(address: str, pid: int, requests: int, concurrency: int, warmup: 
         primed = 0
         if prime:  # every kind at full concurrency at once: the largest batches (checked too)
             for k, t in enumerate(kinds):
-                answers = await asyncio.gather(*(calls[w % len(chans)][k](t.payload, timeout=60) for w in range(concurrency)))
+                answers = await asyncio.gather(
+                    *(calls[w % len(chans)][k](t.payload, timeout=60) for w in range(concurrency))
+                )
                 bad = [a for a in answers if not np.allclose(t.values(a), reference[k], rtol=1e-4, atol=1e-4)]
                 if bad:
                     raise SystemExit(f"priming: {len(bad)} wrong answers to {t.name}")
@@ -184,7 +230,9 @@ async def soak(address: str, pid: int, requests: int, concurrency: int, warmup: 
                     warm_event.set()
                 if progress and state["done"] % 10_000 == 0:
                     rate = state["done"] / (perf() - t_start)
-                    print(f"  {state['done']:>7} requests, {rate:,.0f}/s, RSS {rss_bytes(pid) / MiB:.1f} MiB", flush=True)
+                    print(
+                        f"  {state['done']:>7} requests, {rate:,.0f}/s, RSS {rss_bytes(pid) / MiB:.1f} MiB", flush=True
+                    )
 
         sampler_task = asyncio.create_task(sampler())
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
@@ -213,7 +261,12 @@ async def soak(address: str, pid: int, requests: int, concurrency: int, warmup: 
         "wall_s": round(t_end - t_start, 2),
         "throughput_rps": round(requests / (t_end - t_start), 1),
         "throughput_after_warmup_rps": round((requests - warmup) / max(t_end - t_warm[0], 1e-9), 1),
-        "latency_ms": {q: round(float(np.percentile(ok, p)) * 1000, 2) for q, p in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))} if ok.size else {},
+        "latency_ms": {
+            q: round(float(np.percentile(ok, p)) * 1000, 2)
+            for q, p in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))
+        }
+        if ok.size
+        else {},
         "warmup_requests": warmup,
         "priming_requests": primed,
         "rss_mib": {k: round(rss[k] / MiB, 1) for k in ("start", "warm", "end", "max")},
@@ -240,7 +293,10 @@ def wait_serving(address: str, process: subprocess.Popen, timeout: float = 120) 
             if process.poll() is not None:
                 raise SystemExit(f"server exited with {process.returncode}")
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return
             except grpc.RpcError:
                 pass
@@ -250,8 +306,19 @@ def wait_serving(address: str, process: subprocess.Popen, timeout: float = 120) 
 
 def start_server(model_repository: Path, extra: list[str], log_path: Path) -> tuple[str, subprocess.Popen]:
     port = free_port()
-    command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port),
-               "--model-repository", str(model_repository), "--provider", "cpu"]
+    command = [
+        sys.executable,
+        "-m",
+        "service",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--model-repository",
+        str(model_repository),
+        "--provider",
+        "cpu",
+    ]
     if _has_setting("metrics_port"):
         command += ["--metrics-port", "0"]  # no fixed port: may run beside another server
     command += extra
@@ -299,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         primed = f"a priming burst of {args.concurrency} x each request kind + " if args.prime else ""
         print(f"soak: {args.requests:,} requests at concurrency {args.concurrency}, warm-up {primed}{warmup:,}")
-        result = asyncio.run(soak(address, pid, args.requests, args.concurrency, warmup, args.channels, progress=True, prime=args.prime))
+        result = asyncio.run(
+            soak(address, pid, args.requests, args.concurrency, warmup, args.channels, progress=True, prime=args.prime)
+        )
     finally:
         if process is not None:
             process.send_signal(signal.SIGTERM)
@@ -307,20 +376,37 @@ def main(argv: list[str] | None = None) -> int:
             print(f"server stopped (exit {result_code})")
 
     lat = result["latency_ms"]
-    print(f"requests   {result['requests']:,} ({result['ok']:,} ok), errors {sum(result['errors'].values())} {result['errors'] or ''}")
+    print(
+        f"requests   {result['requests']:,} ({result['ok']:,} ok), "
+        f"errors {sum(result['errors'].values())} {result['errors'] or ''}"
+    )
     print(f"mismatches {sum(result['mismatches'].values())} {result['mismatches'] or ''}")
     print(f"per kind   {result['per_kind']}")
-    print(f"wall       {result['wall_s']} s, {result['throughput_rps']:,} req/s ({result['throughput_after_warmup_rps']:,} after warm-up)")
-    print(f"latency    p50 {lat.get('p50')} ms, p90 {lat.get('p90')} ms, p99 {lat.get('p99')} ms, max {lat.get('max')} ms")
+    print(
+        f"wall       {result['wall_s']} s, {result['throughput_rps']:,} req/s "
+        f"({result['throughput_after_warmup_rps']:,} after warm-up)"
+    )
+    print(
+        f"latency    p50 {lat.get('p50')} ms, p90 {lat.get('p90')} ms, p99 {lat.get('p99')} ms, max {lat.get('max')} ms"
+    )
     rss = result["rss_mib"]
-    print(f"RSS        start {rss['start']} MiB, after warm-up {rss['warm']} MiB, end {rss['end']} MiB, max {rss['max']} MiB")
-    print(f"RSS growth {result['rss_growth_pct']} % from warm-up to end (limit {args.max_rss_growth} %), "
-          f"{result['rss_growth_second_half_pct']} % over the second half")
+    print(
+        f"RSS        start {rss['start']} MiB, after warm-up {rss['warm']} MiB, "
+        f"end {rss['end']} MiB, max {rss['max']} MiB"
+    )
+    print(
+        f"RSS growth {result['rss_growth_pct']} % from warm-up to end (limit {args.max_rss_growth} %), "
+        f"{result['rss_growth_second_half_pct']} % over the second half"
+    )
     for line in result["first_errors"]:
         print(f"  error: {line}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
-    failed = sum(result["errors"].values()) or sum(result["mismatches"].values()) or result["rss_growth_pct"] >= args.max_rss_growth
+    failed = (
+        sum(result["errors"].values())
+        or sum(result["mismatches"].values())
+        or result["rss_growth_pct"] >= args.max_rss_growth
+    )
     return 1 if failed else 0
 
 

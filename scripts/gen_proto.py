@@ -15,6 +15,7 @@ The generated modules register their descriptors in a private pool (``service/ge
 instead of protobuf's process-wide default one, so they can share a process with other code
 generated from protos of the same package (tritonclient's ``inference.*`` messages, for one).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,8 +75,7 @@ def _private_pool(text: str, depth: int) -> str:
     if _DEFAULT_POOL not in text:
         return text
     well_known = "".join(
-        f"_pool.POOL.AddSerializedFile({alias}.DESCRIPTOR.serialized_pb)\n"
-        for _, alias in _WELL_KNOWN.findall(text)
+        f"_pool.POOL.AddSerializedFile({alias}.DESCRIPTOR.serialized_pb)\n" for _, alias in _WELL_KNOWN.findall(text)
     )
     marker = "DESCRIPTOR = " + _DEFAULT_POOL
     text = text.replace(marker, f"{well_known}DESCRIPTOR = _pool.POOL.AddSerializedFile(")
@@ -127,20 +127,12 @@ def diff_trees(expected: Path, actual: Path) -> list[str]:
     def listing(root: Path) -> set[str]:
         if not root.exists():
             return set()
-        return {
-            str(p.relative_to(root))
-            for p in root.rglob("*")
-            if p.is_file() and "__pycache__" not in p.parts
-        }
+        return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
 
     want, have = listing(expected), listing(actual)
     problems = [f"missing: {p}" for p in sorted(want - have)]
     problems += [f"extra: {p}" for p in sorted(have - want)]
-    problems += [
-        f"stale: {p}"
-        for p in sorted(want & have)
-        if not filecmp.cmp(expected / p, actual / p, shallow=False)
-    ]
+    problems += [f"stale: {p}" for p in sorted(want & have) if not filecmp.cmp(expected / p, actual / p, shallow=False)]
     return problems
 
 
@@ -154,9 +146,7 @@ def check(out_dir: Path = OUT_DIR, proto_dir: Path = PROTO_DIR) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--check", action="store_true", help="do not write; exit 1 if the checked-in code is stale"
-    )
+    parser.add_argument("--check", action="store_true", help="do not write; exit 1 if the checked-in code is stale")
     args = parser.parse_args(argv)
     if args.check:
         problems = check()

@@ -4,7 +4,7 @@
 #    (re-installs only when pyproject.toml changed);
 #  - finds Fashion-MNIST: $FASHION_DATA_DIR, else ../shared/data, else data/fashion-mnist, else
 #    downloads it once (upstream URLs, then Debian's dataset-fashion-mnist) and verifies checksums;
-#  - runs pytest. No network is used by the tests themselves.
+#  - runs ruff (lint + format check) and mypy, then pytest. No network is used by the tests themselves.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -28,5 +28,10 @@ if ! .venv/bin/python -c 'from training.data import locate_fashion as l; l(None)
   echo "Fashion-MNIST not found locally: fetching it once into data/fashion-mnist" >&2
   .venv/bin/python -m training fetch
 fi
+
+# Lint, format and types first (seconds): ruff and mypy as configured in pyproject.toml.
+.venv/bin/ruff check --quiet .
+.venv/bin/ruff format --check --quiet .
+.venv/bin/mypy
 
 exec .venv/bin/python -m pytest "$@"

@@ -3,6 +3,7 @@
 Every :class:`~service.settings.Settings` field is a flag (``--field-name``) and an env var
 (``SERVING_FIELD_NAME``); flags win.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
     for old, new in RENAMED.items():  # the old spellings still work (parse_settings maps them)
         parser.add_argument(
-            "--" + old.replace("_", "-"), dest=old, metavar=new.upper(),
+            "--" + old.replace("_", "-"),
+            dest=old,
+            metavar=new.upper(),
             help=f"old name of --{new.replace('_', '-')} [env {prefix}{old.upper()}]",
         )
     return parser

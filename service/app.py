@@ -1,5 +1,6 @@
 """One serving process: the model registry, the data plane, the call gate, the front ends and
 the metrics endpoint, wired together; :func:`serve` runs them until SIGTERM/SIGINT."""
+
 from __future__ import annotations
 
 import asyncio

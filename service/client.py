@@ -15,6 +15,7 @@ attempts.
 
 No torch, no onnxruntime: only grpcio, protobuf, numpy and the generated stubs.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -122,9 +123,7 @@ class RetryPolicy:
     max_backoff: float = 2.0
     multiplier: float = 2.0
     jitter: float = 0.2
-    retry_on: frozenset[grpc.StatusCode] = field(
-        default_factory=lambda: frozenset({grpc.StatusCode.UNAVAILABLE})
-    )
+    retry_on: frozenset[grpc.StatusCode] = field(default_factory=lambda: frozenset({grpc.StatusCode.UNAVAILABLE}))
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
@@ -331,8 +330,10 @@ class ServingClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExceededError(
-                    method, grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"no time left of the {budget:g} s deadline", attempt - 1,
+                    method,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"no time left of the {budget:g} s deadline",
+                    attempt - 1,
                 )
             try:
                 return rpc(request, timeout=remaining, metadata=self._metadata)
@@ -438,7 +439,8 @@ class ServingClient:
                     expected = sizes.pop(0) if sizes else -1
                 if response.request_id != str(number):
                     raise rpc_error(
-                        "ClassifyStream", grpc.StatusCode.INTERNAL,
+                        "ClassifyStream",
+                        grpc.StatusCode.INTERNAL,
                         f"response {number} answers request_id {response.request_id!r}",
                     )
                 result = _classification(response, expected, "ClassifyStream")
@@ -474,7 +476,8 @@ class ServingClient:
             got = np.asarray(response.profit_usd, dtype=np.float32)
             if len(got) != part.stop - part.start:
                 raise rpc_error(
-                    "PredictProfit", grpc.StatusCode.INTERNAL,
+                    "PredictProfit",
+                    grpc.StatusCode.INTERNAL,
                     f"server returned {len(got)} values for {part.stop - part.start} populations",
                 )
             out[part] = got
@@ -529,7 +532,8 @@ class ServingClient:
                 last = f"{exc.code.name}: {exc.details}"
             time.sleep(poll)
         raise UnavailableError(
-            "Health.Check", grpc.StatusCode.UNAVAILABLE,
+            "Health.Check",
+            grpc.StatusCode.UNAVAILABLE,
             f"{self.address} not SERVING after {timeout:g} s (last: {last})",
         )
 
@@ -537,4 +541,3 @@ class ServingClient:
 def connect(address: str, **kwargs: Any) -> ServingClient:
     """``ServingClient(address, **kwargs)``: see :class:`ServingClient` for TLS, token, timeout, retry."""
     return ServingClient(address, **kwargs)
-

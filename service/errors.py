@@ -3,6 +3,7 @@
 The core and the data plane raise these; each front end maps them to its own status codes in one
 table (``service/grpc/status.py`` for gRPC). Messages say what was expected and what came.
 """
+
 from __future__ import annotations
 
 

@@ -5,6 +5,7 @@ SERVING, 1 otherwise (NOT_SERVING, unknown service, unreachable, deadline passed
 stdout says what was seen. The default address is ``127.0.0.1:$SERVING_PORT`` (8001), the port the
 server in the same container listens on. No retries: the container runtime re-probes on its own.
 """
+
 from __future__ import annotations
 
 import argparse

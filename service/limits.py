@@ -15,6 +15,7 @@
 
 All state lives on the event loop thread (no locks).
 """
+
 from __future__ import annotations
 
 import asyncio

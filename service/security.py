@@ -12,6 +12,7 @@ Tokens are compared in constant time: both sides are hashed (SHA-256, so lengths
 either) and compared with :func:`hmac.compare_digest` against every configured token, without
 stopping at the first match.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,9 +51,7 @@ def read_token_file(path: Path) -> list[str]:
         raise AuthConfigError(f"auth token file {path} holds no token")
     bad = [i for i, t in enumerate(tokens) if not all(33 <= ord(c) <= 126 for c in t)]
     if bad:
-        raise AuthConfigError(
-            f"auth token file {path}: token {bad[0] + 1} has spaces or non-ASCII characters"
-        )
+        raise AuthConfigError(f"auth token file {path}: token {bad[0] + 1} has spaces or non-ASCII characters")
     return tokens
 
 

@@ -1,4 +1,5 @@
 """Server settings: one pydantic-settings class, read from ``SERVING_*`` env vars and CLI flags."""
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,9 @@ class BatchingOverride(BaseModel):
 
     enabled: bool | None = None
     max_batch_rows: int | None = Field(
-        None, ge=1, validation_alias=AliasChoices("max_batch_rows", "max_batch_size")  # old spelling
+        None,
+        ge=1,
+        validation_alias=AliasChoices("max_batch_rows", "max_batch_size"),  # old spelling
     )
     max_queue_delay_us: int | None = Field(None, ge=0)
     queue_capacity: int | None = Field(None, ge=1)
@@ -46,9 +49,7 @@ class Settings(BaseSettings):
 
     host: str = Field("0.0.0.0", description="interface to listen on")
     port: int = Field(8001, ge=0, le=65535, description="gRPC port (0 = pick a free one)")
-    model_repository: Path = Field(
-        BUNDLED_MODELS, description="directory holding <name>/<version>/model.onnx"
-    )
+    model_repository: Path = Field(BUNDLED_MODELS, description="directory holding <name>/<version>/model.onnx")
     provider: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
         description="onnxruntime execution provider: auto (CUDA when available, else CPU), "
@@ -61,24 +62,24 @@ class Settings(BaseSettings):
         "core); with inference_workers batches running at once, workers x threads <= cores "
         "keeps the CPU from being oversubscribed",
     )
-    inter_op_threads: int = Field(
-        1, ge=0, description="onnxruntime threads across operators (0 = onnxruntime default)"
-    )
+    inter_op_threads: int = Field(1, ge=0, description="onnxruntime threads across operators (0 = onnxruntime default)")
     inference_workers: int = Field(
         2, ge=1, description="threads running inference calls concurrently, off the event loop"
     )
     max_request_rows: int = Field(
-        1024, ge=1, description="most rows (batch size) one request may carry; more → INVALID_ARGUMENT "
-        "(was max_batch_size)"
+        1024,
+        ge=1,
+        description="most rows (batch size) one request may carry; more → INVALID_ARGUMENT (was max_batch_size)",
     )
     dynamic_batching: bool = Field(
         True,
-        description="batch concurrent requests for the same model version together "
-        "(per-model override: 'enabled')",
+        description="batch concurrent requests for the same model version together (per-model override: 'enabled')",
     )
     max_batch_rows: int = Field(
-        64, ge=1, description="most rows in one executed batch; larger requests are split "
-        "(per-model override: 'max_batch_rows'; was batch_max_size)"
+        64,
+        ge=1,
+        description="most rows in one executed batch; larger requests are split "
+        "(per-model override: 'max_batch_rows'; was batch_max_size)",
     )
     batch_max_queue_delay_us: int = Field(
         0,
@@ -143,24 +144,27 @@ class Settings(BaseSettings):
     )
     auth_token_file: Path | None = Field(
         None,
-        description="file with one bearer token per line (blank lines and # comments ignored); "
-        "re-read when it changes",
+        description="file with one bearer token per line (blank lines and # comments ignored); re-read when it changes",
     )
     max_concurrent_requests: int = Field(
-        256, ge=1, description="calls handled at once (an open stream counts as one; health "
-        "checks are not counted); more → RESOURCE_EXHAUSTED"
+        256,
+        ge=1,
+        description="calls handled at once (an open stream counts as one; health "
+        "checks are not counted); more → RESOURCE_EXHAUSTED",
     )
     max_metadata_bytes: int = Field(
-        16 * 1024, ge=1024, description="largest request metadata (headers), in bytes; "
-        "more → RESOURCE_EXHAUSTED"
+        16 * 1024, ge=1024, description="largest request metadata (headers), in bytes; more → RESOURCE_EXHAUSTED"
     )
     reload_interval_seconds: float = Field(
-        0.0, ge=0, description="poll the model repository this often: new versions are loaded, "
-        "removed ones drained and unloaded, changed files reloaded (0 = no polling)"
+        0.0,
+        ge=0,
+        description="poll the model repository this often: new versions are loaded, "
+        "removed ones drained and unloaded, changed files reloaded (0 = no polling)",
     )
     allow_model_control: bool = Field(
-        False, description="serve V2 RepositoryModelLoad/RepositoryModelUnload (load, reload or "
-        "drain a model on request); off, they answer FAILED_PRECONDITION"
+        False,
+        description="serve V2 RepositoryModelLoad/RepositoryModelUnload (load, reload or "
+        "drain a model on request); off, they answer FAILED_PRECONDITION",
     )
 
     @classmethod

@@ -1,6 +1,7 @@
 """What both V2 (Open Inference Protocol) front ends report, gRPC and HTTP alike: server
 metadata, model metadata, Triton's model configuration, the repository index, and the checks
 of model-control requests."""
+
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence

@@ -7,6 +7,7 @@ Examples::
     python -m training fetch
     python -m training evaluate --data-dir ../shared/data
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,10 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train models and export them to the model repository")
-    train.add_argument("models", nargs="+", metavar="MODEL",
-                       help="profit, house_price, fashion_softmax, fashion_cnn, or all")
-    train.add_argument("--data-dir", type=Path, help="folder holding fashion-mnist/ (or the .gz files); "
-                       "default: $FASHION_DATA_DIR, then data/fashion-mnist")
+    train.add_argument(
+        "models", nargs="+", metavar="MODEL", help="profit, house_price, fashion_softmax, fashion_cnn, or all"
+    )
+    train.add_argument(
+        "--data-dir",
+        type=Path,
+        help="folder holding fashion-mnist/ (or the .gz files); default: $FASHION_DATA_DIR, then data/fashion-mnist",
+    )
     train.add_argument("--fetch", action="store_true", help="download Fashion-MNIST if not found")
     train.add_argument("--repository", type=Path, default=PROJECT_ROOT / "models")
     train.add_argument("--reports", type=Path, default=PROJECT_ROOT / "reports")
@@ -52,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         return {"train": _train, "fetch": _fetch, "evaluate": _evaluate}[args.command](args)
     except DataError as exc:
@@ -67,8 +73,7 @@ def _train(args: argparse.Namespace) -> int:
     names = list(MODELS) if "all" in args.models else args.models
     unknown = [n for n in names if n not in TRAINERS]
     if unknown:
-        print(f"error: unknown model {', '.join(unknown)}; choose from {', '.join(MODELS)} or all",
-              file=sys.stderr)
+        print(f"error: unknown model {', '.join(unknown)}; choose from {', '.join(MODELS)} or all", file=sys.stderr)
         return 2
     if args.data_dir is not None and not args.data_dir.is_dir():
         raise DataError(f"{args.data_dir}: data directory does not exist")
@@ -76,17 +81,27 @@ def _train(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    opts = Options(repository=args.repository, reports=args.reports, data_dir=args.data_dir,
-                   version=args.version, seed=args.seed, epochs=args.epochs, limit=args.limit,
-                   fetch=args.fetch)
+    opts = Options(
+        repository=args.repository,
+        reports=args.reports,
+        data_dir=args.data_dir,
+        version=args.version,
+        seed=args.seed,
+        epochs=args.epochs,
+        limit=args.limit,
+        fetch=args.fetch,
+    )
     summary = {}
     for name in names:
         start = time.perf_counter()
         log.info("training %s", name)
         summary[name] = TRAINERS[name](opts)
         log.info("%s done in %.1f s", name, time.perf_counter() - start)
-    print(json.dumps({n: {k: v for k, v in m.items() if not isinstance(v, (dict, list))}
-                      for n, m in summary.items()}, indent=2))
+    print(
+        json.dumps(
+            {n: {k: v for k, v in m.items() if not isinstance(v, (dict, list))} for n, m in summary.items()}, indent=2
+        )
+    )
     return 0
 
 
@@ -103,8 +118,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     files = data.locate_fashion(args.data_dir)
     test = data.load_fashion(files, "test")
-    result = {name: evaluate.classifier_accuracy(args.repository, name, test)
-              for name in ("fashion_softmax", "fashion_cnn")}
+    result = {
+        name: evaluate.classifier_accuracy(args.repository, name, test) for name in ("fashion_softmax", "fashion_cnn")
+    }
     result.update(evaluate.regression_predictions(args.repository))
     print(json.dumps(result, indent=2))
     return 0

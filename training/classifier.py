@@ -4,6 +4,7 @@ Both networks take float images already scaled and standardised; ``ImageClassifi
 network into the served contract: ``image`` uint8 [N,1,28,28] 0–255 in, ``probabilities``
 float32 [N,10] out, with scaling and softmax inside the graph.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,16 +41,26 @@ class SmallCNN(nn.Module):
         super().__init__()
 
         def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-                                 nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+            )
 
         self.features = nn.Sequential(
-            block(1, 32), nn.MaxPool2d(2),          # 14×14
-            block(32, 64), nn.MaxPool2d(2),         # 7×7
-            block(64, 128), nn.MaxPool2d(2),        # 3×3
+            block(1, 32),
+            nn.MaxPool2d(2),  # 14×14
+            block(32, 64),
+            nn.MaxPool2d(2),  # 7×7
+            block(64, 128),
+            nn.MaxPool2d(2),  # 3×3
         )
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(128 * 3 * 3, 128),
-                                  nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(128, 10))
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(128 * 3 * 3, 128),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(128, 10),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits: torch.Tensor = self.head(self.features(x))
@@ -137,7 +148,7 @@ DEFAULTS = {
 def predict_logits(net: nn.Module, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
     """Logits for uint8 images, in batches, with the network in eval mode."""
     net.eval()
-    out = [net(to_input(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
+    out = [net(to_input(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
     return torch.cat(out).numpy()
 
 
@@ -145,8 +156,9 @@ def accuracy(net: nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
     return float((predict_logits(net, images).argmax(1) == labels).mean())
 
 
-def train(name: str, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
-          test_y: np.ndarray, cfg: TrainConfig) -> tuple[nn.Module, History]:
+def train(
+    name: str, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, cfg: TrainConfig
+) -> tuple[nn.Module, History]:
     """Train ``name``'s network with Adam + cosine LR on cross-entropy; log every epoch."""
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -154,7 +166,8 @@ def train(name: str, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = (len(train_x) + cfg.batch_size - 1) // cfg.batch_size
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15)
+        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
+    )
     x_all, y_all = to_input(train_x), torch.from_numpy(train_y)
     history = History()
     start = time.perf_counter()
@@ -163,7 +176,7 @@ def train(name: str, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
         order = torch.randperm(len(x_all), generator=generator)
         total_loss, correct = 0.0, 0
         for i in range(0, len(order), cfg.batch_size):
-            idx = order[i:i + cfg.batch_size]
+            idx = order[i : i + cfg.batch_size]
             xb, yb = x_all[idx], y_all[idx]
             if name == "fashion_cnn":  # light augmentation: random horizontal flip
                 flip = torch.rand(len(xb), generator=generator) < 0.5
@@ -179,9 +192,16 @@ def train(name: str, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
         history.train_loss.append(total_loss / len(order))
         history.train_acc.append(correct / len(order))
         history.test_acc.append(accuracy(net, test_x, test_y))
-        log.info("%s epoch %2d/%d  loss %.4f  train acc %.4f  test acc %.4f  (%.0f s)", name, epoch,
-                 cfg.epochs, history.train_loss[-1], history.train_acc[-1], history.test_acc[-1],
-                 time.perf_counter() - start)
+        log.info(
+            "%s epoch %2d/%d  loss %.4f  train acc %.4f  test acc %.4f  (%.0f s)",
+            name,
+            epoch,
+            cfg.epochs,
+            history.train_loss[-1],
+            history.train_acc[-1],
+            history.test_acc[-1],
+            time.perf_counter() - start,
+        )
     history.seconds = time.perf_counter() - start
     net.eval()
     return net, history

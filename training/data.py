@@ -6,6 +6,7 @@ official upstream URLs first, then Debian's ``dataset-fashion-mnist`` package th
 ``apt-get download`` + ``dpkg-deb -x``). Every file is checked against the SHA-256 of its
 *gunzipped* content, which is the same for both sources (their ``.gz`` headers differ).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -29,8 +30,16 @@ PROFIT_DIR = PROJECT_ROOT / "data" / "profit"
 FASHION_CACHE = PROJECT_ROOT / "data" / "fashion-mnist"
 
 CLASS_NAMES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 
 # SHA-256 of the gunzipped content: identical for the upstream files and Debian's package.
@@ -76,18 +85,22 @@ def parse_idx(content: bytes, name: str = "<bytes>") -> np.ndarray:
         raise DataError(f"{name}: too short for an IDX header ({len(content)} bytes)")
     zero, zero2, type_code, ndim = content[0], content[1], content[2], content[3]
     if zero or zero2 or type_code not in _IDX_DTYPES or ndim == 0:
-        raise DataError(f"{name}: bad IDX magic number 0x{content[:4].hex()} "
-                        "(expected 0x0000TTNN with a known type TT and NN ≥ 1 dims)")
+        raise DataError(
+            f"{name}: bad IDX magic number 0x{content[:4].hex()} "
+            "(expected 0x0000TTNN with a known type TT and NN ≥ 1 dims)"
+        )
     header = 4 + 4 * ndim
     if len(content) < header:
         raise DataError(f"{name}: truncated IDX header ({len(content)} bytes, need {header})")
-    dims = tuple(int.from_bytes(content[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dims = tuple(int.from_bytes(content[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_IDX_DTYPES[type_code])
     expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
     payload = len(content) - header
     if payload != expected:
-        raise DataError(f"{name}: payload is {payload} bytes but dims {dims} of {dtype.name} "
-                        f"need {expected} (file truncated or padded)")
+        raise DataError(
+            f"{name}: payload is {payload} bytes but dims {dims} of {dtype.name} "
+            f"need {expected} (file truncated or padded)"
+        )
     return np.frombuffer(content, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
 
 
@@ -143,9 +156,11 @@ def locate_fashion(data_dir: str | Path | None = None, *, fetch: bool = False) -
         if any(_fashion_file(directory, stem) for stem in FASHION_SHA256):
             return verify_fashion_dir(directory)
     if not fetch:
-        raise DataError("Fashion-MNIST not found (looked in "
-                        + ", ".join(str(d) for d in _candidate_dirs(data_dir))
-                        + "); pass --data-dir, set FASHION_DATA_DIR, or run `python -m training fetch`")
+        raise DataError(
+            "Fashion-MNIST not found (looked in "
+            + ", ".join(str(d) for d in _candidate_dirs(data_dir))
+            + "); pass --data-dir, set FASHION_DATA_DIR, or run `python -m training fetch`"
+        )
     return fetch_fashion(FASHION_CACHE)
 
 

@@ -2,6 +2,7 @@
 
 Layout (Triton-style): ``<repository>/<name>/<version>/model.onnx`` and ``card.json`` beside it.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,13 @@ class TensorContract:
     description: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
-                "unit": self.unit, "description": self.description}
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "unit": self.unit,
+            "description": self.description,
+        }
 
 
 class ParityError(Exception):
@@ -44,8 +50,13 @@ class ParityError(Exception):
 
 
 def library_versions() -> dict[str, str]:
-    return {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": ort.__version__, "numpy": np.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": ort.__version__,
+        "numpy": np.__version__,
+    }
 
 
 def parity(module: nn.Module, path: Path, sample: np.ndarray, input_name: str) -> float:
@@ -62,10 +73,19 @@ def parity(module: nn.Module, path: Path, sample: np.ndarray, input_name: str) -
     return float(np.max(np.abs(actual.astype(np.float64) - expected) / scale))
 
 
-def export(module: nn.Module, repository: Path, name: str, version: int, *,
-           inputs: TensorContract, outputs: TensorContract, parity_sample: np.ndarray,
-           metadata: dict[str, object], card_extra: dict[str, object],
-           reference: nn.Module | None = None) -> tuple[Path, float]:
+def export(
+    module: nn.Module,
+    repository: Path,
+    name: str,
+    version: int,
+    *,
+    inputs: TensorContract,
+    outputs: TensorContract,
+    parity_sample: np.ndarray,
+    metadata: dict[str, object],
+    card_extra: dict[str, object],
+    reference: nn.Module | None = None,
+) -> tuple[Path, float]:
     """Export ``module`` to ``repository/name/version``; verify it; write metadata and card.
 
     Parity is measured against ``reference`` (default: ``module`` itself), e.g. the model as
@@ -78,8 +98,13 @@ def export(module: nn.Module, repository: Path, name: str, version: int, *,
     path = target / "model.onnx"
     example = torch.from_numpy(parity_sample[:2])
     torch.onnx.export(
-        module, (example,), str(path), input_names=[inputs.name], output_names=[outputs.name],
-        dynamic_axes={inputs.name: {0: "N"}, outputs.name: {0: "N"}}, opset_version=OPSET,
+        module,
+        (example,),
+        str(path),
+        input_names=[inputs.name],
+        output_names=[outputs.name],
+        dynamic_axes={inputs.name: {0: "N"}, outputs.name: {0: "N"}},
+        opset_version=OPSET,
         dynamo=False,  # the TorchScript exporter: no onnxscript dependency, small plain graphs
     )
     model = onnx.load(str(path))
@@ -97,15 +122,20 @@ def export(module: nn.Module, repository: Path, name: str, version: int, *,
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
     diff = parity((reference or module).eval(), path, parity_sample, inputs.name)
-    log.info("%s v%d: parity torch vs onnxruntime on %d inputs: max diff %.3g", name, version,
-             len(parity_sample), diff)
+    log.info("%s v%d: parity torch vs onnxruntime on %d inputs: max diff %.3g", name, version, len(parity_sample), diff)
     if diff > PARITY_TOLERANCE:
         raise ParityError(f"{name}: onnxruntime differs from torch by {diff:.3g} > {PARITY_TOLERANCE}")
     card = {
-        "name": name, "version": version, "format": "onnx", "opset": OPSET,
-        "inputs": [inputs.as_dict()], "outputs": [outputs.as_dict()],
-        "parity_max_diff": diff, "parity_samples": len(parity_sample),
-        **card_extra, **{k: v for k, v in metadata.items()},
+        "name": name,
+        "version": version,
+        "format": "onnx",
+        "opset": OPSET,
+        "inputs": [inputs.as_dict()],
+        "outputs": [outputs.as_dict()],
+        "parity_max_diff": diff,
+        "parity_samples": len(parity_sample),
+        **card_extra,
+        **{k: v for k, v in metadata.items()},
         "library_versions": library_versions(),
     }
     (target / "card.json").write_text(json.dumps(card, indent=2, default=_jsonable) + "\n")

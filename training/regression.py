@@ -4,6 +4,7 @@ Features and target are standardised for training (the problem is then well cond
 plain gradient descent reaches the closed-form optimum); the exported module folds the
 standardisation and the unit conversion into the graph, so it speaks natural units.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,9 @@ class LinearFit:
         return float(np.mean((self.predict(x) - y) ** 2))
 
 
-def fit_gradient_descent(x: np.ndarray, y: np.ndarray, *, lr: float = 0.1, steps: int = 2000,
-                         seed: int = 0, log_every: int = 200) -> LinearFit:
+def fit_gradient_descent(
+    x: np.ndarray, y: np.ndarray, *, lr: float = 0.1, steps: int = 2000, seed: int = 0, log_every: int = 200
+) -> LinearFit:
     """Fit ``y ≈ x·w + b`` by full-batch gradient descent on MSE (float64, standardised data)."""
     torch.manual_seed(seed)
     x_mean, x_std = x.mean(axis=0), x.std(axis=0)
@@ -62,8 +64,7 @@ def fit_gradient_descent(x: np.ndarray, y: np.ndarray, *, lr: float = 0.1, steps
     b_std = float(layer.bias.detach()[0])
     weights = w_std * y_std / x_std
     bias = y_mean + y_std * b_std - float(weights @ x_mean)
-    scaler = {"x_mean": x_mean, "x_std": x_std, "y_mean": y_mean, "y_std": y_std,
-              "w": w_std, "b": b_std}
+    scaler = {"x_mean": x_mean, "x_std": x_std, "y_mean": y_mean, "y_std": y_std, "w": w_std, "b": b_std}
     return LinearFit(weights=weights, bias=bias, losses=losses, scaler=scaler)
 
 

@@ -1,4 +1,5 @@
 """Training reports: metrics JSON and PNG plots (fit line, loss curve, confusion matrix)."""
+
 from __future__ import annotations
 
 import json
@@ -20,13 +21,11 @@ def write_metrics(directory: Path, metrics: dict[str, Any]) -> Path:
     return path
 
 
-def plot_loss(directory: Path, curves: dict[str, list[float]], title: str, ylabel: str,
-              log_y: bool = False) -> Path:
+def plot_loss(directory: Path, curves: dict[str, list[float]], title: str, ylabel: str, log_y: bool = False) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, values in curves.items():
         ax.plot(np.arange(1, len(values) + 1), values, label=label)
-    ax.set(title=title, xlabel="step" if len(next(iter(curves.values()))) > 100 else "epoch",
-           ylabel=ylabel)
+    ax.set(title=title, xlabel="step" if len(next(iter(curves.values()))) > 100 else "epoch", ylabel=ylabel)
     if log_y:
         ax.set_yscale("log")
     ax.legend()
@@ -34,8 +33,9 @@ def plot_loss(directory: Path, curves: dict[str, list[float]], title: str, ylabe
     return _save(fig, directory / "loss.png")
 
 
-def plot_fit(directory: Path, x: np.ndarray, y: np.ndarray, slope: float, intercept: float,
-             xlabel: str, ylabel: str, title: str) -> Path:
+def plot_fit(
+    directory: Path, x: np.ndarray, y: np.ndarray, slope: float, intercept: float, xlabel: str, ylabel: str, title: str
+) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.scatter(x, y, s=12, marker="x", color="tab:red", label="training data")
     xs = np.linspace(x.min(), x.max(), 100)
@@ -55,14 +55,14 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, classes: int =
 def plot_confusion(directory: Path, matrix: np.ndarray, class_names: list[str], title: str) -> Path:
     fig, ax = plt.subplots(figsize=(7, 6))
     ax.imshow(matrix, cmap="Blues")
-    ax.set(xticks=range(len(class_names)), yticks=range(len(class_names)), title=title,
-           xlabel="predicted", ylabel="true")
+    ax.set(
+        xticks=range(len(class_names)), yticks=range(len(class_names)), title=title, xlabel="predicted", ylabel="true"
+    )
     ax.set_xticklabels(class_names, rotation=45, ha="right")
     ax.set_yticklabels(class_names)
     threshold = matrix.max() / 2
     for (i, j), count in np.ndenumerate(matrix):
-        ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
-                color="white" if count > threshold else "black")
+        ax.text(j, i, str(count), ha="center", va="center", fontsize=7, color="white" if count > threshold else "black")
     return _save(fig, directory / "confusion.png")
 
 

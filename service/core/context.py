@@ -1,5 +1,6 @@
 """The per-request context: one object per request (per message on streams) that the front end
 opens, the data plane and the batcher fill in, and metrics, logs and traces read when it ends."""
+
 from __future__ import annotations
 
 import time
@@ -10,8 +11,21 @@ class RequestContext:
     """What is known about one request. Times are ``time.perf_counter()`` seconds."""
 
     __slots__ = (
-        "protocol", "method", "inference", "start", "deadline", "model", "version", "request_id",
-        "rows", "queue_seconds", "compute_seconds", "batch_rows", "status", "error", "fields",
+        "protocol",
+        "method",
+        "inference",
+        "start",
+        "deadline",
+        "model",
+        "version",
+        "request_id",
+        "rows",
+        "queue_seconds",
+        "compute_seconds",
+        "batch_rows",
+        "status",
+        "error",
+        "fields",
     )
 
     def __init__(self, protocol: str, method: str, *, inference: bool = False, timeout: float | None = None) -> None:

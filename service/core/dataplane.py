@@ -14,6 +14,7 @@ and returns the outputs for the front end to encode. Everything is recorded in t
 observers (metrics, request log) when the front end has answered. Errors are protocol-neutral
 (:mod:`service.errors`); each front end maps them to its status codes in one table.
 """
+
 from __future__ import annotations
 
 import math

@@ -1,5 +1,6 @@
 """Tensor element types: the Open Inference Protocol's datatype names (``FP32``, ``UINT8``...) ⇄
 numpy dtypes, shared by every front end and by error messages."""
+
 from __future__ import annotations
 
 import functools

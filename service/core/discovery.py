@@ -4,6 +4,7 @@ Entries starting with ``.`` or ``_`` are skipped (staging folders, ``__pycache__
 folders are positive integers in ASCII digits. A problem with one entry is recorded and the scan
 goes on: one bad folder never stops a scan, a poll or start-up.
 """
+
 from __future__ import annotations
 
 import os

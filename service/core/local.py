@@ -1,6 +1,7 @@
 """One model version run in this process, without a server: the batch job's ``--local`` backend
 and the Ray pipeline's actors. Same session options, same admission and checks, same task logic
 as the server (no batcher: the caller sends whole chunks)."""
+
 from __future__ import annotations
 
 from pathlib import Path

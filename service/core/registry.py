@@ -26,6 +26,7 @@ publish, so every request that got the old version is already counted in its bat
 A model unloaded by request stays unloaded (polls leave it alone) until it is loaded by request.
 If the repository root cannot be read, nothing is unloaded: that round is skipped and logged.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -388,10 +389,16 @@ class ModelRegistry:
             inputs, outputs = model.spec.signature()
             log.info(
                 "model loaded",
-                extra={"model": key.name, "version": key.version, "provider": model.provider,
-                       "inputs": inputs, "outputs": outputs,
-                       "batching": {**model.batcher.config.describe(), "enabled": model.batcher.batching},
-                       "replaced": old is not None, "trigger": trigger},
+                extra={
+                    "model": key.name,
+                    "version": key.version,
+                    "provider": model.provider,
+                    "inputs": inputs,
+                    "outputs": outputs,
+                    "batching": {**model.batcher.config.describe(), "enabled": model.batcher.batching},
+                    "replaced": old is not None,
+                    "trigger": trigger,
+                },
             )
         on_disk = plan.scan.on_disk
         for key in list(self._rejected):  # forget rejections of folders that are gone
@@ -407,7 +414,9 @@ class ModelRegistry:
             self._rejected[key] = signature
             failures[Failure(key.name, str(key.version))] = why
             report.rejected[key] = why
-            log.error("model rejected", extra={"model": key.name, "version": key.version, "error": why, "trigger": trigger})
+            log.error(
+                "model rejected", extra={"model": key.name, "version": key.version, "error": why, "trigger": trigger}
+            )
         for failure, why in plan.scan.problems.items():
             if failure not in self.failures:
                 log.error("model rejected", extra={"model": str(failure), "error": why, "trigger": trigger})
@@ -416,9 +425,13 @@ class ModelRegistry:
         if report.changed or report.rejected:
             log.info(
                 "model repository reloaded",
-                extra={"loaded": [str(k) for k in report.loaded], "unloaded": [str(k) for k in report.unloaded],
-                       "rejected": sorted(str(k) for k in report.rejected), "trigger": trigger,
-                       "models": {n: sorted(v) for n, v in sorted(models.items())}},
+                extra={
+                    "loaded": [str(k) for k in report.loaded],
+                    "unloaded": [str(k) for k in report.unloaded],
+                    "rejected": sorted(str(k) for k in report.rejected),
+                    "trigger": trigger,
+                    "models": {n: sorted(v) for n, v in sorted(models.items())},
+                },
             )
         return report, retired
 
@@ -466,8 +479,14 @@ class ModelRegistry:
         self._retired.discard(model)
         log.info(
             "model unloaded",
-            extra={"model": model.name, "version": model.version, "reason": reason, "drained": busy_at_start,
-                   "drain_seconds": round(loop.time() - start, 3), "drain_timed_out": not idle},
+            extra={
+                "model": model.name,
+                "version": model.version,
+                "reason": reason,
+                "drained": busy_at_start,
+                "drain_seconds": round(loop.time() - start, 3),
+                "drain_timed_out": not idle,
+            },
         )
 
 

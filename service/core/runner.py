@@ -1,4 +1,5 @@
 """One onnxruntime session: runs feeds that the data plane has already admitted and checked."""
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """onnxruntime sessions and execution-provider choice (``auto`` | ``cpu`` | ``cuda``)."""
+
 from __future__ import annotations
 
 import logging

@@ -1,5 +1,6 @@
 """The contract of one model version: its tensors (from the ONNX graph) and its card (the metadata
 training wrote into the file: class names, units, evaluation figures). Pure data, no session."""
+
 from __future__ import annotations
 
 import json
@@ -173,8 +174,11 @@ class ModelSpec:
             if not declared:
                 continue
             want = [
-                (str(t.get("name")), str(t.get("dtype")),
-                 tuple(d if isinstance(d, int) else -1 for d in t.get("shape", [])))
+                (
+                    str(t.get("name")),
+                    str(t.get("dtype")),
+                    tuple(d if isinstance(d, int) else -1 for d in t.get("shape", [])),
+                )
                 for t in declared
             ]
             have = [(s.name, s.dtype.name, s.shape) for s in specs]
@@ -203,11 +207,7 @@ class ModelSpec:
         parsed = _json_or_none(self.metadata.get("metrics"))
         if not isinstance(parsed, dict):
             return {}
-        return {
-            str(k): float(v)
-            for k, v in parsed.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
+        return {str(k): float(v) for k, v in parsed.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
     @property
     def description(self) -> str:

@@ -1,5 +1,6 @@
 """What the tasks mean, in one place for the typed API, the batch job and the Ray pipeline:
 image classification (pixel types, labels, top-k) and regression (one value per row)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

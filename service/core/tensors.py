@@ -1,4 +1,5 @@
 """Raw bytes ⇄ numpy and the checks every request tensor goes through (no protocol types here)."""
+
 from __future__ import annotations
 
 import math
@@ -63,9 +64,7 @@ def check_finite(array: np.ndarray, what: object, expected: str = "finite number
             first = start + int(bad.argmax())
         count += found
     index = tuple(int(i) for i in np.unravel_index(first, array.shape))
-    raise InvalidArgument(
-        f"{what} expects {expected}, got {count} NaN/inf value(s), the first at index {index}"
-    )
+    raise InvalidArgument(f"{what} expects {expected}, got {count} NaN/inf value(s), the first at index {index}")
 
 
 def to_bytes(array: np.ndarray) -> bytes:

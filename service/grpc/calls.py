@@ -4,6 +4,7 @@ message on streams), turns a :class:`~service.errors.ServingError` into its gRPC
 (:mod:`.status`), records the outcome in the context and hands it to the data plane's
 observers (metrics, request log) once answered. Handlers only decode, call the data plane and
 encode: ``handler(self, request, context) -> response`` with the request context."""
+
 from __future__ import annotations
 
 import asyncio

@@ -1,6 +1,7 @@
 """gRPC health (``grpc.health.v1``) that follows the model registry: the server ("") and each of
 our services are SERVING while at least one model version is served; each model name is
 SERVING while one of its versions is, NOT_SERVING once it failed or was unloaded."""
+
 from __future__ import annotations
 
 from grpc_health.v1 import health_pb2

@@ -13,6 +13,7 @@
 The wrapped handler keeps the original's kind (coroutine or async generator function), which
 grpc.aio looks at to drive it; wrapped handlers are cached per method.
 """
+
 from __future__ import annotations
 
 import inspect

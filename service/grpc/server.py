@@ -1,5 +1,6 @@
 """Assembles the gRPC front end: one grpc.aio server with the typed and V2 services, health and
 reflection, behind the call guard, bound to its port (TLS when configured)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -91,8 +92,11 @@ async def build_grpc(
     # health and reflection protos (from the default pool) are added to it too (idempotent).
     for module in (health_pb2, reflection_pb2):
         POOL.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
-    reflection.enable_server_reflection([*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                                         reflection.SERVICE_NAME], server, pool=POOL)
+    reflection.enable_server_reflection(
+        [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+        pool=POOL,
+    )
 
     server_credentials = credentials(settings)
     if server_credentials is None:

@@ -1,4 +1,5 @@
 """The one table from :mod:`service.errors` to gRPC status codes."""
+
 from __future__ import annotations
 
 import grpc

@@ -1,4 +1,5 @@
 """The typed API (``serving.v1.ModelService``): decode protobuf → data plane → encode protobuf."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -67,7 +68,12 @@ class TypedModelService(pb_grpc.ModelServiceServicer):
     # -- regression -----------------------------------------------------------------------------
 
     async def _regress(
-        self, context: RequestContext, ref: pb.ModelRef, task: str, rows: int, columns: int,
+        self,
+        context: RequestContext,
+        ref: pb.ModelRef,
+        task: str,
+        rows: int,
+        columns: int,
         values: Callable[[], object],
     ) -> tuple[pb.ModelRef, list[float]]:
         """A one-input regression model on float32 [rows, columns] features: N values."""
@@ -91,7 +97,11 @@ class TypedModelService(pb_grpc.ModelServiceServicer):
     ) -> pb.PredictHousePriceResponse:
         houses = request.houses
         ref, prices = await self._regress(
-            context, request.model, "house_price", len(houses), 2,
+            context,
+            request.model,
+            "house_price",
+            len(houses),
+            2,
             lambda: np.array([(h.size_sqft, h.bedrooms) for h in houses], dtype=np.float32),
         )
         return pb.PredictHousePriceResponse(model=ref, price_usd=prices)
@@ -109,9 +119,7 @@ class TypedModelService(pb_grpc.ModelServiceServicer):
         )
 
     @rpc.unary()
-    async def GetModelMetadata(
-        self, request: pb.GetModelMetadataRequest, context: RequestContext
-    ) -> pb.ModelMetadata:
+    async def GetModelMetadata(self, request: pb.GetModelMetadataRequest, context: RequestContext) -> pb.ModelMetadata:
         if not request.model.name:
             raise InvalidArgument(f"model.name is required; available models: {self.plane.registry.names()}")
         model = self._model(context, request.model, "")

@@ -1,4 +1,5 @@
 """Typed API (``serving.v1``) messages ⇄ the data plane's tensors and results."""
+
 from __future__ import annotations
 
 import functools

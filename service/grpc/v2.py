@@ -6,6 +6,7 @@ RepositoryModelLoad/Unload (only with the ``allow_model_control`` setting, else
 FAILED_PRECONDITION). The other Triton RPCs (statistics, shared memory, trace, logging) answer
 UNIMPLEMENTED with a message naming what is supported.
 """
+
 from __future__ import annotations
 
 import logging
@@ -93,7 +94,9 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     @rpc.unary()
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: RequestContext) -> pb.ModelMetadataResponse:
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: RequestContext
+    ) -> pb.ModelMetadataResponse:
         model = self.plane.model(context, request.name, request.version)
         response: pb.ModelMetadataResponse = json_format.ParseDict(
             common.model_metadata(model, self.plane.registry.versions(model.name)), pb.ModelMetadataResponse()
@@ -116,7 +119,9 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         codec.encode_outputs(response, outputs, requested or model.spec.output_names)
         return response
 
-    async def _stream_infer(self, request: pb.ModelInferRequest, context: RequestContext) -> pb.ModelStreamInferResponse:
+    async def _stream_infer(
+        self, request: pb.ModelInferRequest, context: RequestContext
+    ) -> pb.ModelStreamInferResponse:
         return pb.ModelStreamInferResponse(infer_response=await self._infer(request, context))
 
     ModelInfer = rpc.unary("ModelInfer", inference=True)(_infer)
@@ -146,7 +151,11 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         report = await self.plane.load_model(name)
         log.info(
             "model load requested",
-            extra={"model": name, "loaded": [str(k) for k in report.loaded], "unloaded": [str(k) for k in report.unloaded]},
+            extra={
+                "model": name,
+                "loaded": [str(k) for k in report.loaded],
+                "unloaded": [str(k) for k in report.unloaded],
+            },
         )
         return pb.RepositoryModelLoadResponse()
 

@@ -6,6 +6,7 @@ A ``ModelInferRequest``'s inputs become :class:`~service.core.dataplane.RequestT
 tensors are row-major and little-endian: one ``np.frombuffer`` view in, one ``tobytes()`` out.
 Functions take and fill protobuf messages duck-typed by their V2 field names.
 """
+
 from __future__ import annotations
 
 import math

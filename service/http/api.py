@@ -7,6 +7,7 @@ read, so the body is bounded by what that model's largest legitimate request can
 Errors are ``{"error": "..."}`` with the status from :mod:`.status`; messages are the same as over
 gRPC. Each request has one :class:`~service.core.context.RequestContext` (protocol ``http``).
 """
+
 from __future__ import annotations
 
 import re
@@ -97,8 +98,11 @@ def route(method: str, path: str) -> tuple[str, dict[str, str]] | Response:
                 return name, {k: v for k, v in match.groupdict().items() if v is not None}
             allowed.append(verb)
     if allowed:
-        return error_response(405, f"{method} is not allowed on {path}; use {', '.join(sorted(set(allowed)))}",
-                              [("allow", ", ".join(sorted(set(allowed))))])
+        return error_response(
+            405,
+            f"{method} is not allowed on {path}; use {', '.join(sorted(set(allowed)))}",
+            [("allow", ", ".join(sorted(set(allowed))))],
+        )
     return error_response(404, f"no endpoint {path}; see GET /v2/openapi.json for the API")
 
 
@@ -130,8 +134,12 @@ class HttpApi:
             return await self._endpoints[name](request, **params)
         why = self.gate.admit()
         if why == DRAINING:
-            return error_response(503, "the server is shutting down and takes no new requests; retry (another "
-                                  "replica)", [("retry-after", "1")], close=True)
+            return error_response(
+                503,
+                "the server is shutting down and takes no new requests; retry (another replica)",
+                [("retry-after", "1")],
+                close=True,
+            )
         if why is not None:
             return error_response(429, self.gate.busy_message(), [("retry-after", "1")])
         self.gate.active += 1
@@ -174,7 +182,9 @@ class HttpApi:
         return json_response(200, openapi_document())
 
     async def server_metadata(self, request: Request) -> Response:
-        return json_response(200, {"name": common.SERVER_NAME, "version": common.server_version(), "extensions": EXTENSIONS})
+        return json_response(
+            200, {"name": common.SERVER_NAME, "version": common.server_version(), "extensions": EXTENSIONS}
+        )
 
     async def model_ready(self, request: Request, model: str, version: str = "") -> Response:
         async def work(context: RequestContext) -> Response:
@@ -210,7 +220,9 @@ class HttpApi:
             payload, json_length = codec.encode_infer(served.name, context.version, parsed, outputs, order)
             if json_length is None:
                 return Response(200, payload, [("content-type", JSON)])
-            return Response(200, payload, [("content-type", BINARY), ("inference-header-content-length", str(json_length))])
+            return Response(
+                200, payload, [("content-type", BINARY), ("inference-header-content-length", str(json_length))]
+            )
 
         return await self._call(request, True, work)
 
@@ -292,8 +304,20 @@ def _header_length(headers: Mapping[str, str]) -> int | None:
 
 
 #: Most characters one JSON number of each type can take ("-2147483648, " and so on).
-_JSON_CHARS = {"BOOL": 7, "UINT8": 5, "INT8": 6, "UINT16": 7, "INT16": 8, "UINT32": 12, "INT32": 13,
-               "UINT64": 22, "INT64": 22, "FP16": 26, "FP32": 26, "FP64": 26}
+_JSON_CHARS = {
+    "BOOL": 7,
+    "UINT8": 5,
+    "INT8": 6,
+    "UINT16": 7,
+    "INT16": 8,
+    "UINT32": 12,
+    "INT32": 13,
+    "UINT64": 22,
+    "INT64": 22,
+    "FP16": 26,
+    "FP32": 26,
+    "FP64": 26,
+}
 
 
 def request_limit(model: ModelVersion, binary: bool, fallback: int) -> int:
@@ -324,4 +348,3 @@ def inflate(data: bytes, encoding: str, limit: int) -> bytes:
     if not decompressor.eof:
         raise InvalidArgument(f"the {encoding} body is truncated")
     return out
-

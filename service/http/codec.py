@@ -8,6 +8,7 @@ their payload — a slice of the body viewed with numpy, or the JSON ``data`` li
 only after the data plane admitted the request. Responses are JSON, with outputs as binary data
 when the request asks for it (``binary_data`` per output, ``binary_data_output`` for all).
 """
+
 from __future__ import annotations
 
 import json

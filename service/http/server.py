@@ -5,6 +5,7 @@ a connection that takes longer than ``http_header_timeout_seconds`` to send a re
 (slowloris), or sends more than ``max_metadata_bytes`` of them, is answered 408 / 431 and closed.
 Bodies are bounded per request by :class:`~.api.HttpApi` and read under ``http_body_timeout_seconds``;
 idle keep-alive connections close after ``http_keep_alive_seconds``."""
+
 from __future__ import annotations
 
 import asyncio
@@ -28,7 +29,7 @@ if sys.version_info >= (3, 11):
     _timeout = asyncio.timeout
 else:  # pragma: no cover - Python 3.10
 
-    class _timeout:  # noqa: N801 - stands in for asyncio.timeout
+    class _timeout:
         def __init__(self, delay: float) -> None:
             self.delay = delay
 
@@ -67,8 +68,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def _refuse(self, status: int, message: str) -> None:
         self._disarm()
         body = message.encode()
-        head = (f"HTTP/1.1 {status} {'Request Timeout' if status == 408 else 'Request Header Fields Too Large'}\r\n"
-                f"content-type: text/plain\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n")
+        head = (
+            f"HTTP/1.1 {status} {'Request Timeout' if status == 408 else 'Request Header Fields Too Large'}\r\n"
+            f"content-type: text/plain\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        )
         if not self.transport.is_closing():
             self.transport.write(head.encode() + body)
             self.transport.close()
@@ -129,8 +132,9 @@ class AsgiApp:
         async def read_body(limit: int) -> bytes:
             declared = headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > limit:
-                raise RequestTooLarge(f"the body is {int(declared)} bytes, over the {limit} bytes any request to "
-                                      "this endpoint can need")
+                raise RequestTooLarge(
+                    f"the body is {int(declared)} bytes, over the {limit} bytes any request to this endpoint can need"
+                )
             chunks: list[bytes] = []
             size = 0
             try:
@@ -142,8 +146,9 @@ class AsgiApp:
                         chunk = message.get("body", b"")
                         size += len(chunk)
                         if size > limit:
-                            raise RequestTooLarge(f"the body is over the {limit} bytes any request to this "
-                                                  "endpoint can need")
+                            raise RequestTooLarge(
+                                f"the body is over the {limit} bytes any request to this endpoint can need"
+                            )
                         chunks.append(chunk)
                         if not message.get("more_body"):
                             break
@@ -185,7 +190,9 @@ def bind(settings: Settings) -> socket.socket:
         sock.bind((host, settings.http_port))
     except OSError as exc:
         sock.close()
-        raise RuntimeError(f"cannot serve HTTP on {settings.host}:{settings.http_port}: {exc.strerror or exc}") from None
+        raise RuntimeError(
+            f"cannot serve HTTP on {settings.host}:{settings.http_port}: {exc.strerror or exc}"
+        ) from None
     sock.listen(1024)
     sock.setblocking(False)
     return sock
@@ -209,10 +216,14 @@ class HttpFrontEnd:
         self.api = api
         self.socket = bind(settings)
         self.port = int(self.socket.getsockname()[1])
-        protocol = type("Protocol", (BoundedHttpToolsProtocol,), {
-            "header_timeout": settings.http_header_timeout_seconds,
-            "max_header_bytes": settings.max_metadata_bytes,
-        })
+        protocol = type(
+            "Protocol",
+            (BoundedHttpToolsProtocol,),
+            {
+                "header_timeout": settings.http_header_timeout_seconds,
+                "max_header_bytes": settings.max_metadata_bytes,
+            },
+        )
         self._config = uvicorn.Config(
             AsgiApp(api, settings.http_body_timeout_seconds),
             http=protocol,

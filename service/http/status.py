@@ -1,4 +1,5 @@
 """The one table from :mod:`service.errors` to HTTP status codes."""
+
 from __future__ import annotations
 
 from ..errors import (
@@ -10,11 +11,11 @@ from ..errors import (
     PermissionDenied,
     RequestTimeout,
     RequestTooLarge,
-    UnsupportedMediaType,
     ResourceExhausted,
     ServingError,
     Unauthenticated,
     Unavailable,
+    UnsupportedMediaType,
 )
 
 STATUS: dict[type[ServingError], int] = {

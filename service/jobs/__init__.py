@@ -10,6 +10,7 @@
   duplicated, ``summary.json`` written last marks a finished result;
 * :mod:`.progress` — progress bar with rate and ETA; :mod:`.report` — accuracy, confusion matrix.
 """
+
 from __future__ import annotations
 
 from ..core.tasks import DEFAULT_MODELS

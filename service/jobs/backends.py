@@ -9,6 +9,7 @@ and both return the model's raw outputs, so a job gives the same bytes either wa
   (:class:`service.core.local.LocalModel`: same onnxruntime session options, same admission and
   checks, same pixel conversion) and runs each chunk directly.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -103,7 +104,9 @@ class RemoteBackend(Backend):
         if task == "classify":
             # One stream per call; its deadline grows with the chunks it may carry (the job caps that).
             results = self.client.classify_stream(
-                chunks, model=self.model.name, version=self.model.version,
+                chunks,
+                model=self.model.name,
+                version=self.model.version,
                 timeout=self.chunk_timeout * self.stream_chunks,
             )
             for result in results:
@@ -111,8 +114,11 @@ class RemoteBackend(Backend):
         else:
             for chunk in chunks:
                 yield self.client.predict_profit(
-                    chunk, model=self.model.name, version=self.model.version,
-                    batch_size=max(len(chunk), 1), timeout=self.chunk_timeout,
+                    chunk,
+                    model=self.model.name,
+                    version=self.model.version,
+                    batch_size=max(len(chunk), 1),
+                    timeout=self.chunk_timeout,
                 )
 
     def close(self) -> None:
@@ -125,7 +131,9 @@ class LocalBackend(Backend):
 
     mode = "local"
 
-    def __init__(self, repository: Path, task: str, model: str | None, version: int = 0, provider: str | None = None) -> None:
+    def __init__(
+        self, repository: Path, task: str, model: str | None, version: int = 0, provider: str | None = None
+    ) -> None:
         from ..core.local import LocalModel, resolve_version  # onnxruntime: only for --local
         from ..core.runtime import ProviderUnavailable
         from ..errors import ServingError
@@ -177,8 +185,12 @@ class LocalBackend(Backend):
 
 
 TRANSIENT = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
-     grpc.StatusCode.ABORTED}
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+    }
 )
 
 

@@ -9,6 +9,7 @@ exists) and :meth:`Source.chunks` (rows from ``start`` on, ``size`` at a time).
 * populations: CSV, one column of people per city, or a header with a ``population`` column;
 * labels (optional, for accuracy): IDX ``*-idx1-ubyte`` (gzip or not) or ``.npy``, N integers.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -119,7 +120,9 @@ class IdxImages(Source):
                     digest.update(block)
                     total += len(block)
         except (OSError, EOFError, zlib.error) as exc:
-            raise _gzip_errors(self.path, exc) if self.gzip else InputError(f"{self.path}: cannot read ({exc})") from exc
+            raise (
+                _gzip_errors(self.path, exc) if self.gzip else InputError(f"{self.path}: cannot read ({exc})")
+            ) from exc
         payload = total - self.header
         if payload != expected:
             what = "truncated" if payload < expected else "has trailing bytes"
@@ -138,7 +141,9 @@ class IdxImages(Source):
                     n = min(size, self.rows - row)
                     data = f.read(n * self.item_bytes)
                     if len(data) != n * self.item_bytes:
-                        raise InputError(f"{self.path}: ended early at image {row} (file changed since it was checked?)")
+                        raise InputError(
+                            f"{self.path}: ended early at image {row} (file changed since it was checked?)"
+                        )
                     yield np.frombuffer(data, np.uint8).reshape(n, *self.item_shape)
                     row += n
         except (OSError, EOFError, zlib.error) as exc:
@@ -194,9 +199,7 @@ def _pillow() -> Any:
     try:
         from PIL import Image
     except ImportError:
-        raise InputError(
-            "reading a folder of PNG images needs Pillow: pip install 'model-serving[batch]'"
-        ) from None
+        raise InputError("reading a folder of PNG images needs Pillow: pip install 'model-serving[batch]'") from None
     return Image
 
 
@@ -210,7 +213,9 @@ class PngFolder(Source):
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.files = sorted((p for p in path.iterdir() if p.suffix.lower() == ".png" and p.is_file()), key=lambda p: p.name)
+        self.files = sorted(
+            (p for p in path.iterdir() if p.suffix.lower() == ".png" and p.is_file()), key=lambda p: p.name
+        )
         if not self.files:
             raise InputError(f"{path}: folder holds no .png files")
         self.rows = len(self.files)

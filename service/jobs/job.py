@@ -16,6 +16,7 @@ lost or written twice. When every row is done the files move to their final name
 the directory holds no finished result. Inputs are checked whole before the first row runs, so a
 corrupt input fails before any output exists.
 """
+
 from __future__ import annotations
 
 import csv
@@ -122,7 +123,9 @@ class NpyRows:
     def write(self, row: int, array: np.ndarray) -> None:
         data = np.ascontiguousarray(array, dtype=self.dtype).tobytes()
         if len(data) != len(array) * self.row_bytes:
-            raise JobError(f"{self.path.name}: got rows of shape {list(array.shape[1:])}, expected {list(self.shape[1:])}")
+            raise JobError(
+                f"{self.path.name}: got rows of shape {list(array.shape[1:])}, expected {list(self.shape[1:])}"
+            )
         os.pwrite(self.fd, data, self.offset + row * self.row_bytes)
 
     def sync(self) -> None:
@@ -297,7 +300,11 @@ class Job:
             n_classes = len(names)
             if not names:
                 raise JobError(f"model '{model.name}' declares no class names")
-            if self.labels is not None and len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= n_classes):
+            if (
+                self.labels is not None
+                and len(self.labels)
+                and (self.labels.min() < 0 or self.labels.max() >= n_classes)
+            ):
                 raise InputError(
                     f"{self.labels_path}: labels range from {self.labels.min()} to {self.labels.max()}; "
                     f"model '{model.name}' has classes 0 to {n_classes - 1}"
@@ -309,8 +316,7 @@ class Job:
             "format": FORMAT,
             "task": self.task_name,
             "input": self.source.describe(),
-            "labels": None if self.labels_path is None
-            else {"path": str(self.labels_path), "sha256": labels_sha},
+            "labels": None if self.labels_path is None else {"path": str(self.labels_path), "sha256": labels_sha},
             "model": {"name": model.name, "version": model.version},
             "chunk_size": cfg.chunk_size,
         }
@@ -325,8 +331,11 @@ class Job:
             return items
 
         mine, theirs = flat(self.spec), flat(other)
-        return [f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in sorted(set(mine) | set(theirs))
-                if mine.get(k) != theirs.get(k)]
+        return [
+            f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now"
+            for k in sorted(set(mine) | set(theirs))
+            if mine.get(k) != theirs.get(k)
+        ]
 
     def _final_names(self) -> list[str]:
         names = [*self.task.arrays(), self.task.csv_name]
@@ -355,7 +364,8 @@ class Job:
                 return done
             raise JobError(
                 f"{self.out} holds the finished result of a different job ("
-                + "; ".join(self._differences(done.get("spec", {}))) + "); choose another --output or pass --restart"
+                + "; ".join(self._differences(done.get("spec", {})))
+                + "); choose another --output or pass --restart"
             )
         journal = self._open_journal()
         try:
@@ -385,8 +395,13 @@ class Job:
             header = io.StringIO()
             csv.writer(header, lineterminator="\n").writerow(self.task.csv_header())
             (self.partial / self.task.csv_name).write_bytes(header.getvalue().encode())
-            journal = {"spec": self.spec, "state": "running", "rows_done": 0,
-                       "csv_bytes": len(header.getvalue().encode()), "runs": []}
+            journal = {
+                "spec": self.spec,
+                "state": "running",
+                "rows_done": 0,
+                "csv_bytes": len(header.getvalue().encode()),
+                "runs": [],
+            }
             self._csv = open(self.partial / self.task.csv_name, "r+b")  # noqa: SIM115 - open for the whole job
             self._commit(journal)
         elif journal["state"] == "running":
@@ -454,8 +469,10 @@ class Job:
                     pause = min(30.0, cfg.backoff * 2 ** (failures - 1))
                     progress_note = f"row {journal['rows_done']:,}/{n:,}"
                     newline = "\n" if progress.mode == "bar" else ""  # off the bar's line
-                    self.log(f"{newline}transient error at {progress_note} ({exc}); "
-                             f"retry {failures}/{cfg.retries} in {pause:.1f} s")
+                    self.log(
+                        f"{newline}transient error at {progress_note} ({exc}); "
+                        f"retry {failures}/{cfg.retries} in {pause:.1f} s"
+                    )
                     time.sleep(pause)
         finally:
             progress.close()
@@ -502,7 +519,9 @@ class Job:
             write_atomic(self.partial / CONFUSION_CSV, report.confusion_csv(matrix, names), self.config.sync)
             model = self.spec["model"]
             skipped = report.confusion_png(
-                matrix, names, self.partial / CONFUSION_PNG,
+                matrix,
+                names,
+                self.partial / CONFUSION_PNG,
                 f"{model['name']} v{model['version']}: accuracy {accuracy:.2%} on {self.source.rows:,} rows",
             )
             if skipped:

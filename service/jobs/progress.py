@@ -3,6 +3,7 @@
 On a terminal the bar redraws in place (at most 10 times a second); otherwise (logs, CI,
 containers) it prints one line every ``interval`` seconds and a last line at the end.
 """
+
 from __future__ import annotations
 
 import sys
@@ -62,9 +63,10 @@ class Progress:
         rate = self.rate
         eta = (self.total - self.done) / rate if rate > 0 else float("nan")
         resumed = f" (resumed at {self.initial:,})" if self.initial else ""
+        elapsed = _duration(time.monotonic() - self.start)
         return (
             f"{self.label} [{bar}] {self.done:,}/{self.total:,} {fraction:4.0%}  "
-            f"{rate:,.0f} {self.label}/s  ETA {_duration(eta)}  elapsed {_duration(time.monotonic() - self.start)}{resumed}"
+            f"{rate:,.0f} {self.label}/s  ETA {_duration(eta)}  elapsed {elapsed}{resumed}"
         )
 
     def update(self, n: int) -> None:

@@ -42,6 +42,7 @@ Pipeline (Ray Data, streaming; nothing is materialised on the driver)::
   job does. There is no resume: Ray retries failed tasks and restarts failed actors, and a failed
   job is simply run again (``--overwrite`` replaces an earlier result).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -92,9 +93,7 @@ def _require_ray(local: bool = False) -> Any:
     try:
         import ray
     except ImportError:
-        raise PipelineError(
-            "Ray is not installed: pip install 'model-serving[ray]' (ray[data] and pyarrow)"
-        ) from None
+        raise PipelineError("Ray is not installed: pip install 'model-serving[ray]' (ray[data] and pyarrow)") from None
     return ray
 
 
@@ -131,8 +130,13 @@ class ModelPlan:
 def _settings(repository: Path, provider: str, threads: int, batch_size: int) -> Any:
     from ..settings import Settings
 
-    return Settings(model_repository=repository, provider=provider, intra_op_threads=threads,
-                    inter_op_threads=1, max_request_rows=max(batch_size, 1))
+    return Settings(
+        model_repository=repository,
+        provider=provider,
+        intra_op_threads=threads,
+        inter_op_threads=1,
+        max_request_rows=max(batch_size, 1),
+    )
 
 
 def _open(path: Path, name: str, version: int, settings: Any) -> LocalModel:
@@ -143,8 +147,9 @@ def _open(path: Path, name: str, version: int, settings: Any) -> LocalModel:
     return LocalModel.open(path, ModelKey(name, version), settings)
 
 
-def resolve_model(repository: Path, name: str, version: int, provider: str, cpus_per_actor: float,
-                  batch_size: int) -> ModelPlan:
+def resolve_model(
+    repository: Path, name: str, version: int, provider: str, cpus_per_actor: float, batch_size: int
+) -> ModelPlan:
     """Pin the version, load it once on the driver (CPU) to read its tensors and class names."""
     from ..core.local import resolve_version
     from ..core.runtime import ProviderUnavailable
@@ -163,17 +168,27 @@ def resolve_model(repository: Path, name: str, version: int, provider: str, cpus
     spec = model.spec
     image, output = spec.inputs[0], spec.outputs[0]
     if len(image.shape) != 4 or len(spec.inputs) != 1:
-        raise PipelineError(f"model '{name}' takes {[(s.name, list(s.shape)) for s in spec.inputs]}; "
-                            "the pipeline needs one image input [N, C, H, W]")
+        raise PipelineError(
+            f"model '{name}' takes {[(s.name, list(s.shape)) for s in spec.inputs]}; "
+            "the pipeline needs one image input [N, C, H, W]"
+        )
     if not spec.class_names:
         raise PipelineError(f"model '{name}' declares no class names")
     model.close()
     threads = max(1, math.ceil(cpus_per_actor)) if cpus_per_actor > 0 else 1
     return ModelPlan(
-        name=key.name, version=key.version, path=str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
-        input_name=image.name, input_dtype=image.dtype.name, input_shape=tuple(image.shape),
-        output_name=output.name, class_names=tuple(spec.class_names), provider=provider,
-        intra_op_threads=threads, batch_size=batch_size,
+        name=key.name,
+        version=key.version,
+        path=str(path),
+        sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        input_name=image.name,
+        input_dtype=image.dtype.name,
+        input_shape=tuple(image.shape),
+        output_name=output.name,
+        class_names=tuple(spec.class_names),
+        provider=provider,
+        intra_op_threads=threads,
+        batch_size=batch_size,
     )
 
 
@@ -194,9 +209,15 @@ class InputPlan:
     sha256: str = ""
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "paths": self.paths, "rows": self.rows, "item_shape": list(self.item_shape),
-                "image_column": self.image_column if self.kind == "parquet" else None,
-                "label_column": self.label_column, "sha256": self.sha256 or None}
+        return {
+            "kind": self.kind,
+            "paths": self.paths,
+            "rows": self.rows,
+            "item_shape": list(self.item_shape),
+            "image_column": self.image_column if self.kind == "parquet" else None,
+            "label_column": self.label_column,
+            "sha256": self.sha256 or None,
+        }
 
 
 def _parquet_files(inputs: Sequence[Path]) -> list[Path]:
@@ -214,8 +235,14 @@ def _parquet_files(inputs: Sequence[Path]) -> list[Path]:
     return files
 
 
-def plan_input(inputs: Sequence[Path], *, rows_per_read: int, image_column: str = "image",
-               label_column: str | None = None, verify: bool = True) -> InputPlan:
+def plan_input(
+    inputs: Sequence[Path],
+    *,
+    rows_per_read: int,
+    image_column: str = "image",
+    label_column: str | None = None,
+    verify: bool = True,
+) -> InputPlan:
     """Open and check the input; cut it into read units. Paths become absolute: Ray workers do not
     run in the driver's working directory."""
     inputs = [Path(p).resolve() for p in inputs]
@@ -227,14 +254,24 @@ def plan_input(inputs: Sequence[Path], *, rows_per_read: int, image_column: str 
         return _plan_parquet(_parquet_files(inputs), image_column, label_column)
     source = open_images(first)
     if not isinstance(source, (IdxImages, NpyImages)):
-        raise InputError(f"{first}: the Ray pipeline reads IDX, .npy or Parquet inputs (PNG folders: use "
-                         "python -m service.jobs, or convert them to Parquet)")
+        raise InputError(
+            f"{first}: the Ray pipeline reads IDX, .npy or Parquet inputs (PNG folders: use "
+            "python -m service.jobs, or convert them to Parquet)"
+        )
     if verify:
         source.verify()  # the batch job's full check: gzip CRC, sizes (and the sha256 for the summary)
-    units = [{"start": s, "stop": min(s + rows_per_read, source.rows), "file": 0, "row_group": -1}
-             for s in range(0, source.rows, rows_per_read)]
-    return InputPlan(kind=source.kind, paths=[str(first)], rows=source.rows, item_shape=tuple(source.item_shape),
-                     units=units, sha256=source.sha256)
+    units = [
+        {"start": s, "stop": min(s + rows_per_read, source.rows), "file": 0, "row_group": -1}
+        for s in range(0, source.rows, rows_per_read)
+    ]
+    return InputPlan(
+        kind=source.kind,
+        paths=[str(first)],
+        rows=source.rows,
+        item_shape=tuple(source.item_shape),
+        units=units,
+        sha256=source.sha256,
+    )
 
 
 def _plan_parquet(files: list[Path], image_column: str, label_column: str | None) -> InputPlan:
@@ -264,8 +301,15 @@ def _plan_parquet(files: list[Path], image_column: str, label_column: str | None
         raise InputError(f"{files[0]}: the Parquet input holds no rows")
     # A column named "label" is used when every file has it (say --label-column to insist).
     label = label_column or ("label" if labels_in_all else None)
-    return InputPlan(kind="parquet", paths=[str(f) for f in files], rows=row, item_shape=(), image_column=image_column,
-                     label_column=label, units=units)
+    return InputPlan(
+        kind="parquet",
+        paths=[str(f) for f in files],
+        rows=row,
+        item_shape=(),
+        image_column=image_column,
+        label_column=label,
+        units=units,
+    )
 
 
 def _images_from_arrow(column: Any, item_shape: tuple[int, ...], where: str) -> np.ndarray:
@@ -284,8 +328,10 @@ def _images_from_arrow(column: Any, item_shape: tuple[int, ...], where: str) -> 
         lengths = np.asarray(pc.binary_length(column)) if not pa.types.is_fixed_size_binary(kind) else None
         if (lengths is not None and (lengths != item).any()) or (lengths is None and kind.byte_width != item):
             bad = int(np.argmax(lengths != item)) if lengths is not None else 0
-            raise InputError(f"{where}: image {bad} has {lengths[bad] if lengths is not None else kind.byte_width} "
-                             f"bytes, expected {item} ({'x'.join(map(str, item_shape))} uint8)")
+            raise InputError(
+                f"{where}: image {bad} has {lengths[bad] if lengths is not None else kind.byte_width} "
+                f"bytes, expected {item} ({'x'.join(map(str, item_shape))} uint8)"
+            )
         buffers = column.buffers()  # [validity, offsets, data] or, fixed size, [validity, data]
         if lengths is None:
             first = column.offset * item
@@ -299,8 +345,9 @@ def _images_from_arrow(column: Any, item_shape: tuple[int, ...], where: str) -> 
     while pa.types.is_list(flat.type) or pa.types.is_large_list(flat.type) or pa.types.is_fixed_size_list(flat.type):
         flat = flat.flatten()
     if len(flat) != n * item:
-        raise InputError(f"{where}: {len(flat)} pixels for {n} images; expected {item} per image "
-                         f"({'x'.join(map(str, item_shape))})")
+        raise InputError(
+            f"{where}: {len(flat)} pixels for {n} images; expected {item} per image ({'x'.join(map(str, item_shape))})"
+        )
     values = flat.to_numpy(zero_copy_only=False)
     if values.dtype != np.uint8:
         if values.dtype.kind not in "iu" or (len(values) and (values.min() < 0 or values.max() > 255)):
@@ -364,8 +411,10 @@ class OnnxPredictor:
         columns = [self.source.image_column] + ([self.source.label_column] if self.source.label_column else [])
         table = pq.ParquetFile(path).read_row_group(int(unit["row_group"]), columns=columns)
         if table.num_rows != stop - start:
-            raise InputError(f"{path}: row group {unit['row_group']} has {table.num_rows} rows, "
-                             f"expected {stop - start} (file changed since the job started?)")
+            raise InputError(
+                f"{path}: row group {unit['row_group']} has {table.num_rows} rows, "
+                f"expected {stop - start} (file changed since the job started?)"
+            )
         where = f"{path} row group {unit['row_group']}"
         images = _images_from_arrow(table.column(self.source.image_column), self.item_shape, where)
         labels = None
@@ -382,7 +431,11 @@ class OnnxPredictor:
         """float32 [n, classes]: the batch job's local inference (same conversion and checks)."""
         from ..errors import ServingError
 
-        if tuple(images.shape[1:]) != self.item_shape and images.ndim == 3 and (1, *images.shape[1:]) == self.item_shape:
+        if (
+            tuple(images.shape[1:]) != self.item_shape
+            and images.ndim == 3
+            and (1, *images.shape[1:]) == self.item_shape
+        ):
             images = images[:, None]
         try:
             return self.model.classify(images)
@@ -409,7 +462,9 @@ class OnnxPredictor:
         names = np.asarray(self.plan.class_names, dtype=object)
         n, classes = probabilities.shape
         if classes != len(names):
-            raise PipelineError(f"the model returned {classes} probabilities per row, but declares {len(names)} classes")
+            raise PipelineError(
+                f"the model returned {classes} probabilities per row, but declares {len(names)} classes"
+            )
         predicted = probabilities.argmax(axis=1).astype(np.int64)
         columns: dict[str, Any] = {
             "row": pa.array(np.arange(unit["start"], unit["stop"], dtype=np.int64)),
@@ -420,8 +475,10 @@ class OnnxPredictor:
         }
         if truth is not None:
             if len(truth) and (truth.min() < 0 or truth.max() >= classes):
-                raise InputError(f"labels of rows {unit['start']}-{unit['stop'] - 1} range from {truth.min()} to "
-                                 f"{truth.max()}; model '{self.plan.name}' has classes 0 to {classes - 1}")
+                raise InputError(
+                    f"labels of rows {unit['start']}-{unit['stop'] - 1} range from {truth.min()} to "
+                    f"{truth.max()}; model '{self.plan.name}' has classes 0 to {classes - 1}"
+                )
             columns["true"] = pa.array(truth)
             columns["true_label"] = pa.array(names[truth].tolist(), pa.string())
             columns["correct"] = pa.array(truth == predicted)
@@ -465,8 +522,9 @@ def _check_config(cfg: PipelineConfig) -> None:
     if cfg.batch_size < 1:
         raise PipelineError(f"--batch-size must be at least 1, got {cfg.batch_size}")
     if cfg.rows_per_read < cfg.batch_size or cfg.rows_per_read % cfg.batch_size:
-        raise PipelineError(f"--rows-per-read ({cfg.rows_per_read}) must be a multiple of --batch-size "
-                            f"({cfg.batch_size})")
+        raise PipelineError(
+            f"--rows-per-read ({cfg.rows_per_read}) must be a multiple of --batch-size ({cfg.batch_size})"
+        )
 
 
 def _provider(cfg: PipelineConfig) -> str:
@@ -482,8 +540,10 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     taken = [p for p in (out / PREDICTIONS, out / SUMMARY) if p.exists()]
     if taken and not overwrite:
-        raise PipelineError(f"{out} already holds results ({', '.join(p.name for p in taken)}); "
-                            "choose another --output or pass --overwrite")
+        raise PipelineError(
+            f"{out} already holds results ({', '.join(p.name for p in taken)}); "
+            "choose another --output or pass --overwrite"
+        )
     for stale in out.glob(f".{PREDICTIONS}-*"):
         shutil.rmtree(stale, ignore_errors=True)
 
@@ -493,8 +553,10 @@ def _confusion(directory: Path, n_classes: int) -> np.ndarray:
     import pyarrow.dataset as pads
 
     dataset = pads.dataset(str(directory), format="parquet")
-    pairs = ((b.column("true").to_numpy(), b.column("predicted").to_numpy())
-             for b in dataset.to_batches(columns=["true", "predicted"]))
+    pairs = (
+        (b.column("true").to_numpy(), b.column("predicted").to_numpy())
+        for b in dataset.to_batches(columns=["true", "predicted"])
+    )
     return report.confusion_matrix(pairs, n_classes)
 
 
@@ -512,15 +574,21 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     repository = Path(cfg.model_repository or os.environ.get("SERVING_MODEL_REPOSITORY") or BUNDLED_MODELS)
     provider = _provider(cfg)
     cfg.log(f"checking {', '.join(map(str, cfg.inputs))} ...")
-    source = plan_input(cfg.inputs, rows_per_read=cfg.rows_per_read, image_column=cfg.image_column,
-                        label_column=cfg.label_column, verify=cfg.verify)
+    source = plan_input(
+        cfg.inputs,
+        rows_per_read=cfg.rows_per_read,
+        image_column=cfg.image_column,
+        label_column=cfg.label_column,
+        verify=cfg.verify,
+    )
     model = resolve_model(repository, cfg.model, cfg.version, provider, cfg.cpus_per_actor, cfg.batch_size)
     want = tuple(model.input_shape[1:])
     if source.kind == "parquet":
         source.item_shape = want
     elif len(want) != len(source.item_shape) or any(w >= 0 and w != g for w, g in zip(want, source.item_shape)):
-        raise InputError(f"{source.paths[0]}: images are {list(source.item_shape)} each but model '{model.name}' "
-                         f"takes {list(want)}")
+        raise InputError(
+            f"{source.paths[0]}: images are {list(source.item_shape)} each but model '{model.name}' takes {list(want)}"
+        )
     if any(d < 0 for d in want):
         raise PipelineError(f"model '{model.name}' has dynamic image dimensions {list(model.input_shape)}")
     labels = None
@@ -529,8 +597,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
             raise InputError("--labels is for IDX/.npy inputs; Parquet inputs carry a label column (--label-column)")
         labels, _ = read_labels(cfg.labels, source.rows)
         if len(labels) and (labels.min() < 0 or labels.max() >= len(model.class_names)):
-            raise InputError(f"{cfg.labels}: labels range from {labels.min()} to {labels.max()}; model "
-                             f"'{model.name}' has classes 0 to {len(model.class_names) - 1}")
+            raise InputError(
+                f"{cfg.labels}: labels range from {labels.min()} to {labels.max()}; model "
+                f"'{model.name}' has classes 0 to {len(model.class_names) - 1}"
+            )
     has_labels = labels is not None or source.label_column is not None
     out = Path(cfg.output).resolve()
     _prepare_output(out, cfg.overwrite)
@@ -550,15 +620,24 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         resources = ray.cluster_resources()
-        cfg.log(f"ray {ray.__version__}: {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU; "
-                f"model '{model.name}' version {model.version} on {provider}; {source.rows:,} rows in "
-                f"{len(source.units)} read units; {cfg.actors}"
-                f"{f'-{cfg.max_actors}' if cfg.max_actors and cfg.max_actors != cfg.actors else ''} actor(s) x "
-                f"{cfg.cpus_per_actor:g} CPU" + (f" + {cfg.gpus_per_actor:g} GPU" if cfg.gpus_per_actor else ""))
-        pool = (ray.data.ActorPoolStrategy(size=cfg.actors) if not cfg.max_actors or cfg.max_actors == cfg.actors
-                else ray.data.ActorPoolStrategy(min_size=cfg.actors, max_size=cfg.max_actors))
-        kwargs = {"model": model, "model_bytes": ray.put(Path(model.path).read_bytes()), "source": source,
-                  "labels": None if labels is None else ray.put(labels)}
+        cfg.log(
+            f"ray {ray.__version__}: {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU; "
+            f"model '{model.name}' version {model.version} on {provider}; {source.rows:,} rows in "
+            f"{len(source.units)} read units; {cfg.actors}"
+            f"{f'-{cfg.max_actors}' if cfg.max_actors and cfg.max_actors != cfg.actors else ''} actor(s) x "
+            f"{cfg.cpus_per_actor:g} CPU" + (f" + {cfg.gpus_per_actor:g} GPU" if cfg.gpus_per_actor else "")
+        )
+        pool = (
+            ray.data.ActorPoolStrategy(size=cfg.actors)
+            if not cfg.max_actors or cfg.max_actors == cfg.actors
+            else ray.data.ActorPoolStrategy(min_size=cfg.actors, max_size=cfg.max_actors)
+        )
+        kwargs = {
+            "model": model,
+            "model_bytes": ray.put(Path(model.path).read_bytes()),
+            "source": source,
+            "labels": None if labels is None else ray.put(labels),
+        }
         units = ray.data.from_items(source.units, override_num_blocks=min(len(source.units), 10_000))
         predictions = units.map_batches(
             OnnxPredictor,
@@ -595,12 +674,21 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         "input": source.describe(),
         "labels": str(cfg.labels) if cfg.labels else source.label_column,
         "model": {"name": model.name, "version": model.version, "sha256": model.sha256, "provider": provider},
-        "actors": {"min": cfg.actors, "max": cfg.max_actors or cfg.actors, "cpus_each": cfg.cpus_per_actor,
-                   "gpus_each": cfg.gpus_per_actor, "intra_op_threads": model.intra_op_threads},
+        "actors": {
+            "min": cfg.actors,
+            "max": cfg.max_actors or cfg.actors,
+            "cpus_each": cfg.cpus_per_actor,
+            "gpus_each": cfg.gpus_per_actor,
+            "intra_op_threads": model.intra_op_threads,
+        },
         "batch_size": cfg.batch_size,
         "rows_per_read": cfg.rows_per_read,
-        "ray": {"version": ray.__version__, "address": address if ours else "connected before the job",
-                "cpus": resources.get("CPU", 0), "gpus": resources.get("GPU", 0)},
+        "ray": {
+            "version": ray.__version__,
+            "address": address if ours else "connected before the job",
+            "cpus": resources.get("CPU", 0),
+            "gpus": resources.get("GPU", 0),
+        },
         "seconds": round(seconds, 3),
         "images_per_second": round(source.rows / max(seconds, 1e-9), 1),
         "total_seconds": round(time.monotonic() - started, 3),
@@ -613,8 +701,12 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         accuracy = report.accuracy(matrix)
         summary.update(accuracy=round(accuracy, 6), correct=int(np.trace(matrix)))
         (out / "confusion_matrix.csv").write_bytes(report.confusion_csv(matrix, names))
-        skipped = report.confusion_png(matrix, names, out / "confusion_matrix.png",
-                                       f"{model.name} v{model.version}: accuracy {accuracy:.2%} on {source.rows:,} rows")
+        skipped = report.confusion_png(
+            matrix,
+            names,
+            out / "confusion_matrix.png",
+            f"{model.name} v{model.version}: accuracy {accuracy:.2%} on {source.rows:,} rows",
+        )
         if skipped:
             cfg.log(f"confusion_matrix.png skipped: {skipped}; confusion_matrix.csv has the counts")
         cfg.log(f"accuracy {accuracy:.4f} ({int(np.trace(matrix)):,}/{source.rows:,} correct)")
@@ -640,38 +732,83 @@ def build_parser() -> argparse.ArgumentParser:
         "the same model repository and results as python -m service.jobs --local. Needs the ray extra.",
     )
     add = parser.add_argument
-    add("inputs", nargs="+", type=Path, metavar="INPUT",
-        help="an IDX file (gzip or not), a .npy file, or Parquet files / a folder of them")
-    add("-o", "--output", type=Path, required=True,
-        help="output folder: predictions/*.parquet, summary.json (+ confusion_matrix.csv with labels)")
-    add("--labels", type=Path, help="true labels of an IDX/.npy input (IDX idx1 or 1-D .npy): accuracy, confusion matrix")
+    add(
+        "inputs",
+        nargs="+",
+        type=Path,
+        metavar="INPUT",
+        help="an IDX file (gzip or not), a .npy file, or Parquet files / a folder of them",
+    )
+    add(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="output folder: predictions/*.parquet, summary.json (+ confusion_matrix.csv with labels)",
+    )
+    add(
+        "--labels",
+        type=Path,
+        help="true labels of an IDX/.npy input (IDX idx1 or 1-D .npy): accuracy, confusion matrix",
+    )
     add("--model", default=DEFAULT_MODEL, help=f"model name [default {DEFAULT_MODEL}]")
     add("--version", type=int, default=0, help="model version [default: the latest, pinned for the job]")
-    add("--model-repository", type=Path,
-        help="model repository [default: $SERVING_MODEL_REPOSITORY, else the bundled models/]")
-    add("--provider", choices=["auto", "cpu", "cuda"],
-        help="onnxruntime provider in the actors [default: $SERVING_PROVIDER, else cuda with --gpus-per-actor, else auto]")
+    add(
+        "--model-repository",
+        type=Path,
+        help="model repository [default: $SERVING_MODEL_REPOSITORY, else the bundled models/]",
+    )
+    add(
+        "--provider",
+        choices=["auto", "cpu", "cuda"],
+        help="onnxruntime provider in the actors "
+        "[default: $SERVING_PROVIDER, else cuda with --gpus-per-actor, else auto]",
+    )
     ray_group = parser.add_argument_group("Ray")
-    ray_group.add_argument("--actors", type=int, default=1, help="predictor actors (one onnxruntime session each) [default 1]")
-    ray_group.add_argument("--max-actors", type=int,
-                           help="let Ray Data grow the pool from --actors up to this many [default: fixed pool]")
-    ray_group.add_argument("--cpus-per-actor", type=float, default=1.0,
-                           help="CPUs reserved per actor, also its onnxruntime intra-op threads [default 1]")
-    ray_group.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (e.g. 1 or 0.5) [default 0]")
-    ray_group.add_argument("--address",
-                           help="join an existing Ray cluster (e.g. auto, or ray://head:10001) [default: $RAY_ADDRESS, "
-                           "else a local Ray instance]")
+    ray_group.add_argument(
+        "--actors", type=int, default=1, help="predictor actors (one onnxruntime session each) [default 1]"
+    )
+    ray_group.add_argument(
+        "--max-actors", type=int, help="let Ray Data grow the pool from --actors up to this many [default: fixed pool]"
+    )
+    ray_group.add_argument(
+        "--cpus-per-actor",
+        type=float,
+        default=1.0,
+        help="CPUs reserved per actor, also its onnxruntime intra-op threads [default 1]",
+    )
+    ray_group.add_argument(
+        "--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (e.g. 1 or 0.5) [default 0]"
+    )
+    ray_group.add_argument(
+        "--address",
+        help="join an existing Ray cluster (e.g. auto, or ray://head:10001) [default: $RAY_ADDRESS, "
+        "else a local Ray instance]",
+    )
     ray_group.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance [default: all]")
     tuning = parser.add_argument_group("batching and input")
-    tuning.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
-                        help=f"rows per onnxruntime call [default {DEFAULT_BATCH}, the batch job's --chunk-size]")
-    tuning.add_argument("--rows-per-read", type=int, default=DEFAULT_UNIT,
-                        help=f"IDX/.npy rows an actor reads at a time (a multiple of --batch-size) [default {DEFAULT_UNIT}]")
+    tuning.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH,
+        help=f"rows per onnxruntime call [default {DEFAULT_BATCH}, the batch job's --chunk-size]",
+    )
+    tuning.add_argument(
+        "--rows-per-read",
+        type=int,
+        default=DEFAULT_UNIT,
+        help=f"IDX/.npy rows an actor reads at a time (a multiple of --batch-size) [default {DEFAULT_UNIT}]",
+    )
     tuning.add_argument("--image-column", default="image", help="Parquet column holding the images [default image]")
-    tuning.add_argument("--label-column",
-                        help="Parquet column holding true labels [default: 'label' when every file has one]")
-    tuning.add_argument("--no-verify", dest="verify", action="store_false",
-                        help="skip the full read of an IDX/.npy input before the job (its header is still checked)")
+    tuning.add_argument(
+        "--label-column", help="Parquet column holding true labels [default: 'label' when every file has one]"
+    )
+    tuning.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip the full read of an IDX/.npy input before the job (its header is still checked)",
+    )
     tuning.add_argument("--overwrite", action="store_true", help="replace an earlier result in --output")
     return parser
 
@@ -679,11 +816,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = PipelineConfig(
-        inputs=args.inputs, output=args.output, labels=args.labels, model=args.model, version=args.version,
-        model_repository=args.model_repository, provider=args.provider, actors=args.actors,
-        max_actors=args.max_actors, cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
-        batch_size=args.batch_size, rows_per_read=args.rows_per_read, image_column=args.image_column,
-        label_column=args.label_column, address=args.address, num_cpus=args.num_cpus, overwrite=args.overwrite,
+        inputs=args.inputs,
+        output=args.output,
+        labels=args.labels,
+        model=args.model,
+        version=args.version,
+        model_repository=args.model_repository,
+        provider=args.provider,
+        actors=args.actors,
+        max_actors=args.max_actors,
+        cpus_per_actor=args.cpus_per_actor,
+        gpus_per_actor=args.gpus_per_actor,
+        batch_size=args.batch_size,
+        rows_per_read=args.rows_per_read,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        address=args.address,
+        num_cpus=args.num_cpus,
+        overwrite=args.overwrite,
         verify=args.verify,
     )
 
@@ -703,8 +853,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not type(exc).__module__.startswith("ray."):
             raise
         return fail(f"the Ray job failed: {exc}", 1)
-    print(f"done: {summary['rows']:,} rows in {summary['seconds']:.1f} s ({summary['images_per_second']:,.0f} images/s; "
-          f"{summary['total_seconds']:.1f} s with Ray start-up and checks); results in {args.output}", file=sys.stderr)
+    print(
+        f"done: {summary['rows']:,} rows in {summary['seconds']:.1f} s ({summary['images_per_second']:,.0f} images/s; "
+        f"{summary['total_seconds']:.1f} s with Ray start-up and checks); results in {args.output}",
+        file=sys.stderr,
+    )
     return 0
 
 

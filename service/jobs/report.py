@@ -1,4 +1,5 @@
 """Accuracy and confusion matrix of a finished classification job (CSV always, PNG with matplotlib)."""
+
 from __future__ import annotations
 
 import csv
@@ -54,8 +55,15 @@ def confusion_png(matrix: np.ndarray, names: Sequence[str], path: Path, title: s
     for i in range(n):
         for j in range(n):
             if matrix[i, j]:
-                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if share[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(matrix[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if share[i, j] > 0.5 else "black",
+                )
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
     fig.tight_layout()
     fig.savefig(path, format="png")

@@ -1,4 +1,5 @@
 """Structured logging: JSON lines (or text), and one DEBUG line per request (:class:`RequestLog`)."""
+
 from __future__ import annotations
 
 import json

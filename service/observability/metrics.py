@@ -11,6 +11,7 @@ Hot-path cost is kept to a dictionary lookup plus one ``inc``/``observe`` per va
 Python objects (no locks: every observation happens on the event loop thread); the values are
 turned into Prometheus families when scraped.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,10 +33,26 @@ log = logging.getLogger(__name__)
 
 #: Latency buckets in seconds: 50 µs .. 10 s (a batch-1 round trip here is ~0.5 ms).
 LATENCY_BUCKETS = (
-    50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3,
-    500e-3, 1.0, 2.5, 5.0, 10.0,
+    50e-6,
+    100e-6,
+    250e-6,
+    500e-6,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    10e-3,
+    25e-3,
+    50e-3,
+    100e-3,
+    250e-3,
+    500e-3,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
 
 class _Counter:
     __slots__ = ("value",)
@@ -70,8 +87,9 @@ class _Family:
     A scrape (HTTP thread) reads the numbers as they are; CPython makes each read whole.
     """
 
-    def __init__(self, kind: str, name: str, documentation: str, labels: list[str],
-                 buckets: tuple[float, ...] = ()) -> None:
+    def __init__(
+        self, kind: str, name: str, documentation: str, labels: list[str], buckets: tuple[float, ...] = ()
+    ) -> None:
         self.kind, self.name, self.documentation, self.label_names = kind, name, documentation, labels
         self.buckets = buckets
         self.children: dict[tuple[str, ...], Any] = {}
@@ -153,7 +171,10 @@ class Metrics:
             LATENCY_BUCKETS,
         )
         self.batch_size = _Family(
-            "histogram", "serving_batch_size", "Rows in each executed batch", ["model", "version"],
+            "histogram",
+            "serving_batch_size",
+            "Rows in each executed batch",
+            ["model", "version"],
             tuple(float(b) for b in BATCH_BUCKETS),
         )
         self.dropped = _Family(
@@ -163,8 +184,14 @@ class Metrics:
             "(DEADLINE_EXCEEDED while queued), cancelled (caller went away while queued)",
             ["model", "version", "reason"],
         )
-        self._families = [self.requests, self.request_latency, self.queue_wait, self.compute,
-                          self.batch_size, self.dropped]
+        self._families = [
+            self.requests,
+            self.request_latency,
+            self.queue_wait,
+            self.compute,
+            self.batch_size,
+            self.dropped,
+        ]
         self._children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
         self._registry: ModelRegistry | None = None
         self.registry.register(_StateCollector(self))
@@ -231,8 +258,7 @@ class _StateCollector(Collector):
         )
         loaded = GaugeMetricFamily(
             "serving_model_loaded",
-            "1 = model version loaded and served; 0 = it failed to load (version empty when "
-            "the whole model failed)",
+            "1 = model version loaded and served; 0 = it failed to load (version empty when the whole model failed)",
             labels=["model", "version"],
         )
         registry = self._metrics._registry

@@ -2,6 +2,7 @@
 together with tokens, a plaintext client against TLS, and the concurrent-request limit.
 (Mutual TLS: test_server.py; message and metadata size limits: test_bad_requests.py; tokens and
 the call gate in process: tests/unit/test_security.py, tests/unit/test_limits.py.)"""
+
 from __future__ import annotations
 
 import subprocess
@@ -12,12 +13,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
 from fixtures.onnx_models import linear, save, slow
 from fixtures.servers import REPO_ROOT, start_server
 from fixtures.tls import tls_files
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
 from service.client import ServingClient
 from service.generated.inference import grpc_service_pb2 as v2
 from service.generated.inference import grpc_service_pb2_grpc as v2_grpc
@@ -53,7 +54,7 @@ def _v2_profit(channel: grpc.Channel, token: str | None = None) -> float:
     return float(np.frombuffer(response.raw_output_contents[0], "<f4")[0])
 
 
-def _code(call) -> tuple[grpc.StatusCode, str]:  # noqa: ANN001
+def _code(call) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as info:
         call()
     return info.value.code(), info.value.details()
@@ -71,11 +72,17 @@ def test_bearer_tokens(tmp_path: Path) -> None:
         assert "serving.v1.ModelService" in {s.name for s in listed.list_services_response.service}
 
         # Everything else does, on both protocols and on streams.
-        assert _code(lambda: _profit(channel)) == (UNAUTHENTICATED, "missing 'authorization: Bearer <token>' metadata: this server requires a bearer token")
+        assert _code(lambda: _profit(channel)) == (
+            UNAUTHENTICATED,
+            "missing 'authorization: Bearer <token>' metadata: this server requires a bearer token",
+        )
         assert _code(lambda: _v2_profit(channel))[0] == UNAUTHENTICATED
-        assert _code(lambda: _profit(channel, "wrong"))== (UNAUTHENTICATED, "invalid bearer token")
+        assert _code(lambda: _profit(channel, "wrong")) == (UNAUTHENTICATED, "invalid bearer token")
         assert _code(lambda: _profit(channel, ENV_TOKEN[:-1]))[1] == "invalid bearer token"
-        assert _code(lambda: _profit(channel, header="Basic Zm9vOmJhcg=="))[1] == "the authorization metadata must be 'Bearer <token>'"
+        assert (
+            _code(lambda: _profit(channel, header="Basic Zm9vOmJhcg=="))[1]
+            == "the authorization metadata must be 'Bearer <token>'"
+        )
         assert _code(lambda: _profit(channel, header="Bearer "))[0] == UNAUTHENTICATED
         stream = pb_grpc.ModelServiceStub(channel).ClassifyStream(iter([pb.ClassifyRequest()]), timeout=10)
         assert _code(lambda: list(stream))[0] == UNAUTHENTICATED
@@ -117,8 +124,16 @@ def test_bearer_tokens(tmp_path: Path) -> None:
 def test_tls_with_a_token_and_a_plaintext_client(tmp_path: Path) -> None:
     files = tls_files(tmp_path)
     tls = grpc.ssl_channel_credentials(files["ca.crt"].read_bytes())
-    args = ["--model-repository", str(_repo(tmp_path)), "--tls-cert", str(files["server.crt"]),
-            "--tls-key", str(files["server.key"]), "--auth-tokens", "s3cret-token"]
+    args = [
+        "--model-repository",
+        str(_repo(tmp_path)),
+        "--tls-cert",
+        str(files["server.crt"]),
+        "--tls-key",
+        str(files["server.key"]),
+        "--auth-tokens",
+        "s3cret-token",
+    ]
     with start_server(tmp_path, *args, credentials=tls) as proc:
         with proc.channel() as channel:
             assert _profit(channel, "s3cret-token") == 7.0
@@ -142,8 +157,17 @@ def test_a_bad_token_file_refuses_to_start(tmp_path: Path, content: str | None, 
     token_file = tmp_path / "tokens"
     if content is not None:
         token_file.write_text(content)
-    command = [sys.executable, "-m", "service", "--port", "0", "--model-repository", str(_repo(tmp_path)),
-               "--auth-token-file", str(token_file)]
+    command = [
+        sys.executable,
+        "-m",
+        "service",
+        "--port",
+        "0",
+        "--model-repository",
+        str(_repo(tmp_path)),
+        "--auth-token-file",
+        str(token_file),
+    ]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and message in result.stderr
 

@@ -2,6 +2,7 @@
 against the session server: remote and local give the same bytes on the real Fashion-MNIST test
 set, a job killed mid-run resumes to exactly the full result, corrupt inputs fail clearly before
 any output. (Retries against a fake, memory, progress: tests/unit/jobs/test_batch_job.py.)"""
+
 from __future__ import annotations
 
 import gzip
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fixtures.servers import MODELS, REPO_ROOT, ServerProcess
+
 from service.client import connect
 from service.generated.serving.v1 import serving_pb2 as pb
 from service.generated.serving.v1 import serving_pb2_grpc as pb_grpc
@@ -51,8 +52,23 @@ def fashion(fashion_files: dict[str, Path]) -> dict[str, Path]:
 def reference(server: ServerProcess, fashion: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted remote run over the 10,000 test images, with labels."""
     out = tmp_path_factory.mktemp("reference") / "out"
-    assert run("classify", fashion["images"], "--labels", fashion["labels"], "-o", out,
-               "--server", server.address, "--chunk-size", CHUNK, "--progress", "none") == 0
+    assert (
+        run(
+            "classify",
+            fashion["images"],
+            "--labels",
+            fashion["labels"],
+            "-o",
+            out,
+            "--server",
+            server.address,
+            "--chunk-size",
+            CHUNK,
+            "--progress",
+            "none",
+        )
+        == 0
+    )
     return out
 
 
@@ -60,8 +76,24 @@ def test_remote_and_local_give_identical_outputs(
     reference: Path, fashion: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     local = tmp_path / "local"
-    assert run("classify", fashion["images"], "--labels", fashion["labels"], "-o", local, "--local",
-               "--model-repository", MODELS, "--chunk-size", CHUNK, "--progress", "log") == 0
+    assert (
+        run(
+            "classify",
+            fashion["images"],
+            "--labels",
+            fashion["labels"],
+            "-o",
+            local,
+            "--local",
+            "--model-repository",
+            MODELS,
+            "--chunk-size",
+            CHUNK,
+            "--progress",
+            "log",
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     for name in DATA_FILES:
         assert (local / name).read_bytes() == (reference / name).read_bytes(), name
@@ -85,16 +117,45 @@ def test_remote_and_local_give_identical_outputs(
     assert matrix.sum() == 10_000 and np.trace(matrix) == remote_summary["correct"]
 
 
-def test_finished_job_is_not_redone(reference: Path, server: ServerProcess, fashion: dict[str, Path],
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_finished_job_is_not_redone(
+    reference: Path, server: ServerProcess, fashion: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     before = {p.name: p.stat().st_mtime_ns for p in reference.iterdir()}
-    assert run("classify", fashion["images"], "--labels", fashion["labels"], "-o", reference,
-               "--server", server.address, "--chunk-size", CHUNK, "--progress", "none") == 0
+    assert (
+        run(
+            "classify",
+            fashion["images"],
+            "--labels",
+            fashion["labels"],
+            "-o",
+            reference,
+            "--server",
+            server.address,
+            "--chunk-size",
+            CHUNK,
+            "--progress",
+            "none",
+        )
+        == 0
+    )
     assert "already complete" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in reference.iterdir()} == before
     # Another job into the same folder is refused, and names what differs.
-    assert run("classify", fashion["images"], "-o", reference, "--server", server.address,
-               "--chunk-size", 64, "--progress", "none") == 1
+    assert (
+        run(
+            "classify",
+            fashion["images"],
+            "-o",
+            reference,
+            "--server",
+            server.address,
+            "--chunk-size",
+            64,
+            "--progress",
+            "none",
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "different job" in err and "chunk_size: 32 there, 64 now" in err and "--restart" in err
 
@@ -122,8 +183,18 @@ def test_kill_mid_run_then_resume_gives_exactly_the_full_result(
     reference: Path, server: ServerProcess, fashion: dict[str, Path], tmp_path: Path
 ) -> None:
     out = tmp_path / "job"
-    job = ["classify", str(fashion["images"]), "--labels", str(fashion["labels"]), "-o", str(out),
-           "--chunk-size", str(CHUNK), "--progress", "none"]
+    job = [
+        "classify",
+        str(fashion["images"]),
+        "--labels",
+        str(fashion["labels"]),
+        "-o",
+        str(out),
+        "--chunk-size",
+        str(CHUNK),
+        "--progress",
+        "none",
+    ]
     base = [sys.executable, "-m", "service.jobs", *job]
     remote = [*base, "--server", server.address]
     local = [*base, "--local", "--model-repository", str(MODELS)]
@@ -222,14 +293,19 @@ def test_corrupt_input_fails_clearly_before_any_output(
     assert not out.exists()  # nothing written, so nothing can pass for a result
 
 
-def test_bad_labels_and_csv_values_are_reported(tmp_path: Path, server: ServerProcess,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_labels_and_csv_values_are_reported(
+    tmp_path: Path, server: ServerProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
     images = write_idx(tmp_path / "i.gz", SMALL)
     np.save(tmp_path / "few.npy", np.zeros(99, np.int64))
-    assert run("classify", images, "--labels", tmp_path / "few.npy", "-o", tmp_path / "a", "--server", server.address) == 2
+    assert (
+        run("classify", images, "--labels", tmp_path / "few.npy", "-o", tmp_path / "a", "--server", server.address) == 2
+    )
     assert "99 labels for 100 input rows" in capsys.readouterr().err
     np.save(tmp_path / "big.npy", np.full(100, 12, np.int64))
-    assert run("classify", images, "--labels", tmp_path / "big.npy", "-o", tmp_path / "b", "--server", server.address) == 2
+    assert (
+        run("classify", images, "--labels", tmp_path / "big.npy", "-o", tmp_path / "b", "--server", server.address) == 2
+    )
     assert "classes 0 to 9" in capsys.readouterr().err
     (tmp_path / "p.csv").write_text("city,population\na,35000\nb,lots\n")
     assert run("profit", tmp_path / "p.csv", "-o", tmp_path / "c", "--server", server.address) == 2
@@ -296,8 +372,22 @@ def test_npy_and_png_inputs_match_the_idx_result(reference: Path, fashion: dict[
     expected = np.load(reference / "probabilities.npy")[: 2 * CHUNK]
     for path in (tmp_path / "n.npy", tmp_path / "n1.npy", folder):
         out = tmp_path / f"out-{path.name}"
-        assert run("classify", path, "-o", out, "--local", "--model-repository", MODELS,
-                   "--chunk-size", CHUNK, "--progress", "none") == 0
+        assert (
+            run(
+                "classify",
+                path,
+                "-o",
+                out,
+                "--local",
+                "--model-repository",
+                MODELS,
+                "--chunk-size",
+                CHUNK,
+                "--progress",
+                "none",
+            )
+            == 0
+        )
         np.testing.assert_array_equal(np.load(out / "probabilities.npy"), expected)
     lines = (tmp_path / "out-pngs" / "predictions.csv").read_text().splitlines()
     assert lines[0] == "row,file,predicted,label,probability" and lines[1].startswith("0,img000.png,")
@@ -308,8 +398,10 @@ def test_profit_csv_remote_and_local(server: ServerProcess, tmp_path: Path) -> N
     (tmp_path / "p.csv").write_text("city,population\n" + "".join(f"c{i},{p:g}\n" for i, p in enumerate(populations)))
     (tmp_path / "one.csv").write_text("35000\n\n70000\n")
     for mode in (["--server", server.address], ["--local", "--model-repository", MODELS]):
-        assert run("profit", tmp_path / "p.csv", "-o", tmp_path / mode[0], *mode, "--chunk-size", 16,
-                   "--progress", "none") == 0
+        assert (
+            run("profit", tmp_path / "p.csv", "-o", tmp_path / mode[0], *mode, "--chunk-size", 16, "--progress", "none")
+            == 0
+        )
     remote, local = tmp_path / "--server", tmp_path / "--local"
     for name in ("profits.csv", "profits.npy"):
         assert (remote / name).read_bytes() == (local / name).read_bytes()
@@ -317,9 +409,10 @@ def test_profit_csv_remote_and_local(server: ServerProcess, tmp_path: Path) -> N
     assert profits.shape == (50,)
     assert run("profit", tmp_path / "one.csv", "-o", tmp_path / "one", "--server", server.address) == 0
     assert (tmp_path / "one" / "profits.csv").read_text().splitlines() == [
-        "row,population,profit_usd", "0,35000,2798.38", "1,70000,44554.55"]
-
-
+        "row,population,profit_usd",
+        "0,35000,2798.38",
+        "1,70000,44554.55",
+    ]
 
 
 # -- one definition of the default models ---------------------------------------------------------
@@ -332,14 +425,40 @@ def test_the_batch_job_and_the_typed_api_default_to_the_same_model(
     service.core.tasks.DEFAULT_MODELS) use the same model; so do profit jobs and PredictProfit."""
     np.save(tmp_path / "x.npy", SMALL[:4])
     (tmp_path / "p.csv").write_text("35000\n")
-    assert run("classify", tmp_path / "x.npy", "-o", tmp_path / "c", "--local", "--model-repository", MODELS,
-               "--progress", "none") == 0
-    assert run("profit", tmp_path / "p.csv", "-o", tmp_path / "p", "--local", "--model-repository", MODELS,
-               "--progress", "none") == 0
+    assert (
+        run(
+            "classify",
+            tmp_path / "x.npy",
+            "-o",
+            tmp_path / "c",
+            "--local",
+            "--model-repository",
+            MODELS,
+            "--progress",
+            "none",
+        )
+        == 0
+    )
+    assert (
+        run(
+            "profit",
+            tmp_path / "p.csv",
+            "-o",
+            tmp_path / "p",
+            "--local",
+            "--model-repository",
+            MODELS,
+            "--progress",
+            "none",
+        )
+        == 0
+    )
     job_models = [json.loads((tmp_path / d / "summary.json").read_text())["model"]["name"] for d in "cp"]
     with server.channel() as channel:
         stub = pb_grpc.ModelServiceStub(channel)
         images = pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=[4, 1, 28, 28], data=SMALL[:4].tobytes())
-        typed = [stub.Classify(pb.ClassifyRequest(images=images), timeout=10).model.name,
-                 stub.PredictProfit(pb.PredictProfitRequest(population=[35000]), timeout=10).model.name]
+        typed = [
+            stub.Classify(pb.ClassifyRequest(images=images), timeout=10).model.name,
+            stub.PredictProfit(pb.PredictProfitRequest(population=[35000]), timeout=10).model.name,
+        ]
     assert job_models == typed == ["fashion_softmax", "profit"]

@@ -1,6 +1,7 @@
 """Dynamic batching through real server processes: correctness under concurrency (every caller
 gets exactly its own rows, over both protocols), splitting, backpressure, deadlines, batching off.
 (The scheduler in process: tests/unit/core/test_batching.py.)"""
+
 from __future__ import annotations
 
 import asyncio
@@ -12,9 +13,9 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-
 from fixtures.onnx_models import linear, save
 from fixtures.servers import MODELS, ServerProcess, free_port, sample, scrape, start_server, v2_request
+
 from service.generated.inference import grpc_service_pb2_grpc as v2_grpc
 from service.generated.serving.v1 import serving_pb2 as pb
 from service.generated.serving.v1 import serving_pb2_grpc as pb_grpc
@@ -52,7 +53,9 @@ def test_many_concurrent_clients_each_get_exactly_their_own_rows(batching_server
             async def one(i: int, x: np.ndarray) -> np.ndarray:
                 if i % 2:
                     tensor = pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=x.shape, data=x.tobytes())
-                    reply = await typed.Classify(pb.ClassifyRequest(model=pb.ModelRef(name=model), images=tensor), timeout=60)
+                    reply = await typed.Classify(
+                        pb.ClassifyRequest(model=pb.ModelRef(name=model), images=tensor), timeout=60
+                    )
                     return np.array([r.probabilities for r in reply.results], np.float32)
                 reply = await infer.ModelInfer(v2_request(model, "image", x, "UINT8"), timeout=60)
                 return np.frombuffer(reply.raw_output_contents[0], np.float32).reshape(len(x), 10)
@@ -71,7 +74,9 @@ def test_many_concurrent_clients_each_get_exactly_their_own_rows(batching_server
     assert rows == sum(sizes)  # every row computed exactly once
     assert batches < len(sizes), "no two requests were ever batched together"
     assert batches >= -(-sum(sizes) // MAX_ROWS)  # and no batch over the limit...
-    assert sample(after, "serving_batch_size_bucket", le="16.0", **labels) == sample(after, "serving_batch_size_count", **labels)
+    assert sample(after, "serving_batch_size_bucket", le="16.0", **labels) == sample(
+        after, "serving_batch_size_count", **labels
+    )
 
 
 def test_queue_full_and_expired_deadline_are_answered_and_counted(tmp_path: Path) -> None:
@@ -81,8 +86,14 @@ def test_queue_full_and_expired_deadline_are_answered_and_counted(tmp_path: Path
     save(linear(1, [2.0], 1.0, "population", "profit"), tmp_path / "models", "profit")
     metrics_port = free_port()
     overrides = {"profit": {"queue_capacity": 1, "max_queue_delay_us": 5_000_000}}
-    args = ["--model-repository", str(tmp_path / "models"), "--metrics-port", str(metrics_port),
-            "--batching", json.dumps(overrides)]
+    args = [
+        "--model-repository",
+        str(tmp_path / "models"),
+        "--metrics-port",
+        str(metrics_port),
+        "--batching",
+        json.dumps(overrides),
+    ]
     with start_server(tmp_path, *args) as proc, proc.channel() as channel:
         stub = pb_grpc.ModelServiceStub(channel)
         request = pb.PredictProfitRequest(population=[1.0])
@@ -112,10 +123,18 @@ def test_queue_full_and_expired_deadline_are_answered_and_counted(tmp_path: Path
 
 def test_batching_off_runs_each_request_alone(tmp_path: Path) -> None:
     metrics_port = free_port()
-    args = ["--model-repository", str(MODELS), "--metrics-port", str(metrics_port),
-            "--batching", json.dumps({"fashion_softmax": {"enabled": False, "max_batch_rows": 2}})]
+    args = [
+        "--model-repository",
+        str(MODELS),
+        "--metrics-port",
+        str(metrics_port),
+        "--batching",
+        json.dumps({"fashion_softmax": {"enabled": False, "max_batch_rows": 2}}),
+    ]
     x = np.random.default_rng(3).integers(0, 256, (20, 5, 1, 28, 28), dtype=np.uint8)
-    session = ort.InferenceSession(str(MODELS / "fashion_softmax" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(MODELS / "fashion_softmax" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     with start_server(tmp_path, *args) as proc:
 
         async def run() -> list[bytes]:
@@ -129,7 +148,9 @@ def test_batching_off_runs_each_request_alone(tmp_path: Path) -> None:
         outputs = asyncio.run(run())
         samples = scrape(metrics_port)
     for xi, raw in zip(x, outputs):
-        np.testing.assert_allclose(np.frombuffer(raw, np.float32).reshape(5, 10), session.run(None, {"image": xi})[0], rtol=1e-6)
+        np.testing.assert_allclose(
+            np.frombuffer(raw, np.float32).reshape(5, 10), session.run(None, {"image": xi})[0], rtol=1e-6
+        )
     labels = {"model": "fashion_softmax", "version": "1"}
     assert sample(samples, "serving_batch_size_count", **labels) == 20  # one batch per request...
     assert sample(samples, "serving_batch_size_sum", **labels) == 100  # ...unsplit (5 rows > max 2)

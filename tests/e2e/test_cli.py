@@ -1,5 +1,6 @@
 """Start-up refusals of the server CLI (``python -m service`` subprocesses) and its console script.
 (Settings themselves: tests/unit/test_settings.py.)"""
+
 from __future__ import annotations
 
 import subprocess
@@ -8,8 +9,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 import pytest
-
 from fixtures.servers import REPO_ROOT, free_port
+
 from service.core.runtime import CUDA
 
 HAS_CUDA = CUDA in ort.get_available_providers()

@@ -1,13 +1,14 @@
 """service.client against the real server (``server`` subprocess): numpy in, numpy out; errors
 carry the gRPC status; the container health probe's exit status. (Retries, deadlines, TLS and the
 token against an in-process fake: tests/unit/test_client.py.)"""
+
 from __future__ import annotations
 
 import grpc
 import numpy as np
 import pytest
-
 from fixtures.servers import ServerProcess, free_port
+
 from service import healthcheck
 from service.client import (
     Classification,

@@ -11,6 +11,7 @@ Order matters and is the file's order: the image, then the stack serving (health
 metrics, HTTP, read-only/non-root, the batch profile), then ``docker compose stop`` under load
 (which ends the stack), then a second stack with a corrupt model in its repository.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -31,8 +32,10 @@ import pytest
 from fixtures.servers import MODELS, REPO_ROOT, free_port
 
 if os.environ.get("CONTAINER_STACK") != "1":
-    pytest.skip("the container check: ./scripts/container-test.sh runs it (builds the image, starts the engine)",
-                allow_module_level=True)
+    pytest.skip(
+        "the container check: ./scripts/container-test.sh runs it (builds the image, starts the engine)",
+        allow_module_level=True,
+    )
 pytestmark = pytest.mark.container
 
 ENGINE = os.environ.get("CONTAINER_ENGINE", "podman")
@@ -53,8 +56,17 @@ ACCURACY_TOLERANCE = 0.001  # 10 of the 10,000 test images: the served graph is 
 USD_TOLERANCE = 1.0
 
 # Knobs of docker-compose.yml that the check sets itself (an inherited value would change what runs).
-COMPOSE_KNOBS = {"MODELS_DIR", "GRPC_PORT", "METRICS_PORT", "HTTP_PORT", "FASHION_DATA_DIR", "BATCH_OUTPUT",
-                 "COMPOSE_FILE", "COMPOSE_PROJECT_NAME", "COMPOSE_PROFILES"}
+COMPOSE_KNOBS = {
+    "MODELS_DIR",
+    "GRPC_PORT",
+    "METRICS_PORT",
+    "HTTP_PORT",
+    "FASHION_DATA_DIR",
+    "BATCH_OUTPUT",
+    "COMPOSE_FILE",
+    "COMPOSE_PROJECT_NAME",
+    "COMPOSE_PROFILES",
+}
 
 
 def card(model: str) -> dict:
@@ -76,8 +88,9 @@ def record(check: str, **figures: object) -> None:
 # -- engine and compose ----------------------------------------------------------------------------
 
 
-def run(args: list[str], *, env: dict | None = None, timeout: float = CALL_S, check: bool = True,
-        what: str = "") -> subprocess.CompletedProcess:
+def run(
+    args: list[str], *, env: dict | None = None, timeout: float = CALL_S, check: bool = True, what: str = ""
+) -> subprocess.CompletedProcess:
     """Run a command; on failure raise with the command, its exit code and the end of its output."""
     try:
         result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
@@ -110,8 +123,13 @@ class Stack:
         return f"127.0.0.1:{self.grpc_port}"
 
     def compose(self, *args: str, timeout: float = CALL_S, check: bool = True) -> subprocess.CompletedProcess:
-        return run([*COMPOSE, "-f", str(COMPOSE_FILE), "-p", self.project, *args], env=self.env, timeout=timeout,
-                   check=check, what=f"docker compose -p {self.project} {' '.join(args)}")
+        return run(
+            [*COMPOSE, "-f", str(COMPOSE_FILE), "-p", self.project, *args],
+            env=self.env,
+            timeout=timeout,
+            check=check,
+            what=f"docker compose -p {self.project} {' '.join(args)}",
+        )
 
     def container(self, service: str = "server") -> str:
         ids = self.compose("ps", "-a", "-q", service).stdout.split()
@@ -151,9 +169,12 @@ class Stack:
         last = ""
         while time.monotonic() - start < deadline_s:
             state = json.loads(engine("inspect", container).stdout)[0]["State"]
-            if state.get("Status") in ("exited", "dead") or state.get("Running") is False and state.get("Status") != "created":
-                raise AssertionError(f"{service} stopped while starting (exit {state.get('ExitCode')}):\n"
-                                     f"{self.logs(service)[-4000:]}")
+            if state.get("Status") in ("exited", "dead") or (
+                state.get("Running") is False and state.get("Status") != "created"
+            ):
+                raise AssertionError(
+                    f"{service} stopped while starting (exit {state.get('ExitCode')}):\n{self.logs(service)[-4000:]}"
+                )
             if ENGINE.endswith("podman"):
                 probe = engine("healthcheck", "run", container, check=False)
                 last = (probe.stdout + probe.stderr).strip()
@@ -165,8 +186,9 @@ class Stack:
                 if health == "healthy":
                     return time.monotonic() - start
             time.sleep(0.5)
-        raise AssertionError(f"{service} not healthy after {deadline_s} s (last probe: {last!r}):\n"
-                             f"{self.logs(service)[-4000:]}")
+        raise AssertionError(
+            f"{service} not healthy after {deadline_s} s (last probe: {last!r}):\n{self.logs(service)[-4000:]}"
+        )
 
     def down(self) -> None:
         self.compose("down", "-v", "--remove-orphans", "--timeout", "20", check=False, timeout=180)
@@ -189,11 +211,16 @@ def fashion_data_dir(fashion_files: dict[str, Path]) -> Path:
 
 def start_stack(name: str, tmp: Path, **env: str) -> Stack:
     stack = Stack(
-        project=name, tmp=tmp, grpc_port=free_port(), metrics_port=free_port(), http_port=free_port(),
+        project=name,
+        tmp=tmp,
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        http_port=free_port(),
         env={},
     )
-    stack.env = _compose_env(tmp, GRPC_PORT=str(stack.grpc_port), METRICS_PORT=str(stack.metrics_port),
-                             HTTP_PORT=str(stack.http_port), **env)
+    stack.env = _compose_env(
+        tmp, GRPC_PORT=str(stack.grpc_port), METRICS_PORT=str(stack.metrics_port), HTTP_PORT=str(stack.http_port), **env
+    )
     start = time.monotonic()
     try:
         stack.compose("up", "-d", "--no-build", "--pull", "never", "server", timeout=START_S)
@@ -218,8 +245,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, fashion_data_dir: Path) -> I
         os.chown(output, 10001, 10001)  # the image's user
     else:
         output.chmod(0o777)
-    stack = start_stack(PROJECT, tmp, SERVING_LOG_LEVEL="DEBUG", FASHION_DATA_DIR=str(fashion_data_dir),
-                        BATCH_OUTPUT=str(output))
+    stack = start_stack(
+        PROJECT, tmp, SERVING_LOG_LEVEL="DEBUG", FASHION_DATA_DIR=str(fashion_data_dir), BATCH_OUTPUT=str(output)
+    )
     record("stack start", **stack.figures)
     try:
         yield stack
@@ -256,12 +284,18 @@ find $ours \( -name '*.whl' -o -name '*.tar.gz' \) -print 2>/dev/null | sed 's/^
 test -e /src && echo "leftover=/src"
 python -c 'import onnxruntime, numpy, grpc, sys; print("versions=python", sys.version.split()[0], "onnxruntime", onnxruntime.__version__, "numpy", numpy.__version__, "grpcio", grpc.__version__)'
 """
-    out = engine("run", "--rm", "--network", "none", "--entrypoint", "sh", IMAGE, "-c", script,
-                 what="look inside the image").stdout
+    out = engine(
+        "run", "--rm", "--network", "none", "--entrypoint", "sh", IMAGE, "-c", script, what="look inside the image"
+    ).stdout
     lines = [line for line in out.splitlines() if "=" in line]
-    facts = dict(line.split("=", 1) for line in lines if line.split("=", 1)[0].endswith("_kib") or line.startswith("versions="))
-    found = [line for line in lines if line.split("=", 1)[0] in ("compiler", "module", "pipcache", "tests", "conftest",
-                                                                 "wheel", "leftover")]
+    facts = dict(
+        line.split("=", 1) for line in lines if line.split("=", 1)[0].endswith("_kib") or line.startswith("versions=")
+    )
+    found = [
+        line
+        for line in lines
+        if line.split("=", 1)[0] in ("compiler", "module", "pipcache", "tests", "conftest", "wheel", "leftover")
+    ]
     size = _size(IMAGE)
     figures = {
         "image_mb": round(size / 1e6, 1),
@@ -288,9 +322,12 @@ def test_health_serving_on_the_published_port(stack: Stack) -> None:
 
     with grpc.insecure_channel(stack.address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        statuses = {name: health_pb2.HealthCheckResponse.ServingStatus.Name(
-            stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status)
-            for name in ["", "fashion_softmax", "fashion_cnn", "profit", "house_price"]}
+        statuses = {
+            name: health_pb2.HealthCheckResponse.ServingStatus.Name(
+                stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status
+            )
+            for name in ["", "fashion_softmax", "fashion_cnn", "profit", "house_price"]
+        }
     assert set(statuses.values()) == {"SERVING"}, statuses
     started = [r for r in stack.log_records() if r.get("msg") == "server started"]
     assert started and started[0].get("failed") in ({}, None), started
@@ -301,7 +338,11 @@ def test_typed_api_answers_with_the_model_cards_figures(stack: Stack, fashion_te
     from service.client import connect
 
     images, labels = fashion_test_set
-    profit, house, softmax = card("profit")["metrics"], card("house_price")["metrics"], card("fashion_softmax")["metrics"]
+    profit, house, softmax = (
+        card("profit")["metrics"],
+        card("house_price")["metrics"],
+        card("fashion_softmax")["metrics"],
+    )
     populations = np.array([35_000, 70_000], np.float64)
     expected_profit = (profit["slope_per_10k"] * populations / 10_000 + profit["intercept_10k_usd"]) * 10_000
     expected_house = house["weights"][0] * 1650 + house["weights"][1] * 3 + house["intercept_usd"]
@@ -312,9 +353,15 @@ def test_typed_api_answers_with_the_model_cards_figures(stack: Stack, fashion_te
         got_house = float(np.asarray(client.predict_house_price([(1650, 3)]))[0])
     seconds = time.monotonic() - start
     accuracy = float(np.mean(np.asarray(result.class_index) == labels))
-    record("typed API", fashion_softmax_accuracy=accuracy, card_accuracy=softmax["test_accuracy"],
-           profit_35000_usd=round(float(got_profit[0]), 2), closed_form_35000_usd=round(float(expected_profit[0]), 2),
-           house_1650sqft_3br_usd=round(got_house, 2), seconds=round(seconds, 2))
+    record(
+        "typed API",
+        fashion_softmax_accuracy=accuracy,
+        card_accuracy=softmax["test_accuracy"],
+        profit_35000_usd=round(float(got_profit[0]), 2),
+        closed_form_35000_usd=round(float(expected_profit[0]), 2),
+        house_1650sqft_3br_usd=round(got_house, 2),
+        seconds=round(seconds, 2),
+    )
     assert len(result.class_index) == len(labels) == softmax["test_images"]
     assert abs(accuracy - softmax["test_accuracy"]) <= ACCURACY_TOLERANCE, (accuracy, softmax["test_accuracy"])
     assert np.all(np.abs(got_profit - expected_profit) <= USD_TOLERANCE), (got_profit, expected_profit)
@@ -335,7 +382,7 @@ def test_v2_tritonclient_answers_with_the_model_cards_figures(stack: Stack, fash
         start = time.monotonic()
         predictions = []
         for first in range(0, len(images), 1000):
-            batch = images[first:first + 1000]
+            batch = images[first : first + 1000]
             tensor = triton.InferInput("image", list(batch.shape), "UINT8")
             tensor.set_data_from_numpy(batch)
             response = client.infer("fashion_cnn", [tensor], client_timeout=CALL_S)
@@ -349,8 +396,13 @@ def test_v2_tritonclient_answers_with_the_model_cards_figures(stack: Stack, fash
         client.close()
     accuracy = float(np.mean(np.concatenate(predictions) == labels))
     expected_profit = (profit["slope_per_10k"] * 3.5 + profit["intercept_10k_usd"]) * 10_000
-    record("V2 (tritonclient)", fashion_cnn_accuracy=accuracy, card_accuracy=cnn["test_accuracy"],
-           fashion_cnn_10000_images_s=round(seconds, 2), profit_35000_usd=round(got_profit, 2))
+    record(
+        "V2 (tritonclient)",
+        fashion_cnn_accuracy=accuracy,
+        card_accuracy=cnn["test_accuracy"],
+        fashion_cnn_10000_images_s=round(seconds, 2),
+        profit_35000_usd=round(got_profit, 2),
+    )
     assert abs(accuracy - cnn["test_accuracy"]) <= ACCURACY_TOLERANCE, (accuracy, cnn["test_accuracy"])
     assert abs(got_profit - expected_profit) <= USD_TOLERANCE, (got_profit, expected_profit)
 
@@ -382,8 +434,11 @@ def test_http_rest_on_the_published_port(stack: Stack) -> None:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=30) as response:
         assert response.status == 200
     body = json.dumps({"inputs": [{"name": "population", "shape": [1, 1], "datatype": "FP32", "data": [35000.0]}]})
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/profit/infer", data=body.encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v2/models/profit/infer",
+        data=body.encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         answer = json.loads(response.read())
     profit = card("profit")["metrics"]
@@ -413,14 +468,21 @@ def test_batch_profile_writes_its_outputs_to_a_host_folder(stack: Stack) -> None
     """`docker compose --profile batch run --rm batch`: the Fashion-MNIST test set through the
     server, in a container on the stack's network, results in BATCH_OUTPUT on the host."""
     start = time.monotonic()
-    result = stack.compose("--profile", "batch", "run", "--rm", "--no-deps", "--pull", "never", "batch",
-                           timeout=BATCH_S)
+    result = stack.compose(
+        "--profile", "batch", "run", "--rm", "--no-deps", "--pull", "never", "batch", timeout=BATCH_S
+    )
     seconds = time.monotonic() - start
     output = Path(stack.env["BATCH_OUTPUT"]) / "fashion-test"
     summary = json.loads((output / "summary.json").read_text())
     expected = card("fashion_softmax")["metrics"]
-    record("batch profile", accuracy=summary.get("accuracy"), card_accuracy=expected["test_accuracy"],
-           rows=summary.get("rows"), seconds=round(seconds, 1), files=sorted(p.name for p in output.iterdir()))
+    record(
+        "batch profile",
+        accuracy=summary.get("accuracy"),
+        card_accuracy=expected["test_accuracy"],
+        rows=summary.get("rows"),
+        seconds=round(seconds, 1),
+        files=sorted(p.name for p in output.iterdir()),
+    )
     assert summary["complete"] is True and summary["rows"] == expected["test_images"], summary
     assert abs(summary["accuracy"] - expected["test_accuracy"]) <= ACCURACY_TOLERANCE, summary
     predictions = np.load(output / "predictions.npy")
@@ -477,17 +539,22 @@ async def _load_until_stopped(stack: Stack, images: np.ndarray) -> dict:
         stopping.set()
         start = time.monotonic()
         stop = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: stack.compose("stop", "server", timeout=CALL_S, check=False))
+            None, lambda: stack.compose("stop", "server", timeout=CALL_S, check=False)
+        )
         stop_s = time.monotonic() - start
-        done, pending = await asyncio.wait(tasks, timeout=CALL_S)
+        _done, pending = await asyncio.wait(tasks, timeout=CALL_S)
         for task in pending:
             task.cancel()
         assert not pending, f"{len(pending)} callers still waiting {CALL_S} s after the stop"
     finally:
         await client.close()
     return {
-        "outcomes": outcomes, "answers": answers, "ok_before": ok_before, "in_flight_at_stop": in_flight_at_stop,
-        "stop": stop, "stop_s": stop_s,
+        "outcomes": outcomes,
+        "answers": answers,
+        "ok_before": ok_before,
+        "in_flight_at_stop": in_flight_at_stop,
+        "stop": stop,
+        "stop_s": stop_s,
     }
 
 
@@ -506,8 +573,11 @@ def test_compose_stop_under_load_drains_and_loses_nothing(stack: Stack, fashion_
     outcomes, stop = result["outcomes"], result["stop"]
     state = stack.inspect()["State"]
     records = stack.log_records()
-    served = {r["request_id"]: r.get("code") for r in records
-              if r.get("msg") == "request" and str(r.get("request_id", "")).startswith(DRAIN_ID)}
+    served = {
+        r["request_id"]: r.get("code")
+        for r in records
+        if r.get("msg") == "request" and str(r.get("request_id", "")).startswith(DRAIN_ID)
+    }
     drained = next((r for r in records if r.get("msg") == "drained: stopping gRPC"), None)
     client_ok = {rid for rid, code in outcomes.items() if code == "OK"}
     refused = {rid for rid, code in outcomes.items() if code in ("UNAVAILABLE", "CANCELLED")}
@@ -515,11 +585,19 @@ def test_compose_stop_under_load_drains_and_loses_nothing(stack: Stack, fashion_
     # The drain's refusals are logged without a request id (the adapter never saw them), as
     # UNAVAILABLE; an accepted call that ended otherwise before the adapter noted its id would be
     # logged without one too: no such line may have another code.
-    unidentified = Counter(r.get("code") for r in records if r.get("msg") == "request" and not r.get("request_id")
-                           and str(r.get("method", "")).endswith("ModelInfer") and r.get("code") != "OK")
+    unidentified = Counter(
+        r.get("code")
+        for r in records
+        if r.get("msg") == "request"
+        and not r.get("request_id")
+        and str(r.get("method", "")).endswith("ModelInfer")
+        and r.get("code") != "OK"
+    )
     reference = next(iter(result["answers"].values()))
     wrong = [rid for rid, answer in result["answers"].items() if not np.array_equal(answer, reference)]
-    lost = len({rid for rid, code in served.items() if code == "OK"} - client_ok) + sum(c != "OK" for c in served.values())
+    lost = len({rid for rid, code in served.items() if code == "OK"} - client_ok) + sum(
+        c != "OK" for c in served.values()
+    )
     figures = {
         "callers": LOAD_CALLERS,
         "calls": len(outcomes),
@@ -544,8 +622,10 @@ def test_compose_stop_under_load_drains_and_loses_nothing(stack: Stack, fashion_
     }
     record("compose stop under load", **figures)
     print(f"compose stop under load: {figures}")
-    assert served, ("the server logged no request lines (SERVING_LOG_LEVEL=DEBUG, msg 'request' with "
-                    "'request_id'): its log format changed? the check counts accepted calls there")
+    assert served, (
+        "the server logged no request lines (SERVING_LOG_LEVEL=DEBUG, msg 'request' with "
+        "'request_id'): its log format changed? the check counts accepted calls there"
+    )
     assert stop.returncode == 0, stop.stderr
     assert state.get("ExitCode") == 0 and state.get("Status") == "exited", state
     assert drained is not None, "no 'drained: stopping gRPC' line in the server log"
@@ -557,7 +637,9 @@ def test_compose_stop_under_load_drains_and_loses_nothing(stack: Stack, fashion_
     assert unidentified["UNAVAILABLE"] <= figures["refused_unavailable"], "refusals the callers did not see"
     assert lost == 0 and figures["refused_after_acceptance"] == 0 and figures["answered_but_not_logged"] == 0
     assert wrong == []
-    assert figures["in_flight_from_host_at_stop"] >= LOAD_CALLERS // 2, "too few calls in flight: the check proves little"
+    assert figures["in_flight_from_host_at_stop"] >= LOAD_CALLERS // 2, (
+        "too few calls in flight: the check proves little"
+    )
     assert drained["running_at_signal"] > 0, "no call was running at SIGTERM: the check proves little"
 
 
@@ -601,12 +683,23 @@ def test_a_corrupt_model_is_rejected_and_logged_while_the_others_serve(tmp_path:
         refused = {name: next((p for p in problems if name in p), "") for name in ("broken", "truncated_cnn")}
         refused = {name: line for name, line in refused.items() if line}
         started = next(r for r in records if r.get("msg") == "server started")
-        record("corrupt model", statuses=statuses, failed=sorted(failed), logged=sorted(refused),
-               served=sorted(started.get("models", {})), up_to_healthy_s=stack.figures["up_to_healthy_s"])
+        record(
+            "corrupt model",
+            statuses=statuses,
+            failed=sorted(failed),
+            logged=sorted(refused),
+            served=sorted(started.get("models", {})),
+            up_to_healthy_s=stack.figures["up_to_healthy_s"],
+        )
     finally:
         stack.down()
-    assert statuses == {"": "SERVING", "broken": "NOT_SERVING", "truncated_cnn": "NOT_SERVING",
-                        "profit": "SERVING", "fashion_cnn": "SERVING"}, statuses
+    assert statuses == {
+        "": "SERVING",
+        "broken": "NOT_SERVING",
+        "truncated_cnn": "NOT_SERVING",
+        "profit": "SERVING",
+        "fashion_cnn": "SERVING",
+    }, statuses
     assert {key.split("/")[0] for key in failed} == {"broken", "truncated_cnn"}, failed
     assert set(refused) == {"broken", "truncated_cnn"}, f"not logged as an error: {refused}"
     assert {m.name for m in models} == {"fashion_cnn", "fashion_softmax", "house_price", "profit"}

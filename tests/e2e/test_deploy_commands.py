@@ -3,6 +3,7 @@ the compose batch command and health probe against the session server; a server 
 Kubernetes ConfigMap's settings answering the kubelet's gRPC probe and draining on SIGTERM within
 the pod's budget; round_robin over the addresses a headless Service's DNS returns.
 (Static checks of the same files: tests/unit/deploy.)"""
+
 from __future__ import annotations
 
 import json
@@ -15,9 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from fixtures.deploy import container_env, one, server_container
 from fixtures.servers import REPO_ROOT, ServerProcess, free_port, start_server
+
 from service.jobs.__main__ import main
 from service.settings import Settings
 
@@ -25,7 +26,10 @@ from service.settings import Settings
 
 
 def test_compose_batch_command_really_runs(
-    compose: dict, server: ServerProcess, fashion_files: dict[str, Path], tmp_path: Path,
+    compose: dict,
+    server: ServerProcess,
+    fashion_files: dict[str, Path],
+    tmp_path: Path,
 ) -> None:
     """The compose batch command, with /data, /output and server:8001 mapped onto this machine
     (its entrypoint, python -m service.batch, is the old name of service.jobs: the same main)."""
@@ -47,12 +51,15 @@ def test_healthcheck_command_really_runs(compose: dict, server: ServerProcess) -
     """The compose/Dockerfile probe, as the container runs it (SERVING_PORT in the environment)."""
     test = compose["services"]["server"]["healthcheck"]["test"]
     env = {**os.environ, "SERVING_PORT": str(server.port)}
-    probe = subprocess.run([sys.executable, *test[2:]], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                           timeout=30)
+    probe = subprocess.run(
+        [sys.executable, *test[2:]], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=30
+    )
     assert probe.returncode == 0 and "SERVING" in probe.stdout
     env["SERVING_PORT"] = "1"
-    assert subprocess.run([sys.executable, *test[2:]], cwd=REPO_ROOT, env=env, capture_output=True,
-                          timeout=30).returncode == 1
+    assert (
+        subprocess.run([sys.executable, *test[2:]], cwd=REPO_ROOT, env=env, capture_output=True, timeout=30).returncode
+        == 1
+    )
 
 
 # -- deploy/k8s ------------------------------------------------------------------------------------
@@ -72,15 +79,20 @@ def test_server_with_the_configmap_settings_answers_the_kubelet_probe(
     env = container_env(container, docs)
     port, metrics_port = free_port(), free_port()
     has_metrics = "metrics_port" in Settings.model_fields
-    mapped = {**env, "SERVING_HOST": "127.0.0.1", "SERVING_PORT": str(port),
-              "SERVING_METRICS_PORT": str(metrics_port if has_metrics else 0),
-              "SERVING_MODEL_REPOSITORY": str(REPO_ROOT / "models")}
+    mapped = {
+        **env,
+        "SERVING_HOST": "127.0.0.1",
+        "SERVING_PORT": str(port),
+        "SERVING_METRICS_PORT": str(metrics_port if has_metrics else 0),
+        "SERVING_MODEL_REPOSITORY": str(REPO_ROOT / "models"),
+    }
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("SERVING_")}
     full_env.update(mapped, PYTHONUNBUFFERED="1")
     log_path = tmp_path / "server.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO_ROOT, env=full_env, stdout=log,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service"], cwd=REPO_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT
+        )
     probe = container["startupProbe"]
     assert probe["grpc"]["port"] == int(env["SERVING_PORT"])  # here: mapped to `port`
 
@@ -88,9 +100,14 @@ def test_server_with_the_configmap_settings_answers_the_kubelet_probe(
         """What the kubelet's gRPC probe does: Health/Check, service "" (probe.grpc.service unset)."""
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             try:
-                return health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(service=probe["grpc"].get("service", "")),
-                    timeout=probe["timeoutSeconds"]).status
+                return (
+                    health_pb2_grpc.HealthStub(channel)
+                    .Check(
+                        health_pb2.HealthCheckRequest(service=probe["grpc"].get("service", "")),
+                        timeout=probe["timeoutSeconds"],
+                    )
+                    .status
+                )
             except grpc.RpcError:
                 return None
 
@@ -131,8 +148,10 @@ def test_round_robin_spreads_calls_over_the_addresses_dns_returns(tmp_path: Path
         repo.mkdir(parents=True)
         shutil.copy(REPO_ROOT / "models" / "fashion_softmax" / "1" / "model.onnx", repo / "model.onnx")
         repositories.append(repo.parents[1])
-    with start_server(tmp_path, "--model-repository", str(repositories[0])) as first, \
-            start_server(tmp_path, "--model-repository", str(repositories[1])) as second:
+    with (
+        start_server(tmp_path, "--model-repository", str(repositories[0])) as first,
+        start_server(tmp_path, "--model-repository", str(repositories[1])) as second,
+    ):
         target = f"ipv4:127.0.0.1:{first.port},127.0.0.1:{second.port}"
 
         def versions(options: list[tuple[str, str]]) -> set[int]:

@@ -2,6 +2,7 @@
 protocols: random requests and random bytes never answer INTERNAL or UNKNOWN, never hang, and the
 server stays up. (In process: tests/unit/grpc/test_fuzz.py; ``FUZZ_EXAMPLES`` sets the examples,
 3/8 of it here.)"""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -9,13 +10,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from fixtures.fuzzing import EXAMPLES, MAX_BATCH, image_tensors, infer_requests
+from fixtures.onnx_models import tiny_repository
+from fixtures.servers import ServerProcess, start_server
 from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fixtures.fuzzing import EXAMPLES, MAX_BATCH, image_tensors, infer_requests
-from fixtures.onnx_models import tiny_repository
-from fixtures.servers import ServerProcess, start_server
 from service.generated.inference import grpc_service_pb2 as v2
 from service.generated.serving.v1 import serving_pb2 as pb
 
@@ -53,7 +54,12 @@ def _send(channel: grpc.Channel, method: str, data: bytes) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-SERVER_FUZZ = settings(max_examples=max(EXAMPLES * 3 // 8, 1), deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+SERVER_FUZZ = settings(
+    max_examples=max(EXAMPLES * 3 // 8, 1),
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 @SERVER_FUZZ
@@ -69,7 +75,9 @@ def test_server_v2_requests(fuzz_channel: grpc.Channel, request: v2.ModelInferRe
     population=st.lists(st.floats(width=32), max_size=MAX_BATCH + 2),
     version=st.integers(-2, 3),
 )
-def test_server_typed_requests(fuzz_channel: grpc.Channel, tensor: pb.Tensor, top_k: int, population: list[float], version: int) -> None:
+def test_server_typed_requests(
+    fuzz_channel: grpc.Channel, tensor: pb.Tensor, top_k: int, population: list[float], version: int
+) -> None:
     ref = pb.ModelRef(name="fashion_softmax", version=version)
     _send(fuzz_channel, METHODS[1][0], pb.ClassifyRequest(model=ref, images=tensor, top_k=top_k).SerializeToString())
     _send(fuzz_channel, METHODS[2][0], pb.PredictProfitRequest(population=population).SerializeToString())

@@ -1,6 +1,7 @@
 """The Open Inference Protocol over HTTP/REST, through real servers and real clients: Triton's
 tritonclient.http (sync and aio, binary and JSON), KServe's InferenceRESTClient, curl, and raw
 sockets for what no client would send. REST answers equal gRPC answers bit for bit."""
+
 from __future__ import annotations
 
 import asyncio
@@ -15,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,9 @@ import tritonclient.http.aio as triton_aio
 from fixtures.onnx_models import linear, save, slow
 from fixtures.servers import MODELS, ServerProcess, sample, scrape, start_server
 
-CARDS = {name: json.loads((MODELS / name / "1" / "card.json").read_text()) for name in ("fashion_softmax", "fashion_cnn")}
+CARDS = {
+    name: json.loads((MODELS / name / "1" / "card.json").read_text()) for name in ("fashion_softmax", "fashion_cnn")
+}
 
 
 def images(n: int, seed: int = 0) -> np.ndarray:
@@ -37,8 +39,14 @@ def rest(server: ServerProcess) -> triton_http.InferenceServerClient:
     return triton_http.InferenceServerClient(f"127.0.0.1:{server.http_port}", network_timeout=60)
 
 
-def raw(server: ServerProcess, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None,
-        timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
+def raw(
+    server: ServerProcess,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+    timeout: float = 30,
+) -> tuple[int, dict[str, str], bytes]:
     connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=timeout)
     try:
         connection.request(method, path, body=body, headers=headers or {})
@@ -96,8 +104,9 @@ def test_triton_http_compression_both_ways(server: ServerProcess) -> None:
     inp.set_data_from_numpy(x)
     plain = client.infer("fashion_softmax", [inp]).as_numpy("probabilities")
     for algorithm in ("gzip", "deflate"):
-        got = client.infer("fashion_softmax", [inp], request_compression_algorithm=algorithm,
-                           response_compression_algorithm=algorithm).as_numpy("probabilities")
+        got = client.infer(
+            "fashion_softmax", [inp], request_compression_algorithm=algorithm, response_compression_algorithm=algorithm
+        ).as_numpy("probabilities")
         np.testing.assert_array_equal(got, plain)
 
 
@@ -157,8 +166,12 @@ def test_kserve_rest_client(server: ServerProcess) -> None:
     """KServe's SDK in a process of its own (its generated protos and tritonclient's both claim the
     'inference' package in protobuf's default pool, so they cannot share one)."""
     x = images(2, seed=5)
-    out = subprocess.run([sys.executable, "-c", KSERVE_CLIENT, f"http://127.0.0.1:{server.http_port}",
-                          json.dumps(x.tolist())], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", KSERVE_CLIENT, f"http://127.0.0.1:{server.http_port}", json.dumps(x.tolist())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
     assert result["ready"] and result["model_ready"] and not result["unknown_ready"]
@@ -171,15 +184,22 @@ def test_curl(server: ServerProcess) -> None:
     base = f"http://127.0.0.1:{server.http_port}"
 
     def curl(*args: str) -> tuple[int, dict]:
-        out = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", *args], capture_output=True, text=True, timeout=60,
-                             check=True).stdout
+        out = subprocess.run(
+            ["curl", "-s", "-w", "\n%{http_code}", *args], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
         body, _, code = out.rpartition("\n")
         return int(code), json.loads(body)
 
     assert curl(f"{base}/v2/health/live") == (200, {"live": True})
-    code, answer = curl("-X", "POST", f"{base}/v2/models/profit/infer", "-H", "Content-Type: application/json",
-                        "-d", json.dumps({"inputs": [{"name": "population", "datatype": "FP32", "shape": [2, 1],
-                                                      "data": [35000, 70000]}]}))
+    code, answer = curl(
+        "-X",
+        "POST",
+        f"{base}/v2/models/profit/infer",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        json.dumps({"inputs": [{"name": "population", "datatype": "FP32", "shape": [2, 1], "data": [35000, 70000]}]}),
+    )
     assert code == 200 and answer["outputs"][0]["shape"] == [2, 1]
     a, b = 1.19303364, -3.89578088  # the closed-form fit in the card's units: 10,000 people → $10,000
     assert answer["outputs"][0]["data"] == pytest.approx([(a * 3.5 + b) * 1e4, (a * 7.0 + b) * 1e4], abs=1.0)
@@ -208,43 +228,175 @@ BAD: dict[str, tuple[str, str, bytes, dict[str, str], int, str]] = {
     "not JSON": ("POST", "/v2/models/profit/infer", b"{nope", {}, 400, "not valid JSON"),
     "JSON array": ("POST", "/v2/models/profit/infer", b"[1]", {}, 400, "must be a JSON object"),
     "no inputs": ("POST", "/v2/models/profit/infer", b"{}", {}, 400, "needs 'inputs'"),
-    "empty inputs": ("POST", "/v2/models/profit/infer", b'{"inputs": []}', {}, 400, "expects inputs ['population'], got []"),
+    "empty inputs": (
+        "POST",
+        "/v2/models/profit/infer",
+        b'{"inputs": []}',
+        {},
+        400,
+        "expects inputs ['population'], got []",
+    ),
     "unknown input": ("POST", "/v2/models/profit/infer", infer_body(name="pop"), {}, 400, "has no input 'pop'"),
-    "duplicate input": ("POST", "/v2/models/profit/infer", json.dumps({"inputs": [json.loads(infer_body())["inputs"][0]] * 2}).encode(),
-                        {}, 400, "appears more than once"),
-    "wrong datatype": ("POST", "/v2/models/profit/infer", infer_body(datatype="FP64"), {}, 400, "has datatype FP32, got FP64"),
-    "unknown datatype": ("POST", "/v2/models/profit/infer", infer_body(datatype="BF16"), {}, 400, "has datatype FP32, got BF16"),
-    "datatype not a string": ("POST", "/v2/models/profit/infer", infer_body(datatype=7), {}, 400, "datatype must be a string"),
-    "wrong shape": ("POST", "/v2/models/profit/infer", infer_body(shape=[1, 2], data=[1, 2]), {}, 400, "expects shape [N, 1], got [1, 2]"),
-    "negative dimension": ("POST", "/v2/models/profit/infer", infer_body(shape=[-1, 1]), {}, 400, "dimensions must be >= 0"),
+    "duplicate input": (
+        "POST",
+        "/v2/models/profit/infer",
+        json.dumps({"inputs": [json.loads(infer_body())["inputs"][0]] * 2}).encode(),
+        {},
+        400,
+        "appears more than once",
+    ),
+    "wrong datatype": (
+        "POST",
+        "/v2/models/profit/infer",
+        infer_body(datatype="FP64"),
+        {},
+        400,
+        "has datatype FP32, got FP64",
+    ),
+    "unknown datatype": (
+        "POST",
+        "/v2/models/profit/infer",
+        infer_body(datatype="BF16"),
+        {},
+        400,
+        "has datatype FP32, got BF16",
+    ),
+    "datatype not a string": (
+        "POST",
+        "/v2/models/profit/infer",
+        infer_body(datatype=7),
+        {},
+        400,
+        "datatype must be a string",
+    ),
+    "wrong shape": (
+        "POST",
+        "/v2/models/profit/infer",
+        infer_body(shape=[1, 2], data=[1, 2]),
+        {},
+        400,
+        "expects shape [N, 1], got [1, 2]",
+    ),
+    "negative dimension": (
+        "POST",
+        "/v2/models/profit/infer",
+        infer_body(shape=[-1, 1]),
+        {},
+        400,
+        "dimensions must be >= 0",
+    ),
     "shape of strings": ("POST", "/v2/models/profit/infer", infer_body(shape=["1", "1"]), {}, 400, "list of integers"),
-    "data count off": ("POST", "/v2/models/profit/infer", infer_body(shape=[2, 1], data=[1.0]), {}, 400, "has 1 values, but shape [2, 1] needs 2"),
+    "data count off": (
+        "POST",
+        "/v2/models/profit/infer",
+        infer_body(shape=[2, 1], data=[1.0]),
+        {},
+        400,
+        "has 1 values, but shape [2, 1] needs 2",
+    ),
     "data of strings": ("POST", "/v2/models/profit/infer", infer_body(data=["a"]), {}, 400, "must be numbers"),
-    "ragged data": ("POST", "/v2/models/profit/infer", infer_body(shape=[2, 1], data=[[1.0], [2.0, 3.0]]), {}, 400, "not a regular"),
+    "ragged data": (
+        "POST",
+        "/v2/models/profit/infer",
+        infer_body(shape=[2, 1], data=[[1.0], [2.0, 3.0]]),
+        {},
+        400,
+        "not a regular",
+    ),
     "NaN": ("POST", "/v2/models/profit/infer", infer_body(data=[float("nan")]), {}, 400, "finite numbers"),
     "empty batch": ("POST", "/v2/models/profit/infer", infer_body(shape=[0, 1], data=[]), {}, 400, "empty batch"),
-    "unknown output": ("POST", "/v2/models/profit/infer", json.dumps({**json.loads(infer_body()), "outputs": [{"name": "nope"}]}).encode(),
-                       {}, 400, "got a request for ['nope']"),
-    "missing data": ("POST", "/v2/models/profit/infer", json.dumps({"inputs": [{"name": "population", "datatype": "FP32", "shape": [1, 1]}]}).encode(),
-                     {}, 400, "neither data nor a binary_data_size"),
-    "header length past the body": ("POST", "/v2/models/profit/infer", infer_body(), {"Inference-Header-Content-Length": "9999"},
-                                    400, "longer than the"),
-    "header length not a number": ("POST", "/v2/models/profit/infer", infer_body(), {"Inference-Header-Content-Length": "x"},
-                                   400, "non-negative integer"),
-    "binary size past the body": ("POST", "/v2/models/profit/infer", infer_body(data=None, parameters={"binary_data_size": 400}),
-                                  {}, 400, "both data and binary_data_size"),
-    "bytes after the JSON": ("POST", "/v2/models/profit/infer", infer_body() + b"junk", {"Inference-Header-Content-Length": str(len(infer_body()))},
-                             400, "4 bytes after the JSON"),
-    "wrong content type": ("POST", "/v2/models/profit/infer", infer_body(), {"Content-Type": "text/xml"}, 415, "not accepted"),
-    "unknown encoding": ("POST", "/v2/models/profit/infer", infer_body(), {"Content-Encoding": "br"}, 415, "not supported"),
-    "not gzip": ("POST", "/v2/models/profit/infer", infer_body(), {"Content-Encoding": "gzip"}, 400, "cannot be decompressed"),
+    "unknown output": (
+        "POST",
+        "/v2/models/profit/infer",
+        json.dumps({**json.loads(infer_body()), "outputs": [{"name": "nope"}]}).encode(),
+        {},
+        400,
+        "got a request for ['nope']",
+    ),
+    "missing data": (
+        "POST",
+        "/v2/models/profit/infer",
+        json.dumps({"inputs": [{"name": "population", "datatype": "FP32", "shape": [1, 1]}]}).encode(),
+        {},
+        400,
+        "neither data nor a binary_data_size",
+    ),
+    "header length past the body": (
+        "POST",
+        "/v2/models/profit/infer",
+        infer_body(),
+        {"Inference-Header-Content-Length": "9999"},
+        400,
+        "longer than the",
+    ),
+    "header length not a number": (
+        "POST",
+        "/v2/models/profit/infer",
+        infer_body(),
+        {"Inference-Header-Content-Length": "x"},
+        400,
+        "non-negative integer",
+    ),
+    "binary size past the body": (
+        "POST",
+        "/v2/models/profit/infer",
+        infer_body(data=None, parameters={"binary_data_size": 400}),
+        {},
+        400,
+        "both data and binary_data_size",
+    ),
+    "bytes after the JSON": (
+        "POST",
+        "/v2/models/profit/infer",
+        infer_body() + b"junk",
+        {"Inference-Header-Content-Length": str(len(infer_body()))},
+        400,
+        "4 bytes after the JSON",
+    ),
+    "wrong content type": (
+        "POST",
+        "/v2/models/profit/infer",
+        infer_body(),
+        {"Content-Type": "text/xml"},
+        415,
+        "not accepted",
+    ),
+    "unknown encoding": (
+        "POST",
+        "/v2/models/profit/infer",
+        infer_body(),
+        {"Content-Encoding": "br"},
+        415,
+        "not supported",
+    ),
+    "not gzip": (
+        "POST",
+        "/v2/models/profit/infer",
+        infer_body(),
+        {"Content-Encoding": "gzip"},
+        400,
+        "cannot be decompressed",
+    ),
     "unknown model": ("POST", "/v2/models/nope/infer", infer_body(), {}, 404, "model 'nope' not found"),
-    "unknown version": ("POST", "/v2/models/profit/versions/9/infer", infer_body(), {}, 404, "version 9 of model 'profit' not found"),
+    "unknown version": (
+        "POST",
+        "/v2/models/profit/versions/9/infer",
+        infer_body(),
+        {},
+        404,
+        "version 9 of model 'profit' not found",
+    ),
     "version not a number": ("GET", "/v2/models/profit/versions/x", b"", {}, 400, "must be an integer"),
     "unknown path": ("GET", "/v2/nothing", b"", {}, 404, "no endpoint"),
     "wrong method": ("GET", "/v2/models/profit/infer", b"", {}, 405, "use POST"),
-    "shared memory": ("POST", "/v2/models/profit/infer", json.dumps({**json.loads(infer_body()), "parameters": {"shared_memory_region": "r"}}).encode(),
-                      {}, 400, "shared memory is not supported"),
+    "shared memory": (
+        "POST",
+        "/v2/models/profit/infer",
+        json.dumps({**json.loads(infer_body()), "parameters": {"shared_memory_region": "r"}}).encode(),
+        {},
+        400,
+        "shared memory is not supported",
+    ),
     "model control off": ("POST", "/v2/repository/models/profit/unload", b"", {}, 409, "model control is off"),
     "index body not an object": ("POST", "/v2/repository/index", b"[]", {}, 400, "must be a JSON object"),
 }
@@ -262,13 +414,17 @@ def test_body_limits(server: ServerProcess) -> None:
     """413 before reading a body announced too large, for chunked bodies past the limit, and for a
     gzip body that inflates past it; then the server still answers."""
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as sock:  # announced, never sent
-        sock.sendall(b"POST /v2/models/profit/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 8388608\r\n\r\n")
+        sock.sendall(
+            b"POST /v2/models/profit/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 8388608\r\n\r\n"
+        )
         answer = _read_all(sock)
         assert answer.startswith(b"HTTP/1.1 413") and b"connection: close" in answer.lower(), answer[:300]
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as sock:
-        sock.sendall(b"POST /v2/models/profit/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-                     b"Content-Type: application/json\r\n\r\n")
+        sock.sendall(
+            b"POST /v2/models/profit/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: application/json\r\n\r\n"
+        )
         chunk = b"1" * 65536
         answer = b""
         try:
@@ -284,8 +440,15 @@ def test_body_limits(server: ServerProcess) -> None:
             answer += data
         assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     bomb = gzip.compress(b" " * (64 * 1024 * 1024))  # 64 MB of spaces in ~64 KB
-    status, message = error(raw(server, "POST", "/v2/models/profit/infer", bomb,
-                                {"Content-Type": "application/json", "Content-Encoding": "gzip"}))
+    status, message = error(
+        raw(
+            server,
+            "POST",
+            "/v2/models/profit/infer",
+            bomb,
+            {"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        )
+    )
     assert status == 413 and "decompressed body" in message
     assert raw(server, "GET", "/v2/health/ready")[0] == 200
 
@@ -295,7 +458,9 @@ def test_metrics_count_http_requests(tmp_path: Path) -> None:
         client = rest(proc)
         for _ in range(3):
             client.infer("fashion_softmax", [_input(images(2))])
-        assert raw(proc, "POST", "/v2/models/fashion_softmax/infer", b"{}", {"Content-Type": "application/json"})[0] == 400
+        assert (
+            raw(proc, "POST", "/v2/models/fashion_softmax/infer", b"{}", {"Content-Type": "application/json"})[0] == 400
+        )
         samples = scrape(proc.metrics_port)
         labels = {"protocol": "http", "model": "fashion_softmax", "version": "1"}
         assert sample(samples, "serving_requests_total", code="200", **labels) == 3
@@ -322,7 +487,7 @@ def _profit_input(value: float = 35000.0) -> triton_http.InferInput:
 def test_openapi_document_is_valid(server: ServerProcess) -> None:
     from openapi_spec_validator import validate
 
-    status, headers, body = raw(server, "GET", "/v2/openapi.json")
+    _status, _headers, body = raw(server, "GET", "/v2/openapi.json")
     document = json.loads(body)
     validate(document)
     assert {"/v2/health/ready", "/v2/models/{model}/infer", "/v2/repository/index"} <= set(document["paths"])
@@ -337,7 +502,10 @@ def test_bearer_tokens(tmp_path: Path) -> None:
         assert raw(proc, "GET", "/v2/openapi.json")[0] == 200
         status, headers, body = raw(proc, "GET", "/v2/models/profit")
         assert status == 401 and headers["www-authenticate"].startswith("Bearer") and b"missing" in body
-        assert error(raw(proc, "GET", "/v2/models/profit", headers={"Authorization": "Bearer nope"})) == (401, "invalid bearer token")
+        assert error(raw(proc, "GET", "/v2/models/profit", headers={"Authorization": "Bearer nope"})) == (
+            401,
+            "invalid bearer token",
+        )
         assert error(raw(proc, "GET", "/v2/models/profit", headers={"Authorization": "Basic czNjcjN0"}))[0] == 401
         assert raw(proc, "GET", "/v2/models/profit", headers={"Authorization": "Bearer s3cr3t"})[0] == 200
         client = triton_http.InferenceServerClient(f"127.0.0.1:{proc.http_port}")
@@ -349,14 +517,26 @@ def test_bearer_tokens(tmp_path: Path) -> None:
 def test_busy_server_answers_429(tmp_path: Path) -> None:
     repo = tmp_path / "models"
     save(slow(), repo, "slow")
-    args = ["--model-repository", str(repo), "--max-concurrent-requests", "1", "--provider", "cpu",
-            "--max-request-rows", "20000"]
+    args = [
+        "--model-repository",
+        str(repo),
+        "--max-concurrent-requests",
+        "1",
+        "--provider",
+        "cpu",
+        "--max-request-rows",
+        "20000",
+    ]
     with start_server(tmp_path, *args, metrics=True) as proc:
-        heavy = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [20000, 1],
-                                        "data": [0.5] * 20000}]}).encode()
+        heavy = json.dumps(
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [20000, 1], "data": [0.5] * 20000}]}
+        ).encode()
         result: list[int] = []
-        thread = threading.Thread(target=lambda: result.append(
-            raw(proc, "POST", "/v2/models/slow/infer", heavy, {"Content-Type": "application/json"}, timeout=120)[0]))
+        thread = threading.Thread(
+            target=lambda: result.append(
+                raw(proc, "POST", "/v2/models/slow/infer", heavy, {"Content-Type": "application/json"}, timeout=120)[0]
+            )
+        )
         thread.start()
         _wait_in_flight(proc, "slow", result)
         status, headers, body = raw(proc, "GET", "/v2/models/slow")
@@ -367,8 +547,14 @@ def test_busy_server_answers_429(tmp_path: Path) -> None:
 
 
 def test_slow_clients_get_408(tmp_path: Path) -> None:
-    args = ["--model-repository", str(MODELS), "--http-header-timeout-seconds", "0.5",
-            "--http-body-timeout-seconds", "0.5"]
+    args = [
+        "--model-repository",
+        str(MODELS),
+        "--http-header-timeout-seconds",
+        "0.5",
+        "--http-body-timeout-seconds",
+        "0.5",
+    ]
     with start_server(tmp_path, *args) as proc:
         with socket.create_connection(("127.0.0.1", proc.http_port), timeout=30) as sock:  # slowloris
             sock.sendall(b"POST /v2/models/profit/infer HTTP/1.1\r\nHost: x\r\n")
@@ -376,8 +562,10 @@ def test_slow_clients_get_408(tmp_path: Path) -> None:
         with socket.create_connection(("127.0.0.1", proc.http_port), timeout=30) as sock:  # idle, never sends
             assert _read_all(sock).startswith(b"HTTP/1.1 408")
         with socket.create_connection(("127.0.0.1", proc.http_port), timeout=30) as sock:  # body never completes
-            sock.sendall(b"POST /v2/models/profit/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: 100\r\n\r\n{")
+            sock.sendall(
+                b"POST /v2/models/profit/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n{"
+            )
             answer = _read_all(sock)
             assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 0.5 s" in answer
         with socket.create_connection(("127.0.0.1", proc.http_port), timeout=30) as sock:  # headers too large
@@ -399,7 +587,14 @@ def test_tls(tmp_path: Path) -> None:
     from fixtures.tls import tls_files
 
     files = tls_files(tmp_path)
-    args = ["--model-repository", str(MODELS), "--tls-cert", str(files["server.crt"]), "--tls-key", str(files["server.key"])]
+    args = [
+        "--model-repository",
+        str(MODELS),
+        "--tls-cert",
+        str(files["server.crt"]),
+        "--tls-key",
+        str(files["server.key"]),
+    ]
     import grpc
 
     credentials = grpc.ssl_channel_credentials(files["ca.crt"].read_bytes())
@@ -438,14 +633,26 @@ def test_sigterm_drains_http(tmp_path: Path) -> None:
     repo = tmp_path / "models"
     save(slow(), repo, "slow")
     save(linear(1, [2.0], 1.0, "population", "profit"), repo, "profit")
-    args = ["--model-repository", str(repo), "--provider", "cpu", "--max-request-rows", "20000",
-            "--shutdown-grace-seconds", "60"]
+    args = [
+        "--model-repository",
+        str(repo),
+        "--provider",
+        "cpu",
+        "--max-request-rows",
+        "20000",
+        "--shutdown-grace-seconds",
+        "60",
+    ]
     with start_server(tmp_path, *args, metrics=True) as proc:
-        heavy = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [20000, 1],
-                                        "data": [0.5] * 20000}]}).encode()
+        heavy = json.dumps(
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [20000, 1], "data": [0.5] * 20000}]}
+        ).encode()
         result: list[int] = []
-        thread = threading.Thread(target=lambda: result.append(
-            raw(proc, "POST", "/v2/models/slow/infer", heavy, {"Content-Type": "application/json"}, timeout=120)[0]))
+        thread = threading.Thread(
+            target=lambda: result.append(
+                raw(proc, "POST", "/v2/models/slow/infer", heavy, {"Content-Type": "application/json"}, timeout=120)[0]
+            )
+        )
         connection = http.client.HTTPConnection("127.0.0.1", proc.http_port, timeout=30)
         connection.request("GET", "/v2/health/live")
         connection.getresponse().read()  # a keep-alive connection opened before the signal
@@ -455,8 +662,12 @@ def test_sigterm_drains_http(tmp_path: Path) -> None:
         refused = None
         deadline = time.monotonic() + 60
         while refused is None and time.monotonic() < deadline:
-            connection.request("POST", "/v2/models/profit/infer", body=infer_body(data=[1.0]),
-                               headers={"Content-Type": "application/json"})
+            connection.request(
+                "POST",
+                "/v2/models/profit/infer",
+                body=infer_body(data=[1.0]),
+                headers={"Content-Type": "application/json"},
+            )
             response = connection.getresponse()
             response.read()
             if response.status == 503:

@@ -1,6 +1,7 @@
 """Load and faults through real server processes: a short soak (the full one is
 ``benchmarks/soak.py``), SIGTERM under load (nothing accepted is lost), and cancelled or
 disconnected callers in the middle of a batch (the others in that batch are unaffected)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -15,18 +16,18 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from fixtures.onnx_models import save, slow, tiny_repository
 from fixtures.servers import MODELS, REPO_ROOT, ServerProcess, start_server
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from service.generated.inference import grpc_service_pb2 as v2
 from service.generated.inference import grpc_service_pb2_grpc as v2_grpc
 from service.grpc.server import FLUSH_SECONDS
 from service.settings import Settings
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-import faults  # noqa: E402
-import soak  # noqa: E402
+import faults
+import soak
 
 OK = grpc.StatusCode.OK
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
@@ -49,7 +50,9 @@ def test_short_soak(tmp_path: Path) -> None:
     with start_server(tmp_path, "--model-repository", str(repo), "--provider", "cpu") as proc:
         result = asyncio.run(soak.soak(proc.address, proc.process.pid, requests=2000, concurrency=32, warmup=500))
         assert proc.health() == SERVING
-    print(f"short soak: {result['ok']} ok, {result['throughput_rps']} req/s, RSS {result['rss_mib']}, growth {result['rss_growth_pct']} %")
+    print(
+        f"short soak: {result['ok']} ok, {result['throughput_rps']} req/s, RSS {result['rss_mib']}, growth {result['rss_growth_pct']} %"  # noqa: E501
+    )
     assert result["errors"] == {}, result["first_errors"]
     assert result["mismatches"] == {} and result["ok"] == 2000
     kinds = set(result["per_kind"])
@@ -69,11 +72,28 @@ def test_sigterm_under_load_loses_nothing(tmp_path: Path) -> None:
     until its port is gone (``benchmarks/faults.py sigterm`` runs 64 of them, and the gentler
     kinds)."""
     # The bundled CNN: the server, not the client, is the bottleneck, so calls are in flight.
-    args = ["--model-repository", str(MODELS), "--provider", "cpu", "--log-level", "debug", "--shutdown-grace-seconds", "30"]
+    args = [
+        "--model-repository",
+        str(MODELS),
+        "--provider",
+        "cpu",
+        "--log-level",
+        "debug",
+        "--shutdown-grace-seconds",
+        "30",
+    ]
     with start_server(tmp_path, *args) as proc:
         result = asyncio.run(
-            faults.sigterm_under_load(proc.address, proc.process, proc.log, clients=24, seconds=1.5,
-                                      model="fashion_cnn", images=32, mode="hammer")
+            faults.sigterm_under_load(
+                proc.address,
+                proc.process,
+                proc.log,
+                clients=24,
+                seconds=1.5,
+                model="fashion_cnn",
+                images=32,
+                mode="hammer",
+            )
         )
     print(f"SIGTERM under load: {result}")
     assert result["other_client_codes"] == {}  # never CANCELLED, INTERNAL, UNKNOWN...
@@ -114,12 +134,23 @@ def test_cancelled_and_disconnected_callers_do_not_disturb_their_batch(tmp_path:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inputs = [np.linspace(-1, 1, rows, dtype=np.float32).reshape(rows, 1) * (i + 1) / 10 for i in range(16)]
     expected = [session.run(["y"], {"x": x})[0] for x in inputs]
-    args = ["--model-repository", str(repo), "--provider", "cpu", "--log-level", "debug",
-            "--max-request-rows", str(rows), *_batching_args(30_000)]
+    args = [
+        "--model-repository",
+        str(repo),
+        "--provider",
+        "cpu",
+        "--log-level",
+        "debug",
+        "--max-request-rows",
+        str(rows),
+        *_batching_args(30_000),
+    ]
 
     def request(i: int) -> v2.ModelInferRequest:
         return v2.ModelInferRequest(
-            model_name="slow", id=f"r{i}", raw_input_contents=[inputs[i].tobytes()],
+            model_name="slow",
+            id=f"r{i}",
+            raw_input_contents=[inputs[i].tobytes()],
             inputs=[v2.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[rows, 1])],
         )
 
@@ -149,7 +180,9 @@ def test_cancelled_and_disconnected_callers_do_not_disturb_their_batch(tmp_path:
         assert proc.health() == SERVING
         with proc.channel() as channel:  # and it still answers
             response = v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request(7), timeout=60)
-        assert np.allclose(np.frombuffer(response.raw_output_contents[0], "<f4").reshape(rows, 1), expected[7], rtol=1e-5, atol=1e-5)
+        assert np.allclose(
+            np.frombuffer(response.raw_output_contents[0], "<f4").reshape(rows, 1), expected[7], rtol=1e-5, atol=1e-5
+        )
 
     for i in range(6, 16):  # every caller that stayed got exactly its own rows
         assert isinstance(results[i], np.ndarray), (i, results[i])
@@ -159,7 +192,9 @@ def test_cancelled_and_disconnected_callers_do_not_disturb_their_batch(tmp_path:
     served = {line["request_id"]: line["code"] for line in _request_lines(proc) if line.get("request_id")}
     assert all(served[f"r{i}"] == "OK" for i in range(6, 16)), served
     gone = [i for i in range(6) if not isinstance(results[i], np.ndarray)]
-    print(f"mid-batch: callers {gone} cancelled or disconnected, the other {16 - len(gone)} answered correctly; server codes {Counter(served.values())}")
+    print(
+        f"mid-batch: callers {gone} cancelled or disconnected, the other {16 - len(gone)} answered correctly; server codes {Counter(served.values())}"  # noqa: E501
+    )
     assert len(gone) >= 4, "the cancellations came too late to test anything"
     assert set(served.values()) <= {"OK", "CANCELLED"}, served
     log = proc.log()

@@ -1,5 +1,6 @@
 """Prometheus endpoint of a real server (service.observability.metrics): after known traffic over
 both protocols the counts add up. (The exporter in process: tests/unit/observability/test_metrics.py.)"""
+
 from __future__ import annotations
 
 import subprocess
@@ -9,8 +10,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-
 from fixtures.servers import MODELS, REPO_ROOT, free_port, sample, scrape, start_server, v2_request
+
 from service.generated.inference import grpc_service_pb2_grpc as v2_grpc
 from service.generated.serving.v1 import serving_pb2 as pb
 from service.generated.serving.v1 import serving_pb2_grpc as pb_grpc
@@ -32,11 +33,18 @@ def test_scrape_after_traffic_adds_up(tmp_path: Path) -> None:
             infer.ModelInfer(v2_request("fashion_softmax", "image", images, "UINT8"), timeout=10)
         typed.PredictProfit(pb.PredictProfitRequest(population=[1.0, 2.0]), timeout=10)  # 1 typed OK, 2 rows
         failures = [
-            (lambda: typed.Classify(pb.ClassifyRequest(model=pb.ModelRef(name="nope"), images=tensor), timeout=10),
-             grpc.StatusCode.NOT_FOUND),
-            (lambda: infer.ModelInfer(v2_request("nope", "image", images, "UINT8"), timeout=10), grpc.StatusCode.NOT_FOUND),
-            (lambda: infer.ModelInfer(v2_request("fashion_softmax", "image", images[:, 0], "UINT8"), timeout=10),
-             grpc.StatusCode.INVALID_ARGUMENT),
+            (
+                lambda: typed.Classify(pb.ClassifyRequest(model=pb.ModelRef(name="nope"), images=tensor), timeout=10),
+                grpc.StatusCode.NOT_FOUND,
+            ),
+            (
+                lambda: infer.ModelInfer(v2_request("nope", "image", images, "UINT8"), timeout=10),
+                grpc.StatusCode.NOT_FOUND,
+            ),
+            (
+                lambda: infer.ModelInfer(v2_request("fashion_softmax", "image", images[:, 0], "UINT8"), timeout=10),
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ),
         ]
         for call, code in failures:
             with pytest.raises(grpc.RpcError) as info:
@@ -51,7 +59,11 @@ def test_scrape_after_traffic_adds_up(tmp_path: Path) -> None:
     assert not [k for k in empty if k[0] == "serving_requests_total"]
 
     def requests(**labels: str) -> float:
-        return sum(v for (name, lab), v in samples.items() if name == "serving_requests_total" and labels.items() <= dict(lab).items())
+        return sum(
+            v
+            for (name, lab), v in samples.items()
+            if name == "serving_requests_total" and labels.items() <= dict(lab).items()
+        )
 
     assert requests(protocol="typed", model="fashion_cnn", version="1", code="OK") == 5
     assert requests(protocol="v2", model="fashion_softmax", version="1", code="OK") == 4
@@ -62,8 +74,11 @@ def test_scrape_after_traffic_adds_up(tmp_path: Path) -> None:
     assert requests() == 13
     # One latency observation per request, per protocol.
     for protocol, count in (("typed", 7), ("v2", 6)):
-        observed = sum(v for (name, lab), v in samples.items()
-                       if name == "serving_request_duration_seconds_count" and dict(lab)["protocol"] == protocol)
+        observed = sum(
+            v
+            for (name, lab), v in samples.items()
+            if name == "serving_request_duration_seconds_count" and dict(lab)["protocol"] == protocol
+        )
         assert observed == count
     # The batcher saw exactly the valid requests' rows; queue wait once per computed request.
     for name, reqs, rows in (("fashion_cnn", 5, 15), ("fashion_softmax", 4, 12), ("profit", 1, 2)):
@@ -79,8 +94,19 @@ def test_scrape_after_traffic_adds_up(tmp_path: Path) -> None:
 
 def test_metrics_port_in_use_is_refused(tmp_path: Path) -> None:
     with start_server(tmp_path, "--model-repository", str(MODELS), "--metrics-port", str(port := free_port())):
-        command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(free_port()),
-                   "--model-repository", str(MODELS), "--metrics-port", str(port)]
+        command = [
+            sys.executable,
+            "-m",
+            "service",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(free_port()),
+            "--model-repository",
+            str(MODELS),
+            "--metrics-port",
+            str(port),
+        ]
         result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert f"cannot serve metrics on 127.0.0.1:{port}" in result.stderr

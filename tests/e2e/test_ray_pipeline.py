@@ -7,6 +7,7 @@ with --address for a .npy input; every run must give the batch job's predictions
 Everything listens on loopback. (Checks before any Ray work, the Arrow image encodings and the
 actor class without Ray: tests/unit/jobs/test_ray_pipeline.py.)
 """
+
 from __future__ import annotations
 
 import os
@@ -14,15 +15,15 @@ import os
 # Before Ray is imported: a local instance listens on loopback only (see ray_pipeline.LOCAL_ONLY_ENV).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
+import json
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
+from fixtures.servers import MODELS, free_port
 
-from fixtures.servers import MODELS, free_port  # noqa: E402
-from service.jobs.__main__ import main as batch_main  # noqa: E402
-from service.jobs.ray_pipeline import PipelineConfig, PipelineError, plan_input, run_pipeline  # noqa: E402
+from service.jobs.__main__ import main as batch_main
+from service.jobs.ray_pipeline import PipelineConfig, PipelineError, plan_input, run_pipeline
 
 ray = pytest.importorskip("ray")
 pa = pytest.importorskip("pyarrow")
@@ -56,9 +57,29 @@ def fashion(fashion_files: dict[str, Path]) -> dict[str, Path]:
 def batch_job(fashion: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The single-machine batch job, in-process onnxruntime, over the 10,000 test images."""
     out = tmp_path_factory.mktemp("batch") / "out"
-    assert batch_main(["classify", str(fashion["images"]), "--labels", str(fashion["labels"]), "-o", str(out),
-                       "--local", "--model-repository", str(MODELS), "--model", MODEL, "--chunk-size", str(CHUNK),
-                       "--progress", "none", "--no-fsync"]) == 0
+    assert (
+        batch_main(
+            [
+                "classify",
+                str(fashion["images"]),
+                "--labels",
+                str(fashion["labels"]),
+                "-o",
+                str(out),
+                "--local",
+                "--model-repository",
+                str(MODELS),
+                "--model",
+                MODEL,
+                "--chunk-size",
+                str(CHUNK),
+                "--progress",
+                "none",
+                "--no-fsync",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -85,9 +106,14 @@ def recorded_accuracy() -> float:
 
 def ray_output(out: Path) -> dict[str, np.ndarray]:
     table = pq.read_table(out / "predictions").sort_by("row")
-    columns = {name: table.column(name).to_numpy() for name in table.column_names
-               if name not in ("probabilities", "label", "true_label")}
-    columns["probabilities"] = table.column("probabilities").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
+    columns = {
+        name: table.column(name).to_numpy()
+        for name in table.column_names
+        if name not in ("probabilities", "label", "true_label")
+    }
+    columns["probabilities"] = (
+        table.column("probabilities").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
+    )
     columns["label"] = np.asarray(table.column("label").to_pylist())
     return columns
 
@@ -118,19 +144,33 @@ def assert_same_as_batch_job(out: Path, batch_job: Path, *, bitwise: bool) -> di
 
 
 def test_idx_on_two_actors_equals_the_batch_job(
-    local_ray: object, fashion: dict[str, Path], batch_job: Path, test_set: tuple[np.ndarray, np.ndarray],
+    local_ray: object,
+    fashion: dict[str, Path],
+    batch_job: Path,
+    test_set: tuple[np.ndarray, np.ndarray],
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "ray"
-    summary = run_pipeline(quiet(inputs=[fashion["images"]], labels=fashion["labels"], output=out, model=MODEL,
-                                 actors=2, cpus_per_actor=1, rows_per_read=2048))
+    summary = run_pipeline(
+        quiet(
+            inputs=[fashion["images"]],
+            labels=fashion["labels"],
+            output=out,
+            model=MODEL,
+            actors=2,
+            cpus_per_actor=1,
+            rows_per_read=2048,
+        )
+    )
     # Batches start at multiples of 256 like the batch job's chunks: identical bytes.
     summary = assert_same_as_batch_job(out, batch_job, bitwise=True)
     assert summary["actors"] == {"min": 2, "max": 2, "cpus_each": 1.0, "gpus_each": 0.0, "intra_op_threads": 1}
     assert summary["input"]["kind"] == "idx" and summary["input"]["sha256"]
     got = ray_output(out)
     assert np.array_equal(got["true"], test_set[1])
-    assert np.array_equal(got["correct"], got["true"] == got["predicted"]) and got["correct"].sum() == summary["correct"]
+    assert (
+        np.array_equal(got["correct"], got["true"] == got["predicted"]) and got["correct"].sum() == summary["correct"]
+    )
     # A second run into the same folder is refused unless told to overwrite.
     with pytest.raises(PipelineError, match="already holds results"):
         run_pipeline(quiet(inputs=[fashion["images"]], output=out, model=MODEL))
@@ -144,10 +184,12 @@ def test_parquet_on_an_autoscaling_pool_equals_the_batch_job(
     folder.mkdir()
     # Two files, row groups of 3,000 images: raw 784-byte binary images plus a label column.
     for name, rows in (("part-0.parquet", slice(0, 6000)), ("part-1.parquet", slice(6000, 10_000))):
-        table = pa.table({
-            "image": pa.array([img.tobytes() for img in images[rows]], pa.binary()),
-            "label": pa.array(labels[rows]),
-        })
+        table = pa.table(
+            {
+                "image": pa.array([img.tobytes() for img in images[rows]], pa.binary()),
+                "label": pa.array(labels[rows]),
+            }
+        )
         pq.write_table(table, folder / name, row_group_size=3000)
     plan = plan_input([folder], rows_per_read=CHUNK)
     assert plan.rows == 10_000 and plan.label_column == "label"
@@ -178,9 +220,23 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> str:
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
     ray_cli = str(Path(sys.executable).with_name("ray"))
     with open(log, "wb") as out:
-        head = subprocess.Popen([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2",
-                                 "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}",
-                                 "--block"], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        head = subprocess.Popen(
+            [
+                ray_cli,
+                "start",
+                "--head",
+                f"--port={port}",
+                "--num-cpus=2",
+                "--include-dashboard=false",
+                "--disable-usage-stats",
+                f"--temp-dir={temp_dir}",
+                "--block",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 60
         while b"Ray runtime started" not in log.read_bytes():
@@ -197,7 +253,10 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def test_npy_through_the_cli_on_an_existing_cluster(
-    ray_cluster: str, test_set: tuple[np.ndarray, np.ndarray], fashion: dict[str, Path], batch_job: Path,
+    ray_cluster: str,
+    test_set: tuple[np.ndarray, np.ndarray],
+    fashion: dict[str, Path],
+    batch_job: Path,
     tmp_path: Path,
 ) -> None:
     """The CLI in its own process joins a running cluster with --address: the service package
@@ -210,10 +269,29 @@ def test_npy_through_the_cli_on_an_existing_cluster(
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     result = subprocess.run(
-        [sys.executable, "-m", "service.jobs.ray_pipeline", "images.npy", "--labels", str(fashion["labels"]),
-         "-o", "out", "--model", MODEL, "--model-repository", str(MODELS), "--actors", "1",
-         "--address", ray_cluster],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "service.jobs.ray_pipeline",
+            "images.npy",
+            "--labels",
+            str(fashion["labels"]),
+            "-o",
+            "out",
+            "--model",
+            MODEL,
+            "--model-repository",
+            str(MODELS),
+            "--actors",
+            "1",
+            "--address",
+            ray_cluster,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "accuracy 0.8469" in result.stderr
@@ -229,7 +307,12 @@ def test_the_old_module_name_still_runs() -> None:
 
     from fixtures.servers import REPO_ROOT
 
-    result = subprocess.run([sys.executable, "-m", "service.batch.ray_pipeline", "--help"], cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "service.batch.ray_pipeline", "--help"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--actors" in result.stdout and "--address" in result.stdout

@@ -3,6 +3,7 @@ RepositoryModelLoad/Unload — what clients see (0 failed requests while version
 health following). (What only the process can show, drain order and sessions freed:
 tests/unit/core/test_registry.py.)
 """
+
 from __future__ import annotations
 
 import json
@@ -18,10 +19,10 @@ import grpc
 import numpy as np
 import onnx
 import pytest
-from grpc_health.v1 import health_pb2
-
 from fixtures.onnx_models import linear, save
 from fixtures.servers import ServerProcess, start_server
+from grpc_health.v1 import health_pb2
+
 from service.generated.inference import grpc_service_pb2 as v2
 from service.generated.inference import grpc_service_pb2_grpc as v2_grpc
 from service.generated.serving.v1 import serving_pb2 as pb
@@ -98,7 +99,9 @@ class Load:
 
     def _call(self, typed: bool) -> tuple[int, float]:
         if typed:
-            r = self.typed.PredictProfit(pb.PredictProfitRequest(model=pb.ModelRef(name="m"), population=[X]), timeout=30)
+            r = self.typed.PredictProfit(
+                pb.PredictProfitRequest(model=pb.ModelRef(name="m"), population=[X]), timeout=30
+            )
             return r.model.version, r.profit_usd[0]
         r = self.v2.ModelInfer(self._request, timeout=30)
         return int(r.model_version), float(np.frombuffer(r.raw_output_contents[0], "<f4")[0])
@@ -177,7 +180,9 @@ def test_polling_follows_the_repository_under_load(tmp_path: Path) -> None:
         shutil.rmtree(repo / "m" / "1")
         wait_for(lambda: versions() == [2], "version 1 unloaded")
         with pytest.raises(grpc.RpcError) as info:
-            stub.PredictProfit(pb.PredictProfitRequest(model=pb.ModelRef(name="m", version=1), population=[X]), timeout=10)
+            stub.PredictProfit(
+                pb.PredictProfitRequest(model=pb.ModelRef(name="m", version=1), population=[X]), timeout=10
+            )
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
         # Fixing version 3 makes it the latest; its failure entry goes away.
@@ -192,7 +197,9 @@ def test_polling_follows_the_repository_under_load(tmp_path: Path) -> None:
         wait_for(lambda: proc.health("n") == NOT_SERVING, "model n NOT_SERVING")
         assert proc.health() == SERVING and proc.health("m") == SERVING
 
-    print(f"reload under load: {sum(load.versions.values())} answers by version {dict(load.versions)}, {len(load.errors)} errors")
+    print(
+        f"reload under load: {sum(load.versions.values())} answers by version {dict(load.versions)}, {len(load.errors)} errors"  # noqa: E501
+    )
     assert load.errors == [], load.errors[:5]
     assert load.wrong == [], load.wrong[:5]
     assert load.versions[1] and load.versions[2] and load.versions[3], load.versions
@@ -219,7 +226,9 @@ def test_v2_model_load_and_unload(tmp_path: Path) -> None:
                 call()
             return info.value.code(), info.value.details()
 
-        load = lambda name, **kw: stub.RepositoryModelLoad(v2.RepositoryModelLoadRequest(model_name=name, **kw), timeout=30)  # noqa: E731
+        def load(name, **kw):
+            return stub.RepositoryModelLoad(v2.RepositoryModelLoadRequest(model_name=name, **kw), timeout=30)
+
         unload = lambda name: stub.RepositoryModelUnload(v2.RepositoryModelUnloadRequest(model_name=name), timeout=30)  # noqa: E731
 
         publish(repo, "m", 2, model(2.0))
@@ -246,6 +255,10 @@ def test_v2_model_load_and_unload(tmp_path: Path) -> None:
         (repo / "m" / "3").mkdir()
         (repo / "m" / "3" / "model.onnx").write_bytes(b"not onnx")
         code, details = error(lambda: load("m"))
-        assert code == grpc.StatusCode.FAILED_PRECONDITION and "m/3" in details and "still serving versions [1, 2]" in details
+        assert (
+            code == grpc.StatusCode.FAILED_PRECONDITION
+            and "m/3" in details
+            and "still serving versions [1, 2]" in details
+        )
         assert versions() == ["1", "2"]
     assert len(log_lines(proc, "model rejected")) == 1

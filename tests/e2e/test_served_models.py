@@ -1,21 +1,30 @@
 """The bundled, trained models/ repository through the typed API of a real server process.
 
 A missing bundled model fails these tests (it does not skip them)."""
+
 from __future__ import annotations
 
 import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
+from fixtures.servers import MODELS, ServerProcess
 from grpc_health.v1 import health_pb2
 
-from fixtures.servers import MODELS, ServerProcess
 from service.generated.serving.v1 import serving_pb2 as pb
 from service.generated.serving.v1 import serving_pb2_grpc as pb_grpc
 
 FASHION_LABELS = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 CLASSIFIERS = ["fashion_softmax", "fashion_cnn"]
 # Tensor contracts from DESIGN.md: name → ((input dtype, shape), (output dtype, shape)).
@@ -119,7 +128,11 @@ def test_metadata_of_bundled_models(stub: pb_grpc.ModelServiceStub) -> None:
     assert not listing.failed
     by_name = {m.name: m for m in listing.models}
     assert set(CONTRACTS) <= set(by_name)
-    expected_provider = ort.get_available_providers()[0] if "CUDAExecutionProvider" in ort.get_available_providers() else "CPUExecutionProvider"
+    expected_provider = (
+        ort.get_available_providers()[0]
+        if "CUDAExecutionProvider" in ort.get_available_providers()
+        else "CPUExecutionProvider"
+    )
     for name, ((in_dtype, in_shape), (out_dtype, out_shape)) in CONTRACTS.items():
         meta = by_name[name]
         assert meta.execution_provider == expected_provider

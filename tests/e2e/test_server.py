@@ -1,5 +1,6 @@
 """Server-level behaviour through real processes: reflection, graceful shutdown, TLS.
 (The assembled app in process: tests/unit/test_app.py.)"""
+
 from __future__ import annotations
 
 import signal
@@ -10,14 +11,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+from fixtures.onnx_models import linear, save, slow
+from fixtures.servers import MODELS, REPO_ROOT, ServerProcess, start_server
+from fixtures.tls import tls_files
 from google.protobuf import descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from fixtures.onnx_models import linear, save, slow
-from fixtures.servers import MODELS, REPO_ROOT, ServerProcess, start_server
-from fixtures.tls import tls_files
 from service.generated.serving.v1 import serving_pb2 as pb
 from service.generated.serving.v1 import serving_pb2_grpc as pb_grpc
 
@@ -53,8 +54,17 @@ def test_call_through_reflection_without_proto_files(server: ServerProcess) -> N
 
 
 def test_port_in_use_is_refused(server: ServerProcess) -> None:
-    command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(server.port),
-               "--model-repository", str(MODELS)]
+    command = [
+        sys.executable,
+        "-m",
+        "service",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(server.port),
+        "--model-repository",
+        str(MODELS),
+    ]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert f"model-serving: error: Failed to bind to address 127.0.0.1:{server.port}" in result.stderr
@@ -94,10 +104,14 @@ def test_mutual_tls(tmp_path: Path) -> None:
     read = lambda key: files[key].read_bytes()  # noqa: E731
     client = grpc.ssl_channel_credentials(read("ca.crt"), read("client.key"), read("client.crt"))
     args = [
-        "--model-repository", str(repo),
-        "--tls-cert", str(files["server.crt"]),
-        "--tls-key", str(files["server.key"]),
-        "--tls-client-ca", str(files["ca.crt"]),
+        "--model-repository",
+        str(repo),
+        "--tls-cert",
+        str(files["server.crt"]),
+        "--tls-key",
+        str(files["server.key"]),
+        "--tls-client-ca",
+        str(files["ca.crt"]),
     ]
     with start_server(tmp_path, *args, credentials=client) as proc:
         with proc.channel() as channel:

@@ -1,5 +1,6 @@
 """The training CLI end to end (``python -m training`` subprocesses): a short run exports a valid
 ONNX model; bad input fails cleanly."""
+
 from __future__ import annotations
 
 import gzip
@@ -13,24 +14,47 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
 from fixtures.data import REPO_ROOT
+
 from training import data
 
 
 def run_cli(*args: str | Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "training", *map(str, args)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "training", *map(str, args)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-@pytest.mark.parametrize("name, limit, min_accuracy", [
-    ("fashion_softmax", 3000, 0.6),
-    ("fashion_cnn", 2000, 0.5),
-])
-def test_short_training_run_exports_valid_onnx(tmp_path: Path, fashion_dir: Path, fashion_test,
-                                               name: str, limit: int, min_accuracy: float) -> None:
-    result = run_cli("train", name, "--data-dir", fashion_dir, "--limit", limit, "--epochs", 1,
-                     "--repository", tmp_path / "models", "--reports", tmp_path / "reports", "--seed", 7)
+@pytest.mark.parametrize(
+    "name, limit, min_accuracy",
+    [
+        ("fashion_softmax", 3000, 0.6),
+        ("fashion_cnn", 2000, 0.5),
+    ],
+)
+def test_short_training_run_exports_valid_onnx(
+    tmp_path: Path, fashion_dir: Path, fashion_test, name: str, limit: int, min_accuracy: float
+) -> None:
+    result = run_cli(
+        "train",
+        name,
+        "--data-dir",
+        fashion_dir,
+        "--limit",
+        limit,
+        "--epochs",
+        1,
+        "--repository",
+        tmp_path / "models",
+        "--reports",
+        tmp_path / "reports",
+        "--seed",
+        7,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{name} epoch  1/1" in result.stderr  # progress is shown while training
     path = tmp_path / "models" / name / "1" / "model.onnx"
@@ -56,8 +80,7 @@ def test_short_training_run_exports_valid_onnx(tmp_path: Path, fashion_dir: Path
 
 
 def test_regression_training_writes_model_report_and_figures(tmp_path: Path) -> None:
-    result = run_cli("train", "profit", "house_price", "--repository", tmp_path / "m",
-                     "--reports", tmp_path / "r")
+    result = run_cli("train", "profit", "house_price", "--repository", tmp_path / "m", "--reports", tmp_path / "r")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
     assert summary["profit"]["mse"] == pytest.approx(8.9539427520, rel=1e-6)
@@ -77,8 +100,9 @@ def assert_clean_failure(result: subprocess.CompletedProcess, message: str) -> N
 
 
 def test_missing_data_dir(tmp_path: Path) -> None:
-    assert_clean_failure(run_cli("train", "fashion_softmax", "--data-dir", tmp_path / "absent"),
-                         "data directory does not exist")
+    assert_clean_failure(
+        run_cli("train", "fashion_softmax", "--data-dir", tmp_path / "absent"), "data directory does not exist"
+    )
 
 
 def test_unknown_model() -> None:

@@ -1,5 +1,6 @@
 """Typed API through a real server process over a tiny generated repository: versions, errors,
 streaming, health, reflection and request logs. (Bundled trained models: test_bundled_models.py.)"""
+
 from __future__ import annotations
 
 import json
@@ -8,10 +9,10 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2
-
 from fixtures.onnx_models import tiny_repository
 from fixtures.servers import ServerProcess, start_server
+from grpc_health.v1 import health_pb2
+
 from service.generated.serving.v1 import serving_pb2 as pb
 from service.generated.serving.v1 import serving_pb2_grpc as pb_grpc
 
@@ -113,89 +114,133 @@ NAN_IMG[1, 0, 3, 4] = np.nan
 
 ERROR_CASES = {
     "wrong shape": (
-        "Classify", pb.ClassifyRequest(images=images_tensor(IMG, shape=[2, 784])), INVALID,
+        "Classify",
+        pb.ClassifyRequest(images=images_tensor(IMG, shape=[2, 784])),
+        INVALID,
         ["expects shape [N, 1, 28, 28], got [2, 784]"],
     ),
     "wrong dtype (unspecified)": (
-        "Classify", pb.ClassifyRequest(images=images_tensor(IMG, dtype=pb.DATA_TYPE_UNSPECIFIED)), INVALID,
+        "Classify",
+        pb.ClassifyRequest(images=images_tensor(IMG, dtype=pb.DATA_TYPE_UNSPECIFIED)),
+        INVALID,
         ["must be DATA_TYPE_UINT8 or DATA_TYPE_FLOAT32, got DATA_TYPE_UNSPECIFIED"],
     ),
     "wrong dtype (unknown enum)": (
-        "Classify", pb.ClassifyRequest(images=images_tensor(IMG, dtype=7)), INVALID,
+        "Classify",
+        pb.ClassifyRequest(images=images_tensor(IMG, dtype=7)),
+        INVALID,
         ["must be DATA_TYPE_UINT8 or DATA_TYPE_FLOAT32, got 7"],
     ),
     "byte length": (
-        "Classify", pb.ClassifyRequest(images=images_tensor(IMG, data=IMG.tobytes()[:-1])), INVALID,
+        "Classify",
+        pb.ClassifyRequest(images=images_tensor(IMG, data=IMG.tobytes()[:-1])),
+        INVALID,
         ["shape [2, 1, 28, 28] of uint8 needs 1568 bytes", "got 1567"],
     ),
     "byte length float32": (
-        "Classify", pb.ClassifyRequest(images=images_tensor(F32, data=IMG.tobytes())), INVALID,
+        "Classify",
+        pb.ClassifyRequest(images=images_tensor(F32, data=IMG.tobytes())),
+        INVALID,
         ["of float32 needs 6272 bytes", "got 1568"],
     ),
     "negative dim": (
-        "Classify", pb.ClassifyRequest(images=images_tensor(IMG, shape=[-2, 1, 28, 28])), INVALID,
+        "Classify",
+        pb.ClassifyRequest(images=images_tensor(IMG, shape=[-2, 1, 28, 28])),
+        INVALID,
         ["dimensions must be >= 0, got shape [-2, 1, 28, 28]"],
     ),
     "empty image batch": (
-        "Classify", pb.ClassifyRequest(images=images_tensor(IMG[:0])), INVALID, ["empty batch"],
+        "Classify",
+        pb.ClassifyRequest(images=images_tensor(IMG[:0])),
+        INVALID,
+        ["empty batch"],
     ),
     "empty profit batch": ("PredictProfit", pb.PredictProfitRequest(), INVALID, ["empty batch"]),
     "batch over max": (
-        "Classify", pb.ClassifyRequest(images=images_tensor(random_images(MAX_BATCH + 1))), INVALID,
+        "Classify",
+        pb.ClassifyRequest(images=images_tensor(random_images(MAX_BATCH + 1))),
+        INVALID,
         [f"batch of {MAX_BATCH + 1}, over the maximum of {MAX_BATCH}"],
     ),
     "NaN population": (
-        "PredictProfit", pb.PredictProfitRequest(population=[1.0, float("nan")]), INVALID,
+        "PredictProfit",
+        pb.PredictProfitRequest(population=[1.0, float("nan")]),
+        INVALID,
         ["expects finite numbers, got 1 NaN/inf value(s), the first at index (1, 0)"],
     ),
     "inf house size": (
         "PredictHousePrice",
-        pb.PredictHousePriceRequest(houses=[pb.House(size_sqft=float("inf"), bedrooms=3)]), INVALID,
+        pb.PredictHousePriceRequest(houses=[pb.House(size_sqft=float("inf"), bedrooms=3)]),
+        INVALID,
         ["expects finite numbers", "index (0, 0)"],
     ),
     "NaN pixel": (
-        "Classify", pb.ClassifyRequest(images=images_tensor(NAN_IMG)), INVALID,
-        ["images expects float32 pixels as finite numbers in [0, 1], got 1 NaN/inf value(s), the first at index (1, 0, 3, 4)"],
+        "Classify",
+        pb.ClassifyRequest(images=images_tensor(NAN_IMG)),
+        INVALID,
+        [
+            "images expects float32 pixels as finite numbers in [0, 1], got 1 NaN/inf value(s), the first at index (1, 0, 3, 4)"  # noqa: E501
+        ],
     ),
     "float pixel out of range": (
-        "Classify", pb.ClassifyRequest(images=images_tensor(F32 * 255)), INVALID,
+        "Classify",
+        pb.ClassifyRequest(images=images_tensor(F32 * 255)),
+        INVALID,
         ["float32 pixels must be in [0, 1], got values from 0.0 to 255.0"],
     ),
     "top_k too large": (
-        "Classify", pb.ClassifyRequest(images=images_tensor(IMG), top_k=11), INVALID,
+        "Classify",
+        pb.ClassifyRequest(images=images_tensor(IMG), top_k=11),
+        INVALID,
         ["top_k must be at most 10", "got 11"],
     ),
     "not a classifier": (
-        "Classify", pb.ClassifyRequest(model=pb.ModelRef(name="profit"), images=images_tensor(IMG)), INVALID,
+        "Classify",
+        pb.ClassifyRequest(model=pb.ModelRef(name="profit"), images=images_tensor(IMG)),
+        INVALID,
         ["model 'profit' version 1 is not an image classifier"],
     ),
     "profit model given house rows": (
         "PredictHousePrice",
         pb.PredictHousePriceRequest(model=pb.ModelRef(name="profit"), houses=[pb.House(size_sqft=1, bedrooms=1)]),
-        INVALID, ["expects shape [N, 1], got [1, 2]"],
+        INVALID,
+        ["expects shape [N, 1], got [1, 2]"],
     ),
     "negative version": (
-        "PredictProfit", pb.PredictProfitRequest(model=pb.ModelRef(name="profit", version=-1), population=[1]),
-        INVALID, ["model.version must be >= 0 (0 = latest), got -1"],
+        "PredictProfit",
+        pb.PredictProfitRequest(model=pb.ModelRef(name="profit", version=-1), population=[1]),
+        INVALID,
+        ["model.version must be >= 0 (0 = latest), got -1"],
     ),
     "unknown model": (
-        "Classify", pb.ClassifyRequest(model=pb.ModelRef(name="nope"), images=images_tensor(IMG)), NOT_FOUND,
+        "Classify",
+        pb.ClassifyRequest(model=pb.ModelRef(name="nope"), images=images_tensor(IMG)),
+        NOT_FOUND,
         ["model 'nope' not found; available models: ['fashion_softmax', 'house_price', 'profit']"],
     ),
     "unknown version": (
-        "Classify", pb.ClassifyRequest(model=pb.ModelRef(name="fashion_softmax", version=7), images=images_tensor(IMG)),
-        NOT_FOUND, ["version 7 of model 'fashion_softmax' not found; available versions: [1, 2]"],
+        "Classify",
+        pb.ClassifyRequest(model=pb.ModelRef(name="fashion_softmax", version=7), images=images_tensor(IMG)),
+        NOT_FOUND,
+        ["version 7 of model 'fashion_softmax' not found; available versions: [1, 2]"],
     ),
     "model that failed to load": (
-        "PredictProfit", pb.PredictProfitRequest(model=pb.ModelRef(name="broken"), population=[1]), NOT_FOUND,
+        "PredictProfit",
+        pb.PredictProfitRequest(model=pb.ModelRef(name="broken"), population=[1]),
+        NOT_FOUND,
         ["model 'broken' not found (failed to load:", "Protobuf parsing failed"],
     ),
     "metadata of unknown model": (
-        "GetModelMetadata", pb.GetModelMetadataRequest(model=pb.ModelRef(name="nope")), NOT_FOUND,
+        "GetModelMetadata",
+        pb.GetModelMetadataRequest(model=pb.ModelRef(name="nope")),
+        NOT_FOUND,
         ["model 'nope' not found"],
     ),
     "metadata without a name": (
-        "GetModelMetadata", pb.GetModelMetadataRequest(), INVALID, ["model.name is required"],
+        "GetModelMetadata",
+        pb.GetModelMetadataRequest(),
+        INVALID,
+        ["model.name is required"],
     ),
     "list unknown model": ("ListModels", pb.ListModelsRequest(name="nope"), NOT_FOUND, ["model 'nope' not found"]),
 }
@@ -218,7 +263,10 @@ def test_errors_then_keeps_serving(stub: pb_grpc.ModelServiceStub, tiny: ServerP
 def test_list_models_and_metadata(stub: pb_grpc.ModelServiceStub) -> None:
     listing = stub.ListModels(pb.ListModelsRequest())
     assert [(m.name, m.version) for m in listing.models] == [
-        ("fashion_softmax", 1), ("fashion_softmax", 2), ("house_price", 1), ("profit", 1)
+        ("fashion_softmax", 1),
+        ("fashion_softmax", 2),
+        ("house_price", 1),
+        ("profit", 1),
     ]
     assert list(listing.failed) == ["broken/1"]
     only = stub.ListModels(pb.ListModelsRequest(name="fashion_softmax"))
@@ -233,7 +281,10 @@ def test_list_models_and_metadata(stub: pb_grpc.ModelServiceStub) -> None:
     assert dict(meta.metrics) == {"accuracy": pytest.approx(0.84)}
     assert meta.max_batch_size == MAX_BATCH
     profit = stub.GetModelMetadata(pb.GetModelMetadataRequest(model=pb.ModelRef(name="profit")))
-    assert [(t.name, t.unit) for t in [*profit.inputs, *profit.outputs]] == [("population", "people"), ("profit", "USD")]
+    assert [(t.name, t.unit) for t in [*profit.inputs, *profit.outputs]] == [
+        ("population", "people"),
+        ("profit", "USD"),
+    ]
     assert json.loads(profit.properties["inputs"])[0]["unit"] == "people"
     assert dict(profit.metrics) == {"rmse_usd": 3000.0}
     assert profit.description == "profit from population"

@@ -4,6 +4,7 @@ Two servers: one over a tiny made-up repository (versions, a two-output model, a
 ``--max-request-rows 8``) for protocol behaviour and errors, and the session ``server`` over the
 bundled models/ for results that must equal in-process onnxruntime and the typed API.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -17,11 +18,10 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tc_aio
-from onnx import TensorProto, helper
-from tritonclient.utils import InferenceServerException
-
 from fixtures.onnx_models import OPSET, save, tiny_repository
 from fixtures.servers import MODELS, ServerProcess, start_server
+from onnx import TensorProto, helper
+from tritonclient.utils import InferenceServerException
 
 MAX_BATCH = 8
 CLASSIFIERS = ("fashion_softmax", "fashion_cnn")
@@ -105,9 +105,7 @@ def test_server_metadata(client: tc.InferenceServerClient) -> None:
 
 
 @pytest.mark.parametrize("name", ["profit", "house_price", "fashion_softmax", "two_outputs"])
-def test_model_metadata_matches_the_onnx_model(
-    client: tc.InferenceServerClient, repo: Path, name: str
-) -> None:
+def test_model_metadata_matches_the_onnx_model(client: tc.InferenceServerClient, repo: Path, name: str) -> None:
     meta = client.get_model_metadata(name)
     versions = sorted(int(p.name) for p in (repo / name).iterdir())
     assert meta.name == name and meta.platform == "onnxruntime_onnx"
@@ -120,8 +118,7 @@ def _assert_tensors_match(meta: object, session: ort.InferenceSession) -> None:
     v2_types = {"tensor(float)": "FP32", "tensor(uint8)": "UINT8"}
     for ours, theirs in ((meta.inputs, session.get_inputs()), (meta.outputs, session.get_outputs())):  # type: ignore[attr-defined]
         assert [(t.name, t.datatype, list(t.shape)) for t in ours] == [
-            (t.name, v2_types[t.type], [d if isinstance(d, int) else -1 for d in t.shape])
-            for t in theirs
+            (t.name, v2_types[t.type], [d if isinstance(d, int) else -1 for d in t.shape]) for t in theirs
         ]
 
 
@@ -136,8 +133,12 @@ def test_model_config(client: tc.InferenceServerClient) -> None:
     config = client.get_model_config("fashion_softmax").config
     assert (config.name, config.platform, config.backend) == ("fashion_softmax", "onnxruntime_onnx", "onnxruntime")
     assert config.max_batch_size == MAX_BATCH
-    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [("image", tc.model_config_pb2.TYPE_UINT8, [1, 28, 28])]
-    assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [("probabilities", tc.model_config_pb2.TYPE_FP32, [10])]
+    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [
+        ("image", tc.model_config_pb2.TYPE_UINT8, [1, 28, 28])
+    ]
+    assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [
+        ("probabilities", tc.model_config_pb2.TYPE_FP32, [10])
+    ]
     assert config.instance_group[0].kind == tc.model_config_pb2.ModelInstanceGroup.KIND_CPU
     assert config.version_policy.HasField("all")
     as_json = client.get_model_config("two_outputs", "1", as_json=True)["config"]
@@ -160,7 +161,9 @@ def test_repository_index(client: tc.InferenceServerClient) -> None:
 def test_infer_versions_and_id(client: tc.InferenceServerClient, repo: Path) -> None:
     images = _images(3)
     for version, expect in (("", "2"), ("2", "2"), ("1", "1")):
-        result = client.infer("fashion_softmax", [_input("image", images)], model_version=version, request_id=f"r{version}")
+        result = client.infer(
+            "fashion_softmax", [_input("image", images)], model_version=version, request_id=f"r{version}"
+        )
         response = result.get_response()
         assert (response.model_name, response.model_version, response.id) == ("fashion_softmax", expect, f"r{version}")
         expected = _onnxruntime(repo / "fashion_softmax" / expect / "model.onnx", {"image": images})
@@ -175,7 +178,9 @@ def test_requested_outputs_are_honoured(client: tc.InferenceServerClient) -> Non
     assert [o.name for o in only.get_response().outputs] == ["double"]
     assert only.as_numpy("total") is None
     np.testing.assert_array_equal(only.as_numpy("double"), x * 2)
-    both = client.infer("two_outputs", [_input("x", x)], outputs=[tc.InferRequestedOutput("double"), tc.InferRequestedOutput("total")])
+    both = client.infer(
+        "two_outputs", [_input("x", x)], outputs=[tc.InferRequestedOutput("double"), tc.InferRequestedOutput("total")]
+    )
     assert [o.name for o in both.get_response().outputs] == ["double", "total"]
     np.testing.assert_array_equal(both.as_numpy("total"), x.sum(axis=1, keepdims=True))
 
@@ -259,7 +264,11 @@ def _raw_and_typed() -> tc.InferInput:
 
 
 ERRORS: dict[str, tuple[Call, str, str]] = {
-    "wrong datatype": (_infer("fashion_softmax", _input("image", IMAGE.astype(np.float32))), INVALID, "datatype UINT8, got FP32"),
+    "wrong datatype": (
+        _infer("fashion_softmax", _input("image", IMAGE.astype(np.float32))),
+        INVALID,
+        "datatype UINT8, got FP32",
+    ),
     "wrong shape": (_infer("fashion_softmax", _input("image", IMAGE.reshape(2, 784))), INVALID, "expects shape"),
     "byte length": (_infer("fashion_softmax", _byte_mismatch()), INVALID, "needs 2352 bytes"),
     "raw and typed": (_infer("profit", _raw_and_typed()), INVALID, "one or the other"),
@@ -271,7 +280,11 @@ ERRORS: dict[str, tuple[Call, str, str]] = {
     ),
     "not finite": (_infer("profit", _input("population", np.array([[np.nan]], np.float32))), INVALID, "NaN"),
     "empty batch": (_infer("profit", _input("population", np.ones((0, 1), np.float32))), INVALID, "empty"),
-    "over max batch": (_infer("profit", _input("population", np.ones((MAX_BATCH + 1, 1), np.float32))), INVALID, "maximum"),
+    "over max batch": (
+        _infer("profit", _input("population", np.ones((MAX_BATCH + 1, 1), np.float32))),
+        INVALID,
+        "maximum",
+    ),
     "unknown model": (_infer("no_such_model", _input("x", IMAGE)), NOT_FOUND, "no_such_model"),
     "unknown version": (_infer("fashion_softmax", _input("image", IMAGE), model_version="9"), NOT_FOUND, "version 9"),
     "bad version": (_infer("fashion_softmax", _input("image", IMAGE), model_version="latest"), INVALID, "integer"),
@@ -301,7 +314,10 @@ def test_bad_requests(client: tc.InferenceServerClient, case: str) -> None:
 
 def test_server_still_serves_after_errors(client: tc.InferenceServerClient) -> None:
     assert client.is_server_ready()
-    assert client.infer("profit", [_input("population", np.ones((1, 1), np.float32))]).as_numpy("profit").shape == (1, 1)
+    assert client.infer("profit", [_input("population", np.ones((1, 1), np.float32))]).as_numpy("profit").shape == (
+        1,
+        1,
+    )
 
 
 # --- the bundled models: V2 == onnxruntime in-process == typed API ----------------------------
@@ -340,9 +356,7 @@ def _typed_api(address: str, name: str, x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", BUNDLED)
-def test_bundled_model_v2_equals_onnxruntime_and_typed_api(
-    request: pytest.FixtureRequest, name: str
-) -> None:
+def test_bundled_model_v2_equals_onnxruntime_and_typed_api(request: pytest.FixtureRequest, name: str) -> None:
     if not (MODELS / name).is_dir():
         pytest.skip(f"models/{name} is missing (train it first)")
     bundled: ServerProcess = request.getfixturevalue("server")

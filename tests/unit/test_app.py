@@ -1,5 +1,6 @@
 """The assembled serving process (service.app.build_app) in process: a real grpc.aio server on a
 free port and a real client, with model loading driven step by step."""
+
 from __future__ import annotations
 
 import asyncio
@@ -7,9 +8,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from fixtures.onnx_models import linear, save
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fixtures.onnx_models import linear, save
 from service.app import build_app
 from service.generated.serving.v1 import serving_pb2 as pb
 from service.generated.serving.v1 import serving_pb2_grpc as pb_grpc
@@ -52,8 +53,9 @@ def test_the_wiring(tmp_path: Path) -> None:
     save(linear(1, [2.0], 1.0, "population", "profit"), tmp_path, "profit")
 
     async def scenario() -> tuple:
-        settings = Settings(model_repository=tmp_path, host="127.0.0.1", port=0, provider="cpu",
-                            max_concurrent_requests=3)
+        settings = Settings(
+            model_repository=tmp_path, host="127.0.0.1", port=0, provider="cpu", max_concurrent_requests=3
+        )
         app = await build_app(settings)
         await app.start()
         try:
@@ -62,8 +64,14 @@ def test_the_wiring(tmp_path: Path) -> None:
                 answer = await pb_grpc.ModelServiceStub(channel).PredictProfit(pb.PredictProfitRequest(population=[3]))
                 health = health_pb2_grpc.HealthStub(channel)
                 model = (await health.Check(health_pb2.HealthCheckRequest(service="profit"))).status
-            return (list(answer.profit_usd), model, app.plane.registry is app.registry, app.gate.limit,
-                    app.grpc.services, app.port > 0)
+            return (
+                list(answer.profit_usd),
+                model,
+                app.plane.registry is app.registry,
+                app.gate.limit,
+                app.grpc.services,
+                app.port > 0,
+            )
         finally:
             await app.stop(0)
 

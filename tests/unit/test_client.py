@@ -1,6 +1,7 @@
 """service.client against an in-process fake of the typed API (fixtures.fake_serving): retries,
 deadlines, errors, TLS and the token, streams; the container health probe's NOT_SERVING and
 default port. (Against the real server: tests/e2e/test_client.py.)"""
+
 from __future__ import annotations
 
 import time
@@ -9,10 +10,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-
 from fixtures.fake_serving import CLASSES, FakeModelService, fake_probabilities, fake_server
 from fixtures.servers import free_port
 from fixtures.tls import tls_files
+
 from service import healthcheck
 from service.client import (
     NO_RETRY,
@@ -105,8 +106,13 @@ def test_tls_and_mutual_tls(fake: FakeModelService, tmp_path: Path) -> None:
         [(read("server.key"), read("server.crt"))], root_certificates=read("ca.crt"), require_client_auth=True
     )
     with fake_server(fake, mutual) as address:
-        with connect(address, root_certificates=files["ca.crt"], certificate_chain=files["client.crt"],
-                     private_key=files["client.key"], token="t") as c:
+        with connect(
+            address,
+            root_certificates=files["ca.crt"],
+            certificate_chain=files["client.crt"],
+            private_key=files["client.key"],
+            token="t",
+        ) as c:
             np.testing.assert_array_equal(c.predict_profit([2.0]), [4.0])
         with connect(address, root_certificates=files["ca.crt"], retry=NO_RETRY, timeout=5) as c:
             with pytest.raises(UnavailableError):  # no client certificate

@@ -1,5 +1,6 @@
 """The call gate (service.limits.CallGate), protocol-neutral: the concurrency limit, holding
 calls while draining, and the drain itself."""
+
 from __future__ import annotations
 
 import asyncio

@@ -1,4 +1,5 @@
 """Bearer-token auth (service.security): the token file, the store, the authenticator's answers."""
+
 from __future__ import annotations
 
 import logging

@@ -1,5 +1,6 @@
 """Server settings (service.settings) from env vars and flags (service.__main__.parse_settings),
 including the renamed ones, whose old flags and env vars still work."""
+
 from __future__ import annotations
 
 import os
@@ -52,9 +53,15 @@ def test_renamed_settings_keep_their_old_flags_and_env_vars(monkeypatch: pytest.
     old = parse_settings(["--max-batch-size", "5", "--batch-max-size", "7"])
     assert (old.max_request_rows, old.max_batch_rows) == (5, 7)
     # Old and new flags together, in either order: the new one.
-    for argv in (["--max-request-rows", "9", "--max-batch-size", "5"], ["--max-batch-size", "5", "--max-request-rows", "9"]):
+    for argv in (
+        ["--max-request-rows", "9", "--max-batch-size", "5"],
+        ["--max-batch-size", "5", "--max-request-rows", "9"],
+    ):
         assert parse_settings(argv).max_request_rows == 9, argv
-    for argv in (["--max-batch-rows", "11", "--batch-max-size", "7"], ["--batch-max-size", "7", "--max-batch-rows", "11"]):
+    for argv in (
+        ["--max-batch-rows", "11", "--batch-max-size", "7"],
+        ["--batch-max-size", "7", "--max-batch-rows", "11"],
+    ):
         assert parse_settings(argv).max_batch_rows == 11, argv
     # Old env vars.
     monkeypatch.setenv("SERVING_MAX_BATCH_SIZE", "5")

@@ -16,6 +16,7 @@ the kubernetes-validate package ships (https://kubernetes.io/api/_definitions.js
 pod-level parts are checked against the Kubernetes schema of the chosen version. `status` is left
 open: the controller writes it.
 """
+
 from __future__ import annotations
 
 import ast
@@ -28,8 +29,14 @@ from pathlib import Path
 
 K8S_DEFS = "https://kubernetes.io/api/_definitions.json#/$defs/"
 ROOT = "V1beta1InferenceService"
-SCALARS = {"str": {"type": "string"}, "int": {"type": "integer"}, "float": {"type": "number"},
-           "bool": {"type": "boolean"}, "object": {}, "datetime": {"type": "string"}}
+SCALARS = {
+    "str": {"type": "string"},
+    "int": {"type": "integer"},
+    "float": {"type": "number"},
+    "bool": {"type": "boolean"},
+    "object": {},
+    "datetime": {"type": "string"},
+}
 # Python-client names of Kubernetes types -> Kubernetes OpenAPI definition names.
 SPECIAL = {"ResourceQuantity": "io.k8s.apimachinery.pkg.api.resource.Quantity"}
 K8S_PREFERENCE = ["io.k8s.api.core.", "io.k8s.apimachinery.pkg.apis.meta.", "io.k8s.api."]
@@ -48,13 +55,20 @@ def read_models(wheel: Path) -> dict[str, dict]:
                     continue
                 found = {}
                 for item in node.body:
-                    if isinstance(item, ast.Assign) and len(item.targets) == 1 and isinstance(item.targets[0], ast.Name):
-                        if item.targets[0].id in ("openapi_types", "attribute_map"):
-                            found[item.targets[0].id] = ast.literal_eval(item.value)
+                    if (
+                        isinstance(item, ast.Assign)
+                        and len(item.targets) == 1
+                        and isinstance(item.targets[0], ast.Name)
+                    ) and item.targets[0].id in ("openapi_types", "attribute_map"):
+                        found[item.targets[0].id] = ast.literal_eval(item.value)
                 if "openapi_types" in found:
                     required = re.findall(r"Invalid value for `(\w+)`, must not be `None`", source)
-                    models[node.name] = {"types": found["openapi_types"], "keys": found["attribute_map"],
-                                         "required": sorted(set(required)), "file": name}
+                    models[node.name] = {
+                        "types": found["openapi_types"],
+                        "keys": found["attribute_map"],
+                        "required": sorted(set(required)),
+                        "file": name,
+                    }
     return models
 
 
@@ -93,7 +107,7 @@ def build(wheel: Path, k8s_definitions: Path) -> dict:
         if type_name.startswith("list[") and type_name.endswith("]"):
             return {"type": "array", "items": schema(type_name[5:-1])}
         if type_name.startswith("dict(") and type_name.endswith(")"):
-            key, _, value = type_name[5:-1].partition(",")
+            _key, _, value = type_name[5:-1].partition(",")
             return {"type": "object", "additionalProperties": schema(value)}
         if type_name.startswith(("V1beta1", "V1alpha1", "V1alpha2")) and type_name in models:
             visit(type_name)
@@ -116,8 +130,12 @@ def build(wheel: Path, k8s_definitions: Path) -> dict:
                 properties[key] = {"type": "object", "description": "written by the controller; not checked"}
                 continue
             properties[key] = schema(type_name)
-        definition = {"type": "object", "properties": properties, "additionalProperties": False,
-                      "x-kserve-sdk-model": model["file"]}
+        definition = {
+            "type": "object",
+            "properties": properties,
+            "additionalProperties": False,
+            "x-kserve-sdk-model": model["file"],
+        }
         required = [model["keys"][a] for a in model["required"] if a in model["keys"]]
         if required:
             definition["required"] = required
@@ -132,9 +150,12 @@ def build(wheel: Path, k8s_definitions: Path) -> dict:
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "urn:model-serving:kserve:inferenceservice-v1beta1",
         "title": "KServe InferenceService serving.kserve.io/v1beta1",
-        "x-source": {"wheel": wheel.name, "wheel_sha256": hashlib.sha256(wheel.read_bytes()).hexdigest(),
-                     "kubernetes_definitions": str(k8s_definitions.parent.name),
-                     "unresolved_types": sorted(unresolved)},
+        "x-source": {
+            "wheel": wheel.name,
+            "wheel_sha256": hashlib.sha256(wheel.read_bytes()).hexdigest(),
+            "kubernetes_definitions": str(k8s_definitions.parent.name),
+            "unresolved_types": sorted(unresolved),
+        },
         **root,
         "$defs": dict(sorted(defs.items())),
     }

@@ -2,6 +2,7 @@
 (batches formed from what queued meanwhile, cancellation, splitting, errors, capacity, deadlines,
 the idle wait a drain uses) and the per-model batching configuration.
 (Through real servers under concurrency: tests/e2e/test_batching.py.)"""
+
 from __future__ import annotations
 
 import asyncio
@@ -12,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
-
 from fixtures.inprocess import open_registry
 from fixtures.onnx_models import linear, save
 from fixtures.servers import MODELS
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
 from service.core.batching import Batcher, BatchingConfig
 from service.core.context import RequestContext
 from service.errors import DeadlineExceeded, Internal, ResourceExhausted, Unavailable
@@ -117,8 +118,12 @@ def test_capacity_and_deadline_in_process() -> None:
     assert results[2]["y"].ravel().tolist() == [4.0]
     assert model.batches == [[0.0], [2.0]]  # the expired request was not computed
     text = generate_latest(metrics.registry).decode()
-    dropped = {s.labels["reason"]: s.value for f in text_string_to_metric_families(text)
-               for s in f.samples if s.name == "serving_dropped_requests_total"}
+    dropped = {
+        s.labels["reason"]: s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "serving_dropped_requests_total"
+    }
     assert dropped == {"queue_full": 1.0, "deadline": 1.0}
 
 
@@ -127,12 +132,15 @@ def test_per_model_config_file_and_setting(tmp_path: Path) -> None:
     save(linear(1, [2.0], 1.0), tmp_path, "b")
     save(linear(1, [2.0], 1.0), tmp_path, "bad")
     # The old key, max_batch_size, is still accepted in config.json.
-    (tmp_path / "a" / "config.json").write_text(json.dumps({"batching": {"max_batch_size": 8, "max_queue_delay_us": 100}}))
+    (tmp_path / "a" / "config.json").write_text(
+        json.dumps({"batching": {"max_batch_size": 8, "max_queue_delay_us": 100}})
+    )
     (tmp_path / "bad" / "config.json").write_text(json.dumps({"batching": {"max_batch_sise": 8}}))
     save(linear(1, [2.0], 1.0), tmp_path, "c")
     (tmp_path / "c" / "config.json").write_text(json.dumps({"batching": {"max_batch_rows": 4}}))  # today's key
-    settings = Settings(provider="cpu", max_batch_rows=32,
-                        batching={"a": {"max_queue_delay_us": 7}, "b": {"enabled": False}})
+    settings = Settings(
+        provider="cpu", max_batch_rows=32, batching={"a": {"max_queue_delay_us": 7}, "b": {"enabled": False}}
+    )
     registry = open_registry(tmp_path, settings)
     try:
         assert registry.get("a").batcher.config == BatchingConfig(True, 8, 7, 512)  # file, then setting

@@ -1,14 +1,15 @@
 """The data plane (service.core.dataplane): admission of declared names, datatypes, shapes and
 rows (before any payload is decoded), the outputs to compute, and one inference end to end in
 process — through DataPlane.infer (the server's path) and predict (the batch job's and Ray's)."""
+
 from __future__ import annotations
 
 import asyncio
 
 import numpy as np
 import pytest
-
 from fixtures.inprocess import TINY_MAX_ROWS, infer
+
 from service.core.context import RequestContext
 from service.core.dataplane import DataPlane, RequestTensor, admit, output_names, predict
 from service.core.registry import ModelRegistry
@@ -32,8 +33,14 @@ def test_infer_runs(tiny_registry: ModelRegistry) -> None:
     ("inputs", "message"),
     [
         # An input the model does not have is named as such (a missing one: see test_admit_rules).
-        ({"img": np.zeros((1, 1, 28, 28), np.uint8)}, r"model 'fashion_softmax' has no input 'img'; its inputs are \['image'\]"),
-        ({"image": np.zeros((1, 1, 28, 28), np.float32)}, "input 'image' of model 'fashion_softmax' version 2 has datatype UINT8, got FP32"),
+        (
+            {"img": np.zeros((1, 1, 28, 28), np.uint8)},
+            r"model 'fashion_softmax' has no input 'img'; its inputs are \['image'\]",
+        ),
+        (
+            {"image": np.zeros((1, 1, 28, 28), np.float32)},
+            "input 'image' of model 'fashion_softmax' version 2 has datatype UINT8, got FP32",
+        ),
         ({"image": np.zeros((1, 28, 28), np.uint8)}, r"expects shape \[N, 1, 28, 28\], got \[1, 28, 28\]"),
         ({"image": np.zeros((1, 1, 28, 27), np.uint8)}, r"expects shape \[N, 1, 28, 28\], got \[1, 1, 28, 27\]"),
         ({"image": np.zeros((0, 1, 28, 28), np.uint8)}, "empty batch"),
@@ -97,7 +104,8 @@ def test_predict_admits_and_checks_like_the_server(tiny_registry: ModelRegistry)
 # -- admit: every rule, on a contract built by hand ------------------------------------------------
 
 SPEC = ModelSpec(
-    "m", 1,
+    "m",
+    1,
     inputs=(TensorSpec("a", np.dtype(np.float32), (-1, 2)), TensorSpec("b", np.dtype(np.uint8), (-1, 1, 3, -1))),
     outputs=(TensorSpec("y", np.dtype(np.float32), (-1, 1)), TensorSpec("z", np.dtype(np.float32), (-1, 2))),
     metadata={},
@@ -160,5 +168,7 @@ def test_output_names() -> None:
     assert output_names(SPEC, []) == ["y", "z"]
     assert output_names(SPEC, ["z"]) == ["z"]
     assert output_names(SPEC, ["z", "y"]) == ["z", "y"]  # in the order asked
-    with pytest.raises(InvalidArgument, match=r"model 'm' version 1 has outputs \['y', 'z'\], got a request for \['x'\]"):
+    with pytest.raises(
+        InvalidArgument, match=r"model 'm' version 1 has outputs \['y', 'z'\], got a request for \['x'\]"
+    ):
         output_names(SPEC, ["y", "x"])

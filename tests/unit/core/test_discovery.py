@@ -1,5 +1,6 @@
 """The repository scanner (service.core.discovery): ``<root>/<name>/<version>/model.onnx``, one
 problem per bad folder, never a crash; versions in ASCII digits only."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,16 +12,39 @@ from service.core.discovery import MODEL_FILE, Failure, file_signature, is_model
 
 @pytest.mark.parametrize(
     ("folder", "version"),
-    [("1", 1), ("12", 12), ("007", 7), ("0", None), ("-1", None), ("1.0", None), ("latest", None),
-     ("²", None), ("１", None), ("٣", None), ("", None)],
+    [
+        ("1", 1),
+        ("12", 12),
+        ("007", 7),
+        ("0", None),
+        ("-1", None),
+        ("1.0", None),
+        ("latest", None),
+        ("²", None),
+        ("１", None),
+        ("٣", None),
+        ("", None),
+    ],
 )
 def test_version_number(folder: str, version: int | None) -> None:
     assert version_number(folder) == version
 
 
 def test_scan_records_problems_and_goes_on(tmp_path: Path) -> None:
-    for folder in ("good/1", "good/2", "good/.staging", "good/_tmp", "noversion", "bad/latest", "bad/3",
-                   "digits/²", "digits/１", "digits/0", ".hidden/1", "_private/1"):
+    for folder in (
+        "good/1",
+        "good/2",
+        "good/.staging",
+        "good/_tmp",
+        "noversion",
+        "bad/latest",
+        "bad/3",
+        "digits/²",
+        "digits/１",
+        "digits/0",
+        ".hidden/1",
+        "_private/1",
+    ):
         (tmp_path / folder).mkdir(parents=True)
     (tmp_path / "good" / "1" / MODEL_FILE).write_bytes(b"x")
     (tmp_path / "a-file").write_text("not a model folder")
@@ -30,10 +54,14 @@ def test_scan_records_problems_and_goes_on(tmp_path: Path) -> None:
         "good": {1: tmp_path / "good" / "1" / MODEL_FILE, 2: tmp_path / "good" / "2" / MODEL_FILE},
         "bad": {3: tmp_path / "bad" / "3" / MODEL_FILE},
     }
-    assert found.on_disk == {"good": {"1", "2"}, "noversion": set(), "bad": {"latest", "3"},
-                             "digits": {"²", "１", "0"}}
-    assert set(found.problems) == {Failure("noversion"), Failure("bad", "latest"), Failure("digits", "²"),
-                                   Failure("digits", "１"), Failure("digits", "0")}
+    assert found.on_disk == {"good": {"1", "2"}, "noversion": set(), "bad": {"latest", "3"}, "digits": {"²", "１", "0"}}
+    assert set(found.problems) == {
+        Failure("noversion"),
+        Failure("bad", "latest"),
+        Failure("digits", "²"),
+        Failure("digits", "１"),
+        Failure("digits", "0"),
+    }
     assert "no version directories; expected noversion/<version>/model.onnx" in found.problems[Failure("noversion")]
     assert found.problems[Failure("digits", "²")] == "version directory must be a positive integer, got '²'"
     assert str(Failure("digits", "²")) == "digits/²" and str(Failure("noversion")) == "noversion"

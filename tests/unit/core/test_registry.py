@@ -1,6 +1,7 @@
 """The model registry (service.core.registry), in process, over tiny generated ONNX models:
 loading, lookup, the contract each version carries, bad repository layouts, and reload rounds
 (drain before unload, rejected files not retried until they change)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -14,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-
 from fixtures.inprocess import ainfer, open_registry
 from fixtures.onnx_models import declared, image_classifier, linear, save, slow
+
 from service.core.discovery import Failure
 from service.core.registry import ModelRegistry, RepositoryPoller
 from service.core.spec import ModelKey, TensorSpec
@@ -30,7 +31,10 @@ def test_loads_all_versions_and_reports_broken_model(tiny_registry: ModelRegistr
     assert repo.names() == ["fashion_softmax", "house_price", "profit"]
     assert repo.versions("fashion_softmax") == [1, 2]
     assert [(m.name, m.version) for m in repo.models()] == [
-        ("fashion_softmax", 1), ("fashion_softmax", 2), ("house_price", 1), ("profit", 1)
+        ("fashion_softmax", 1),
+        ("fashion_softmax", 2),
+        ("house_price", 1),
+        ("profit", 1),
     ]
     assert list(repo.failed) == ["broken/1"]
     assert "Protobuf parsing failed" in repo.failed["broken/1"]

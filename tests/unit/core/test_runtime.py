@@ -1,4 +1,5 @@
 """Execution-provider choice (service.core.runtime): auto, cpu, cuda, and no silent fallback."""
+
 from __future__ import annotations
 
 import onnxruntime as ort
@@ -25,7 +26,9 @@ def test_select_providers(choice: str, available: list[str], expected: list[str]
 
 
 def test_cuda_without_cuda_is_refused() -> None:
-    with pytest.raises(ProviderUnavailable, match=r"'cuda' was requested but onnxruntime .* reports only \['CPUExecutionProvider'\]"):
+    with pytest.raises(
+        ProviderUnavailable, match=r"'cuda' was requested but onnxruntime .* reports only \['CPUExecutionProvider'\]"
+    ):
         select_providers("cuda", [CPU])
     with pytest.raises(ProviderUnavailable):
         Runtime(Settings(provider="cuda"), available=[CPU])

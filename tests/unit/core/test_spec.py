@@ -1,5 +1,6 @@
 """The contract of a model version (service.core.spec): built from the graph's inputs/outputs
 and checked against the metadata training wrote; the card (class names, units, evaluation)."""
+
 from __future__ import annotations
 
 import json
@@ -72,7 +73,10 @@ def test_declared_tensors_must_equal_the_graph() -> None:
     good = json.dumps([{"name": "x", "dtype": "float32", "shape": ["N", 2], "unit": "m"}])
     assert spec([X], [Y], {"inputs": good}).units == {"x": "m"}
     wrong = json.dumps([{"name": "x", "dtype": "float64", "shape": ["N", 2]}])
-    with pytest.raises(ValueError, match=r"metadata 'inputs' declares \[\('x', 'float64', \(-1, 2\)\)\] but the graph has \[\('x', 'float32', \(-1, 2\)\)\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"metadata 'inputs' declares \[\('x', 'float64', \(-1, 2\)\)\] but the graph has \[\('x', 'float32', \(-1, 2\)\)\]",  # noqa: E501
+    ):
         spec([X], [Y], {"inputs": wrong})
     renamed = json.dumps([{"name": "total", "dtype": "float32", "shape": ["N", 1]}])
     with pytest.raises(ValueError, match="metadata 'outputs' declares"):

@@ -1,5 +1,6 @@
 """What the tasks mean (service.core.tasks), shared by the typed API, the batch job and Ray:
 which model a task uses by default, classifier/regression contracts, pixel conversion, labels."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,11 +11,20 @@ from service.core.spec import ModelSpec, TensorSpec
 from service.errors import InvalidArgument
 
 F32, U8 = np.dtype(np.float32), np.dtype(np.uint8)
-CLASSIFIER = ModelSpec("clf", 1, (TensorSpec("image", U8, (-1, 1, 28, 28)),),
-                       (TensorSpec("probabilities", F32, (-1, 3)),), {"class_names": '["a", "b", "c"]'}, 64)
-PROFIT = ModelSpec("profit", 1, (TensorSpec("population", F32, (-1, 1)),), (TensorSpec("profit", F32, (-1, 1)),), {}, 64)
-TWO_INPUTS = ModelSpec("two", 1, (TensorSpec("a", F32, (-1, 1)), TensorSpec("b", F32, (-1, 1))),
-                       (TensorSpec("y", F32, (-1, 1)),), {}, 64)
+CLASSIFIER = ModelSpec(
+    "clf",
+    1,
+    (TensorSpec("image", U8, (-1, 1, 28, 28)),),
+    (TensorSpec("probabilities", F32, (-1, 3)),),
+    {"class_names": '["a", "b", "c"]'},
+    64,
+)
+PROFIT = ModelSpec(
+    "profit", 1, (TensorSpec("population", F32, (-1, 1)),), (TensorSpec("profit", F32, (-1, 1)),), {}, 64
+)
+TWO_INPUTS = ModelSpec(
+    "two", 1, (TensorSpec("a", F32, (-1, 1)), TensorSpec("b", F32, (-1, 1))), (TensorSpec("y", F32, (-1, 1)),), {}, 64
+)
 
 
 def test_default_models() -> None:
@@ -23,7 +33,10 @@ def test_default_models() -> None:
 
 def test_classifier_and_regression_contracts() -> None:
     assert tasks.classifier_io(CLASSIFIER) == (CLASSIFIER.inputs[0], CLASSIFIER.outputs[0])
-    with pytest.raises(InvalidArgument, match=r"model 'profit' version 1 is not an image classifier \(inputs \['population \[N, 1\]'\], output \[N, 1\]\)"):
+    with pytest.raises(
+        InvalidArgument,
+        match=r"model 'profit' version 1 is not an image classifier \(inputs \['population \[N, 1\]'\], output \[N, 1\]\)",  # noqa: E501
+    ):
         tasks.classifier_io(PROFIT)
     assert tasks.regression_io(PROFIT) == (PROFIT.inputs[0], PROFIT.outputs[0])
     with pytest.raises(InvalidArgument, match=r"model 'two' version 1 takes inputs \['a', 'b'\]; expected one"):
@@ -43,7 +56,10 @@ def test_pixel_conversion() -> None:
         tasks.pixel_converter(np.dtype(np.int32), U8)
     with pytest.raises(InvalidArgument, match=r"float32 pixels must be in \[0, 1\], got values from 0.0 to 255.0"):
         to_bytes(np.array([0.0, 255.0], F32))
-    with pytest.raises(InvalidArgument, match=r"images expects float32 pixels as finite numbers in \[0, 1\], got 1 NaN/inf value\(s\), the first at index \(1,\)"):
+    with pytest.raises(
+        InvalidArgument,
+        match=r"images expects float32 pixels as finite numbers in \[0, 1\], got 1 NaN/inf value\(s\), the first at index \(1,\)",  # noqa: E501
+    ):
         to_bytes(np.array([0.5, np.nan], F32))
 
 

@@ -1,4 +1,5 @@
 """Request tensor checks (service.core.tensors): shapes, byte views, finite values."""
+
 from __future__ import annotations
 
 import numpy as np

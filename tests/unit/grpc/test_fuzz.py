@@ -4,16 +4,17 @@ typed API's image decoding (service.grpc.typed_codec), and the protobuf guard â€
 datatypes, shapes, byte strings and typed contents, the only exception allowed is InvalidArgument.
 (Through a real server: tests/e2e/test_fuzz.py.) More examples for a deeper run:
 ``FUZZ_EXAMPLES=20000 pytest tests/unit/grpc/test_fuzz.py tests/e2e/test_fuzz.py``."""
+
 from __future__ import annotations
 
 import asyncio
 
 import numpy as np
+from fixtures.fuzzing import FUZZ, MAX_BATCH, image_tensors, infer_requests
+from fixtures.inprocess import TINY_MAX_ROWS
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fixtures.fuzzing import FUZZ, MAX_BATCH, image_tensors, infer_requests
-from fixtures.inprocess import TINY_MAX_ROWS
 from service.core.context import RequestContext
 from service.core.dataplane import DataPlane, admit
 from service.core.registry import ModelRegistry
@@ -71,7 +72,10 @@ def test_typed_image_decoding_only_raises_invalid_argument(tensor: pb.Tensor, mo
 
 
 @FUZZ
-@given(data=st.binary(max_size=256), message=st.sampled_from([v2.ModelInferRequest, pb.ClassifyRequest, pb.PredictProfitRequest]))
+@given(
+    data=st.binary(max_size=256),
+    message=st.sampled_from([v2.ModelInferRequest, pb.ClassifyRequest, pb.PredictProfitRequest]),
+)
 def test_the_protobuf_guard_never_raises(data: bytes, message: type) -> None:
     result = safe_deserializer(message.FromString)(data)
     assert isinstance(result, (message, _Undecodable))

@@ -1,11 +1,11 @@
 """The checked-in generated gRPC code must be what scripts/gen_proto.py produces now."""
+
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
 
 import pytest
-
 from fixtures.servers import REPO_ROOT as ROOT
 
 
@@ -18,7 +18,9 @@ def load_gen_proto():
 
 def test_generated_code_is_fresh() -> None:
     problems = load_gen_proto().check()
-    assert not problems, "service/generated is stale; run .venv/bin/python scripts/gen_proto.py:\n" + "\n".join(problems)
+    assert not problems, "service/generated is stale; run .venv/bin/python scripts/gen_proto.py:\n" + "\n".join(
+        problems
+    )
 
 
 def test_generated_imports_are_package_relative() -> None:

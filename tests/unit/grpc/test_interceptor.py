@@ -1,6 +1,7 @@
 """The call guard (service.grpc.interceptor.CallGuard) in a real in-process grpc.aio server on
 port 0, in front of a tiny servicer (no mocks): auth before decoding, the call gate's limit and
 drain, health never counted, undecodable messages answered INVALID_ARGUMENT."""
+
 from __future__ import annotations
 
 import asyncio
@@ -57,16 +58,21 @@ class Echo:
         await self.hold.wait()
         return pb.PredictProfitResponse(profit_usd=[2 * p for p in request.population])
 
-    async def stream(self, requests: AsyncIterator[pb.PredictProfitRequest], context: Any) -> AsyncIterator[pb.PredictProfitResponse]:
+    async def stream(
+        self, requests: AsyncIterator[pb.PredictProfitRequest], context: Any
+    ) -> AsyncIterator[pb.PredictProfitResponse]:
         async for request in requests:
             yield pb.PredictProfitResponse(profit_usd=[2 * p for p in request.population])
 
     def handler(self) -> grpc.GenericRpcHandler:
         parse, serialize = self.parse, pb.PredictProfitResponse.SerializeToString
-        return grpc.method_handlers_generic_handler("test.Echo", {
-            "Unary": grpc.unary_unary_rpc_method_handler(self.unary, parse, serialize),
-            "Stream": grpc.stream_stream_rpc_method_handler(self.stream, parse, serialize),
-        })
+        return grpc.method_handlers_generic_handler(
+            "test.Echo",
+            {
+                "Unary": grpc.unary_unary_rpc_method_handler(self.unary, parse, serialize),
+                "Stream": grpc.stream_stream_rpc_method_handler(self.stream, parse, serialize),
+            },
+        )
 
 
 Scenario = Callable[[grpc.aio.Channel, Echo, CallGate], Awaitable[Any]]
@@ -104,7 +110,9 @@ async def code_of(call: Awaitable[Any]) -> tuple[grpc.StatusCode, str]:
 
 
 def unary(channel: grpc.aio.Channel) -> Any:
-    return channel.unary_unary(UNARY, request_serializer=identity, response_deserializer=pb.PredictProfitResponse.FromString)
+    return channel.unary_unary(
+        UNARY, request_serializer=identity, response_deserializer=pb.PredictProfitResponse.FromString
+    )
 
 
 async def health_status(channel: grpc.aio.Channel) -> int:
@@ -188,7 +196,9 @@ def test_auth_is_checked_before_the_request_is_decoded() -> None:
         stream_refused = await code_of(stream(iter([GOOD]), timeout=5).read())
         health = await health_status(channel)  # exempt: probes carry no token
         ok = await unary(channel)(GOOD, timeout=5, metadata=[("authorization", f"Bearer {TOKEN}")])
-        garbage_with_token = await code_of(unary(channel)(GARBAGE, timeout=5, metadata=[("authorization", f"Bearer {TOKEN}")]))
+        garbage_with_token = await code_of(
+            unary(channel)(GARBAGE, timeout=5, metadata=[("authorization", f"Bearer {TOKEN}")])
+        )
         return no_token, wrong, parsed_while_refused, stream_refused, health, ok, garbage_with_token, echo.parsed
 
     no_token, wrong, parsed, stream_refused, health, ok, garbage, parsed_after = run(scenario, tokens=[TOKEN])
@@ -211,4 +221,3 @@ def test_safe_deserializer_never_raises() -> None:
         raise ValueError("no")
 
     assert "not a valid request message" in safe_deserializer(explode)(b"x").message
-

@@ -1,4 +1,5 @@
 """The one table from service.errors to gRPC status codes (service.grpc.status)."""
+
 from __future__ import annotations
 
 import grpc

@@ -1,5 +1,6 @@
 """The typed API's codec (service.grpc.typed_codec): the fast Classify encoding equals building
 the messages one by one; images become the model's input tensor (declared now, decoded later)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +8,8 @@ import pytest
 
 from service.core.spec import TensorSpec
 from service.errors import InvalidArgument
-from service.grpc.typed_codec import classifications, image_tensor
 from service.generated.serving.v1 import serving_pb2 as pb
+from service.grpc.typed_codec import classifications, image_tensor
 
 
 def slow(probs: np.ndarray, labels: list[str]) -> pb.ClassifyResponse:
@@ -64,13 +65,17 @@ def test_image_tensor_declares_the_models_input_and_converts_pixels_on_decode() 
 
 
 def test_image_tensor_errors() -> None:
-    with pytest.raises(InvalidArgument, match="images.dtype must be DATA_TYPE_UINT8 or DATA_TYPE_FLOAT32, got DATA_TYPE_UNSPECIFIED"):
+    with pytest.raises(
+        InvalidArgument, match="images.dtype must be DATA_TYPE_UINT8 or DATA_TYPE_FLOAT32, got DATA_TYPE_UNSPECIFIED"
+    ):
         image_tensor(pb.Tensor(), UINT8_IMAGE)
     with pytest.raises(InvalidArgument, match="got 7"):
         image_tensor(pb.Tensor(dtype=7), UINT8_IMAGE)
     short = image_tensor(pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=[2, 1, 28, 28], data=bytes(1567)), UINT8_IMAGE)
     assert short.shape == (2, 1, 28, 28)  # declared: the byte count is checked only on decode
-    with pytest.raises(InvalidArgument, match=r"images: shape \[2, 1, 28, 28\] of uint8 needs 1568 bytes \(1568 x 1\), got 1567"):
+    with pytest.raises(
+        InvalidArgument, match=r"images: shape \[2, 1, 28, 28\] of uint8 needs 1568 bytes \(1568 x 1\), got 1567"
+    ):
         short.decode()
     bright = image_tensor(_images(np.full((1, 1, 28, 28), 2.0, np.float32)), UINT8_IMAGE)
     with pytest.raises(InvalidArgument, match=r"float32 pixels must be in \[0, 1\], got values from 2.0 to 2.0"):

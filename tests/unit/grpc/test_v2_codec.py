@@ -3,6 +3,7 @@
 Requests and responses are built with tritonclient's own message classes (the codec is
 duck-typed over the V2 field names), so this also checks we read what Triton's client writes.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,8 +12,8 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
 from service.core.datatypes import DATATYPES
-from service.grpc import v2_codec as codec
 from service.errors import InvalidArgument
+from service.grpc import v2_codec as codec
 
 
 def _raw_request(**arrays: np.ndarray) -> pb.ModelInferRequest:

@@ -6,6 +6,7 @@ field: every Triton message and RPC of grpc_service.proto exists here identicall
 field and enum value of our model_config.proto subset exists in Triton's with the same number
 and type.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -16,10 +17,9 @@ import pytest
 from google.protobuf import descriptor_pb2
 
 pytest.importorskip("grpc_tools")
-from grpc_tools import protoc  # noqa: E402
-from tritonclient.grpc import model_config_pb2, service_pb2  # noqa: E402
-
-from fixtures.servers import REPO_ROOT  # noqa: E402
+from fixtures.servers import REPO_ROOT
+from grpc_tools import protoc
+from tritonclient.grpc import model_config_pb2, service_pb2
 
 PROTO_DIR = REPO_ROOT / "proto"
 Msg = descriptor_pb2.DescriptorProto
@@ -63,9 +63,7 @@ def _field(msg: Msg, f: descriptor_pb2.FieldDescriptorProto) -> tuple[object, ..
     return (f.name, f.number, f.type, f.label, f.type_name, oneof)
 
 
-def _assert_subset(
-    mine: descriptor_pb2.FileDescriptorProto, theirs: descriptor_pb2.FileDescriptorProto
-) -> int:
+def _assert_subset(mine: descriptor_pb2.FileDescriptorProto, theirs: descriptor_pb2.FileDescriptorProto) -> int:
     """Every message/field/enum value in ``mine`` is in ``theirs`` identically; returns the
     number of fields checked."""
     my_msgs, my_enums = _flatten(mine)
@@ -98,10 +96,7 @@ def test_service_methods_match_triton(ours: dict[str, descriptor_pb2.FileDescrip
     def methods(fd: descriptor_pb2.FileDescriptorProto) -> dict[str, tuple[object, ...]]:
         (service,) = fd.service
         assert service.name == "GRPCInferenceService"
-        return {
-            m.name: (m.input_type, m.output_type, m.client_streaming, m.server_streaming)
-            for m in service.method
-        }
+        return {m.name: (m.input_type, m.output_type, m.client_streaming, m.server_streaming) for m in service.method}
 
     assert methods(ours["grpc_service.proto"]) == methods(_triton(service_pb2))
 
@@ -114,8 +109,7 @@ def test_model_config_is_a_wire_compatible_subset(
     assert _assert_subset(mine, _triton(model_config_pb2)) >= 10
     config = _flatten(mine)[0][".inference.ModelConfig"]
     numbers = {f.name: f.number for f in config.field}
-    assert numbers | {"name": 1, "platform": 2, "max_batch_size": 4, "input": 5, "output": 6,
-                      "backend": 17} == numbers
+    assert numbers | {"name": 1, "platform": 2, "max_batch_size": 4, "input": 5, "output": 6, "backend": 17} == numbers
 
 
 def test_server_and_tritonclient_import_in_one_process() -> None:

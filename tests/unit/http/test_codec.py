@@ -1,5 +1,6 @@
 """The REST codec in process: JSON and Triton's binary tensors in, both out; every malformed body
 is InvalidArgument with a message, never a crash."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,9 @@ def body(header: dict, *blobs: bytes) -> tuple[bytes, int | None]:
 
 
 def test_json_inputs_decode_after_admission_only() -> None:
-    data, length = body({"id": "7", "inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 2],
-                                                "data": [[1, 2], [3, 4.5]]}]})
+    data, length = body(
+        {"id": "7", "inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 2], "data": [[1, 2], [3, 4.5]]}]}
+    )
     request = codec.parse_infer(data, length)
     assert request.id == "7" and request.outputs == [] and not request.binary_default
     (tensor,) = request.inputs
@@ -31,11 +33,18 @@ def test_json_inputs_decode_after_admission_only() -> None:
 def test_binary_inputs_are_views_of_the_body_in_order() -> None:
     a = np.arange(6, dtype="<f4").reshape(2, 3)
     b = np.array([[1], [0]], np.uint8)
-    data, length = body({"inputs": [
-        {"name": "a", "datatype": "FP32", "shape": [2, 3], "parameters": {"binary_data_size": a.nbytes}},
-        {"name": "b", "datatype": "UINT8", "shape": [2, 1], "parameters": {"binary_data_size": b.nbytes}},
-    ], "outputs": [{"name": "y", "parameters": {"binary_data": True}}, {"name": "z"}],
-        "parameters": {"binary_data_output": False}}, a.tobytes(), b.tobytes())
+    data, length = body(
+        {
+            "inputs": [
+                {"name": "a", "datatype": "FP32", "shape": [2, 3], "parameters": {"binary_data_size": a.nbytes}},
+                {"name": "b", "datatype": "UINT8", "shape": [2, 1], "parameters": {"binary_data_size": b.nbytes}},
+            ],
+            "outputs": [{"name": "y", "parameters": {"binary_data": True}}, {"name": "z"}],
+            "parameters": {"binary_data_output": False},
+        },
+        a.tobytes(),
+        b.tobytes(),
+    )
     request = codec.parse_infer(data, length)
     first, second = (t.decode() for t in request.inputs)
     np.testing.assert_array_equal(first, a)
@@ -44,27 +53,58 @@ def test_binary_inputs_are_views_of_the_body_in_order() -> None:
     assert request.outputs == ["y", "z"] and request.binary_outputs == {"y": True}
 
 
-@pytest.mark.parametrize(("header", "blob", "message"), [
-    ([1, 2], b"", "must be a JSON object"),
-    ({"inputs": "x"}, b"", "needs 'inputs'"),
-    ({"inputs": [{"name": 3, "datatype": "FP32", "shape": [1], "data": [1]}]}, b"", "inputs[0].name must be a string"),
-    ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1.5], "data": [1]}]}, b"", "shape must be a list of integers"),
-    ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [True], "data": [1]}]}, b"", "shape must be a list of integers"),
-    ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}]}, b"", "neither data nor a binary_data_size"),
-    ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1],
-                  "parameters": {"binary_data_size": 4}}]}, b"\0" * 4, "both data and binary_data_size"),
-    ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "parameters": {"binary_data_size": -1}}]}, b"\0",
-     "non-negative integer"),
-    ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "parameters": {"binary_data_size": 8}}]}, b"\0" * 4,
-     "goes past the end of the body"),
-    ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "parameters": {"binary_data_size": 4}}]}, b"\0" * 6,
-     "2 bytes after the JSON"),
-    ({"inputs": [], "outputs": [{"name": "y"}, {"name": "y"}]}, b"", "requested more than once"),
-    ({"inputs": [], "outputs": {"name": "y"}}, b"", "'outputs' must be a list"),
-    ({"inputs": [], "parameters": []}, b"", "request.parameters must be a JSON object"),
-    ({"inputs": [], "parameters": {"shared_memory_region": "r"}}, b"", "shared memory is not supported"),
-    ({"inputs": [], "id": 5}, b"", "id must be a string"),
-])
+@pytest.mark.parametrize(
+    ("header", "blob", "message"),
+    [
+        ([1, 2], b"", "must be a JSON object"),
+        ({"inputs": "x"}, b"", "needs 'inputs'"),
+        (
+            {"inputs": [{"name": 3, "datatype": "FP32", "shape": [1], "data": [1]}]},
+            b"",
+            "inputs[0].name must be a string",
+        ),
+        (
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1.5], "data": [1]}]},
+            b"",
+            "shape must be a list of integers",
+        ),
+        (
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [True], "data": [1]}]},
+            b"",
+            "shape must be a list of integers",
+        ),
+        ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}]}, b"", "neither data nor a binary_data_size"),
+        (
+            {
+                "inputs": [
+                    {"name": "x", "datatype": "FP32", "shape": [1], "data": [1], "parameters": {"binary_data_size": 4}}
+                ]
+            },
+            b"\0" * 4,
+            "both data and binary_data_size",
+        ),
+        (
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "parameters": {"binary_data_size": -1}}]},
+            b"\0",
+            "non-negative integer",
+        ),
+        (
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "parameters": {"binary_data_size": 8}}]},
+            b"\0" * 4,
+            "goes past the end of the body",
+        ),
+        (
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "parameters": {"binary_data_size": 4}}]},
+            b"\0" * 6,
+            "2 bytes after the JSON",
+        ),
+        ({"inputs": [], "outputs": [{"name": "y"}, {"name": "y"}]}, b"", "requested more than once"),
+        ({"inputs": [], "outputs": {"name": "y"}}, b"", "'outputs' must be a list"),
+        ({"inputs": [], "parameters": []}, b"", "request.parameters must be a JSON object"),
+        ({"inputs": [], "parameters": {"shared_memory_region": "r"}}, b"", "shared memory is not supported"),
+        ({"inputs": [], "id": 5}, b"", "id must be a string"),
+    ],
+)
 def test_malformed_bodies_are_invalid_argument(header: object, blob: bytes, message: str) -> None:
     head = json.dumps(header).encode()
     with pytest.raises(InvalidArgument, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -82,23 +122,27 @@ def test_not_json_and_a_header_length_past_the_body() -> None:
         codec.parse_infer(b"{}", 10)
 
 
-@pytest.mark.parametrize(("datatype", "data", "message"), [
-    ("UINT8", [1, 300], "out of range for UINT8"),
-    ("UINT8", [1.5, 2], "must be integers"),
-    ("BOOL", [1, 0], "must be true/false"),
-    ("FP32", ["a", "b"], "must be numbers"),
-    ("FP32", [[1, 2], [3]], "not a regular"),
-    ("FP32", [1, 2, 3], "has 3 values, but shape \\[2\\] needs 2"),
-    ("FP32", 5, "data must be a list"),
-])
+@pytest.mark.parametrize(
+    ("datatype", "data", "message"),
+    [
+        ("UINT8", [1, 300], "out of range for UINT8"),
+        ("UINT8", [1.5, 2], "must be integers"),
+        ("BOOL", [1, 0], "must be true/false"),
+        ("FP32", ["a", "b"], "must be numbers"),
+        ("FP32", [[1, 2], [3]], "not a regular"),
+        ("FP32", [1, 2, 3], "has 3 values, but shape \\[2\\] needs 2"),
+        ("FP32", 5, "data must be a list"),
+    ],
+)
 def test_json_data_is_checked_against_its_datatype(datatype: str, data: object, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         codec.json_tensor("x", datatype, (2,), data)
 
 
 def test_binary_size_must_match_the_admitted_shape() -> None:
-    data, length = body({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2],
-                                     "parameters": {"binary_data_size": 4}}]}, b"\0" * 4)
+    data, length = body(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "parameters": {"binary_data_size": 4}}]}, b"\0" * 4
+    )
     (tensor,) = codec.parse_infer(data, length).inputs
     with pytest.raises(InvalidArgument, match="binary_data_size is 4 bytes, but shape \\[2\\] of FP32 needs 8"):
         tensor.decode()
@@ -109,8 +153,12 @@ def test_responses_json_and_binary() -> None:
     plain = codec.InferRequest("r", [], [])
     payload, length = codec.encode_infer("m", "1", plain, out, ["y"])
     assert length is None
-    assert json.loads(payload) == {"model_name": "m", "model_version": "1", "id": "r", "outputs": [
-        {"name": "y", "datatype": "FP32", "shape": [1, 2], "data": [0.5, 0.25]}]}
+    assert json.loads(payload) == {
+        "model_name": "m",
+        "model_version": "1",
+        "id": "r",
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [1, 2], "data": [0.5, 0.25]}],
+    }
     binary = codec.InferRequest("", [], [], {"z": False}, binary_default=True)
     payload, length = codec.encode_infer("m", "1", binary, out, ["y", "z"])
     header = json.loads(payload[:length])

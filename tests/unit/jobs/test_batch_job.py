@@ -2,6 +2,7 @@
 in-process fake are retried without losing rows, exhausted retries keep the unfinished job, memory
 stays bounded on the local path, the progress line, the CLI's argument check.
 (Against the real server and as subprocesses: tests/e2e/test_batch_job.py.)"""
+
 from __future__ import annotations
 
 import io
@@ -12,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fixtures.fake_serving import FakeModelService, fake_probabilities, fake_server
 from fixtures.servers import MODELS, REPO_ROOT
+
 from service.client import connect
 from service.jobs import Job, JobConfig, JobError, LocalBackend, RemoteBackend
 from service.jobs.__main__ import main
@@ -37,8 +38,9 @@ def test_transient_errors_are_retried_without_losing_rows(tmp_path: Path) -> Non
     config = quiet(tmp_path / "out")
     config.log = messages.append
     with fake_server(fake) as address, connect(address) as client:
-        summary = Job("classify", NpyImages(tmp_path / "x.npy"), RemoteBackend(client, "classify", "fake_classifier"),
-                      config).run()
+        summary = Job(
+            "classify", NpyImages(tmp_path / "x.npy"), RemoteBackend(client, "classify", "fake_classifier"), config
+        ).run()
     assert summary["model"] == {"name": "fake_classifier", "version": 3}
     assert fake.calls["ClassifyStream"] == 2
     assert any("transient error at row 40/100" in m and "UNAVAILABLE" in m for m in messages)

@@ -1,14 +1,15 @@
 """The Ray Data pipeline (service.jobs.ray_pipeline) without Ray: bad inputs, models and settings
 fail before any Ray work, the CLI's exit codes, the Arrow encodings of an image column, and the
 actor class run directly. (On a real Ray: tests/e2e/test_ray_pipeline.py.)"""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fixtures.servers import MODELS
+
 from service.jobs.inputs import InputError
 from service.jobs.ray_pipeline import (
     OnnxPredictor,
@@ -76,8 +77,12 @@ def test_parquet_image_encodings(fashion_test_set: tuple[np.ndarray, np.ndarray]
         "binary": pa.array([i.tobytes() for i in images], pa.binary()),
         "fixed_binary": pa.array([i.tobytes() for i in images], pa.binary(784)),
         "large_binary": pa.array([i.tobytes() for i in images], pa.large_binary()),
-        "chunked slices": pa.chunked_array([pa.array([b"x" * 784] + [i.tobytes() for i in images]).slice(1, 2),
-                                            pa.array([i.tobytes() for i in images[2:]])]),
+        "chunked slices": pa.chunked_array(
+            [
+                pa.array([b"x" * 784] + [i.tobytes() for i in images]).slice(1, 2),
+                pa.array([i.tobytes() for i in images[2:]]),
+            ]
+        ),
         "flat list": pa.array([i.reshape(-1).tolist() for i in images], pa.list_(pa.uint8())),
         "nested list": pa.array([i.tolist() for i in images], pa.list_(pa.list_(pa.uint8()))),
         "int64 list": pa.array([i.reshape(-1).astype(np.int64).tolist() for i in images], pa.list_(pa.int64())),

@@ -1,5 +1,6 @@
 """Structured logs (service.observability.logs): the per-request DEBUG line read from the request
 context, and the JSON and text formats."""
+
 from __future__ import annotations
 
 import io
@@ -45,8 +46,13 @@ def test_one_json_line_per_finished_request(request_lines: io.StringIO) -> None:
     first, second = (json.loads(line) for line in request_lines.getvalue().splitlines())
     assert first["msg"] == "request" and first["level"] == "DEBUG" and first["logger"] == "service.requests"
     assert {k: first[k] for k in ("method", "code", "model", "version", "batch", "request_id", "stream_index")} == {
-        "method": "/serving.v1.ModelService/PredictProfit", "code": "OK", "model": "profit", "version": "1",
-        "batch": 3, "request_id": "r-42", "stream_index": 2,
+        "method": "/serving.v1.ModelService/PredictProfit",
+        "code": "OK",
+        "model": "profit",
+        "version": "1",
+        "batch": 3,
+        "request_id": "r-42",
+        "stream_index": 2,
     }
     assert isinstance(first["ms"], float) and first["ms"] >= 0 and first["ts"].endswith("+00:00")
     # Unknown model, no rows, no id: those fields are left out rather than empty.
@@ -58,7 +64,13 @@ def test_json_and_text_formats() -> None:
     record = logging.LogRecord("service", logging.ERROR, __file__, 1, "model %s", ("rejected",), None)
     record.model, record.version = "m", 3
     entry = json.loads(JsonFormatter().format(record))
-    assert (entry["level"], entry["logger"], entry["msg"], entry["model"], entry["version"]) == ("ERROR", "service", "model rejected", "m", 3)
+    assert (entry["level"], entry["logger"], entry["msg"], entry["model"], entry["version"]) == (
+        "ERROR",
+        "service",
+        "model rejected",
+        "m",
+        3,
+    )
     text = TextFormatter().format(record)
     assert text.endswith("ERROR service: model rejected model=m version=3")
     try:

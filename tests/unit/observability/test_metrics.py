@@ -1,6 +1,7 @@
 """The metrics exporter (service.observability.metrics) in process: request contexts and batcher
 observations in, a Prometheus scrape (prometheus_client.generate_latest) out, counts and
 buckets adding up; model state read from a live registry at scrape time."""
+
 from __future__ import annotations
 
 import urllib.request
@@ -44,15 +45,20 @@ def test_requests_are_counted_from_their_context() -> None:
     metrics.finish(finished("v2", "profit", "1", "INVALID_ARGUMENT"))
     metrics.finish(finished("v2", "profit", "1", "OK", inference=False))  # metadata calls: not counted
     samples = scrape(metrics)
-    requests = {dict(labels)["code"] + "/" + dict(labels)["protocol"] + "/" + dict(labels)["model"]: value
-                for (name, labels), value in samples.items() if name == "serving_requests_total"}
+    requests = {
+        dict(labels)["code"] + "/" + dict(labels)["protocol"] + "/" + dict(labels)["model"]: value
+        for (name, labels), value in samples.items()
+        if name == "serving_requests_total"
+    }
     assert requests == {"OK/typed/profit": 3, "OK/v2/profit": 1, "NOT_FOUND/v2/": 1, "INVALID_ARGUMENT/v2/profit": 1}
     # One latency observation per request, per protocol/model/version; buckets are cumulative.
     for protocol, model, version, count in (("typed", "profit", "1", 3), ("v2", "profit", "1", 2), ("v2", "", "", 1)):
         labels = {"protocol": protocol, "model": model, "version": version}
         assert sample(samples, "serving_request_duration_seconds_count", **labels) == count
-        buckets = [sample(samples, "serving_request_duration_seconds_bucket", le=_le(b), **labels)
-                   for b in (*LATENCY_BUCKETS, float("inf"))]
+        buckets = [
+            sample(samples, "serving_request_duration_seconds_bucket", le=_le(b), **labels)
+            for b in (*LATENCY_BUCKETS, float("inf"))
+        ]
         assert buckets == sorted(buckets) and buckets[-1] == count
         assert sample(samples, "serving_request_duration_seconds_sum", **labels) > 0
 
@@ -74,7 +80,14 @@ def test_batcher_observations_and_bucket_edges() -> None:
     samples = scrape(metrics)
     labels = {"model": "clf", "version": "2"}
     bucket = lambda le: sample(samples, "serving_batch_size_bucket", le=le, **labels)  # noqa: E731
-    assert (bucket("1.0"), bucket("8.0"), bucket("16.0"), bucket("32.0"), bucket("2048.0"), bucket("+Inf")) == (1, 1, 2, 3, 3, 4)
+    assert (bucket("1.0"), bucket("8.0"), bucket("16.0"), bucket("32.0"), bucket("2048.0"), bucket("+Inf")) == (
+        1,
+        1,
+        2,
+        3,
+        3,
+        4,
+    )
     assert sample(samples, "serving_batch_size_count", **labels) == 4
     assert sample(samples, "serving_batch_size_sum", **labels) == 1 + 16 + 17 + 5000
     assert sample(samples, "serving_queue_wait_seconds_bucket", le="0.00025", **labels) == 1
@@ -90,10 +103,18 @@ def test_model_state_is_read_from_the_registry_at_scrape_time(tiny_registry: Mod
     assert not [k for k in scrape(metrics) if k[0] == "serving_model_loaded"]  # nothing attached yet
     metrics.attach(tiny_registry)
     samples = scrape(metrics)
-    loaded = {(dict(labels)["model"], dict(labels)["version"]): value
-              for (name, labels), value in samples.items() if name == "serving_model_loaded"}
-    assert loaded == {("fashion_softmax", "1"): 1, ("fashion_softmax", "2"): 1, ("house_price", "1"): 1,
-                      ("profit", "1"): 1, ("broken", "1"): 0}
+    loaded = {
+        (dict(labels)["model"], dict(labels)["version"]): value
+        for (name, labels), value in samples.items()
+        if name == "serving_model_loaded"
+    }
+    assert loaded == {
+        ("fashion_softmax", "1"): 1,
+        ("fashion_softmax", "2"): 1,
+        ("house_price", "1"): 1,
+        ("profit", "1"): 1,
+        ("broken", "1"): 0,
+    }
     for model in tiny_registry.models():
         labels = {"model": model.name, "version": str(model.version)}
         assert sample(samples, "serving_queue_depth", **labels) == 0

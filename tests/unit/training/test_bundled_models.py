@@ -2,15 +2,15 @@
 
 Runs the exported ONNX files in onnxruntime on the real Fashion-MNIST test set: no torch needed.
 """
+
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import onnx
 import pytest
-
 from fixtures.data import REPO_ROOT
+
 from training import data, evaluate
 
 MODELS = REPO_ROOT / "models"
@@ -38,8 +38,18 @@ def test_model_files_are_valid_and_documented(name: str) -> None:
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
     props = {p.key: p.value for p in model.metadata_props}
-    for key in ("description", "metrics", "training_data_sha256", "training_command", "seed",
-                "versions", "inputs", "outputs", "input_units", "output_units"):
+    for key in (
+        "description",
+        "metrics",
+        "training_data_sha256",
+        "training_command",
+        "seed",
+        "versions",
+        "inputs",
+        "outputs",
+        "input_units",
+        "output_units",
+    ):
         assert props.get(key), f"{name}: metadata_props lacks {key}"
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
     card = json.loads((path.parent / "card.json").read_text())

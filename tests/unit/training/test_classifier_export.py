@@ -1,4 +1,5 @@
 """The softmax classifier is served with its input scaling folded into the linear layer."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -42,10 +43,15 @@ def test_folded_export_is_cast_gemm_softmax_and_matches_the_trained_model(tmp_pa
     net = _random_net(1)
     sample = np.random.default_rng(1).integers(0, 256, (1000, 1, 28, 28), dtype=np.uint8)
     path, diff = export(
-        classifier.served_module(net), tmp_path, "fashion_softmax", 1,
+        classifier.served_module(net),
+        tmp_path,
+        "fashion_softmax",
+        1,
         inputs=TensorContract("image", "uint8", ("N", 1, 28, 28), "pixel intensity 0-255", "image"),
         outputs=TensorContract("probabilities", "float32", ("N", 10), "probability", "probabilities"),
-        parity_sample=sample, metadata={"description": "test"}, card_extra={},
+        parity_sample=sample,
+        metadata={"description": "test"},
+        card_extra={},
         reference=classifier.ImageClassifier(net),
     )
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]

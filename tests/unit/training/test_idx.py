@@ -1,4 +1,5 @@
 """The IDX reader and the data checks, on small synthetic files with each kind of corruption."""
+
 from __future__ import annotations
 
 import gzip
@@ -38,15 +39,18 @@ def test_reads_big_endian_int32(tmp_path: Path) -> None:
     np.testing.assert_array_equal(read_idx(tmp_path / "i"), values)
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda raw: b"\x00\x00\x07\x03" + raw[4:], "bad IDX magic"),          # unknown type code
-    (lambda raw: b"\x12\x34" + raw[2:], "bad IDX magic"),                  # not IDX at all
-    (lambda raw: b"\x00\x00\x08\x00" + raw[4:], "bad IDX magic"),          # zero dims
-    (lambda raw: raw[:2], "too short"),
-    (lambda raw: raw[:9], "truncated IDX header"),
-    (lambda raw: raw[:-7], "payload is"),                                  # truncated payload
-    (lambda raw: raw + b"\x00" * 3, "payload is"),                         # padded payload
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda raw: b"\x00\x00\x07\x03" + raw[4:], "bad IDX magic"),  # unknown type code
+        (lambda raw: b"\x12\x34" + raw[2:], "bad IDX magic"),  # not IDX at all
+        (lambda raw: b"\x00\x00\x08\x00" + raw[4:], "bad IDX magic"),  # zero dims
+        (lambda raw: raw[:2], "too short"),
+        (lambda raw: raw[:9], "truncated IDX header"),
+        (lambda raw: raw[:-7], "payload is"),  # truncated payload
+        (lambda raw: raw + b"\x00" * 3, "payload is"),  # padded payload
+    ],
+)
 def test_rejects_corrupt_idx_with_file_name(tmp_path: Path, images: np.ndarray, mutate, message: str) -> None:
     path = tmp_path / "broken-idx3-ubyte.gz"
     path.write_bytes(gzip.compress(mutate(idx_bytes(images))))

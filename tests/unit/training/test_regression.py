@@ -1,4 +1,5 @@
 """Gradient descent reaches the closed-form least-squares optimum."""
+
 from __future__ import annotations
 
 import numpy as np
