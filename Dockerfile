@@ -49,12 +49,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     SERVING_HOST=0.0.0.0 \
     SERVING_PORT=8001 \
+    SERVING_HTTP_PORT=8000 \
     SERVING_METRICS_PORT=8002 \
     SERVING_MODEL_REPOSITORY=/models \
     SERVING_PROVIDER=cuda
 USER 10001:10001
 WORKDIR /home/serving
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
   CMD ["python", "-m", "service.healthcheck"]
 STOPSIGNAL SIGTERM
@@ -81,11 +82,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     SERVING_HOST=0.0.0.0 \
     SERVING_PORT=8001 \
+    SERVING_HTTP_PORT=8000 \
     SERVING_METRICS_PORT=8002 \
     SERVING_MODEL_REPOSITORY=/models
 USER 10001:10001
 WORKDIR /home/serving
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
   CMD ["python", "-m", "service.healthcheck"]
 STOPSIGNAL SIGTERM

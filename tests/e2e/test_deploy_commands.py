@@ -20,7 +20,6 @@ from fixtures.deploy import container_env, one, server_container
 from fixtures.servers import REPO_ROOT, ServerProcess, free_port, start_server
 
 from service.jobs.__main__ import main
-from service.settings import Settings
 
 # -- docker-compose.yml ------------------------------------------------------------------------------
 
@@ -32,7 +31,7 @@ def test_compose_batch_command_really_runs(
     tmp_path: Path,
 ) -> None:
     """The compose batch command, with /data, /output and server:8001 mapped onto this machine
-    (its entrypoint, python -m service.batch, is the old name of service.jobs: the same main)."""
+    (its entrypoint: python -m service.jobs)."""
     data = fashion_files["t10k-images-idx3-ubyte"].parent
     if not (data / "t10k-images-idx3-ubyte.gz").is_file():
         pytest.skip("the Fashion-MNIST files here are not the .gz names the compose command uses")
@@ -77,13 +76,13 @@ def test_server_with_the_configmap_settings_answers_the_kubelet_probe(
     deployment = one(docs, "Deployment")
     container = server_container(deployment["spec"]["template"]["spec"])
     env = container_env(container, docs)
-    port, metrics_port = free_port(), free_port()
-    has_metrics = "metrics_port" in Settings.model_fields
+    port, metrics_port, http_port = free_port(), free_port(), free_port()
     mapped = {
         **env,
         "SERVING_HOST": "127.0.0.1",
         "SERVING_PORT": str(port),
-        "SERVING_METRICS_PORT": str(metrics_port if has_metrics else 0),
+        "SERVING_HTTP_PORT": str(http_port),
+        "SERVING_METRICS_PORT": str(metrics_port),
         "SERVING_MODEL_REPOSITORY": str(REPO_ROOT / "models"),
     }
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("SERVING_")}
@@ -117,13 +116,18 @@ def test_server_with_the_configmap_settings_answers_the_kubelet_probe(
             assert process.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, "startup probe budget exceeded:\n" + log_path.read_text()
             time.sleep(0.2)
-        if has_metrics:  # what the pod's prometheus.io annotations tell Prometheus to scrape
-            import urllib.request
+        import urllib.request
 
-            annotations = deployment["spec"]["template"]["metadata"]["annotations"]
-            url = f"http://127.0.0.1:{metrics_port}{annotations['prometheus.io/path']}"
-            with urllib.request.urlopen(url, timeout=10) as response:
-                assert response.status == 200 and b"# TYPE" in response.read()
+        # What the pod's prometheus.io annotations tell Prometheus to scrape.
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        url = f"http://127.0.0.1:{metrics_port}{annotations['prometheus.io/path']}"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert response.status == 200 and b"# TYPE" in response.read()
+        # What the http-probes variant's kubelet asks instead.
+        http_probe = server_container(one(rendered["http-probes"], "Deployment")["spec"]["template"]["spec"])
+        path = http_probe["readinessProbe"]["httpGet"]["path"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}{path}", timeout=10) as response:
+            assert response.status == 200
         grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
         stopping = time.monotonic()

@@ -46,7 +46,6 @@ SERVER_SERVICES = ["server", "server-gpu"]
 SETTINGS_ENV = {f"SERVING_{name.upper()}": name for name in Settings.model_fields}
 # Renamed settings: the old env var still sets the new field (service.settings.RENAMED).
 SETTINGS_ENV |= {f"SERVING_{old.upper()}": new for old, new in RENAMED.items()}
-HAS_METRICS_PORT = "metrics_port" in Settings.model_fields
 
 
 # -- Dockerfile parsing ----------------------------------------------------------------------------
@@ -223,16 +222,11 @@ def _container_ports(service: dict) -> dict[int, str]:
 def test_compose_env_vars_are_server_settings(compose: dict) -> None:
     for name in SERVER_SERVICES:
         env = compose["services"][name]["environment"]
-        unknown = set(env) - set(SETTINGS_ENV) - ({"SERVING_METRICS_PORT"} if not HAS_METRICS_PORT else set())
+        unknown = set(env) - set(SETTINGS_ENV)
         assert not unknown, f"{name}: env vars that are no Settings field: {unknown}"
         Settings.model_validate({SETTINGS_ENV[k]: v for k, v in env.items() if k in SETTINGS_ENV and "${" not in v})
 
 
-@pytest.mark.xfail(
-    not HAS_METRICS_PORT,
-    strict=True,
-    reason="Settings has no metrics_port yet (the metrics endpoint is being added separately)",
-)
 def test_metrics_port_is_a_setting_with_the_exposed_default(stages: dict[str, Stage], compose: dict) -> None:
     assert Settings.model_fields["metrics_port"].default == 8002
     for stage in RUNTIME:
@@ -244,7 +238,10 @@ def test_compose_server_ports_volume_healthcheck(compose: dict, stages: dict[str
     for name in SERVER_SERVICES:
         service = compose["services"][name]
         env = service["environment"]
-        assert set(_container_ports(service)) == {int(env["SERVING_PORT"]), int(env["SERVING_METRICS_PORT"])}
+        ports = _container_ports(service)
+        assert set(ports) == {int(env[f"SERVING_{p}PORT"]) for p in ("HTTP_", "", "METRICS_")}
+        # Published on this host's loopback unless BIND_ADDRESS says otherwise.
+        assert all(host.startswith("${BIND_ADDRESS:-127.0.0.1}:") for host in ports.values()), ports
         models = [v for v in service["volumes"] if v["target"] == env["SERVING_MODEL_REPOSITORY"]]
         assert len(models) == 1 and models[0]["read_only"] and models[0]["type"] == "bind"
         assert models[0]["source"] == "${MODELS_DIR:-./models}" and (REPO_ROOT / "models").is_dir()
@@ -266,7 +263,7 @@ def test_compose_batch_job_command(compose: dict) -> None:
     assert batch["profiles"] == ["batch"]
     assert batch["depends_on"] == {"server": {"condition": "service_healthy"}}
     assert batch["image"] == compose["services"]["server"]["image"]
-    assert batch["entrypoint"] == ["python", "-m", "service.batch"]
+    assert batch["entrypoint"] == ["python", "-m", "service.jobs"]
     args = batch_parser().parse_args(batch["command"])  # the real CLI's parser
     host, port = args.server.split(":")
     assert host in compose["services"] and port == compose["services"][host]["environment"]["SERVING_PORT"]
@@ -337,8 +334,9 @@ def test_dockerfile_runtime_stages(stages: dict[str, Stage]) -> None:
         assert stage.one("STOPSIGNAL").value == "SIGTERM"
         env = stage.env()
         exposed = stage.one("EXPOSE").value.split()
-        assert exposed == [env["SERVING_PORT"], env["SERVING_METRICS_PORT"]] == ["8001", "8002"]
-        assert Settings.model_fields["port"].default == 8001
+        assert exposed == [env["SERVING_HTTP_PORT"], env["SERVING_PORT"], env["SERVING_METRICS_PORT"]]
+        assert exposed == ["8000", "8001", "8002"]  # Triton's ports: HTTP, gRPC, metrics
+        assert Settings.model_fields["port"].default == 8001 and Settings.model_fields["http_port"].default == 8000
         assert env["PATH"].startswith("/opt/venv/bin:")
         health = stage.one("HEALTHCHECK").value
         options, _, cmd = health.partition("CMD ")
@@ -350,7 +348,7 @@ def test_dockerfile_runtime_stages(stages: dict[str, Stage]) -> None:
         cmd_args = stage.one("CMD").exec_form() if stage.all("CMD") else []
         settings_parser.parse_args(cmd_args)
         serving = {k: v for k, v in env.items() if k.startswith("SERVING_")}
-        unknown = set(serving) - set(SETTINGS_ENV) - ({"SERVING_METRICS_PORT"} if not HAS_METRICS_PORT else set())
+        unknown = set(serving) - set(SETTINGS_ENV)
         assert not unknown
         Settings.model_validate({SETTINGS_ENV[k]: v for k, v in serving.items() if k in SETTINGS_ENV})
         assert env["SERVING_MODEL_REPOSITORY"] == "/models" and "models /models" in [c.value for c in stage.all("COPY")]

@@ -28,6 +28,7 @@ from fixtures.deploy import DOCKERFILE, K8S, VARIANTS, container_env, one, serve
 from fixtures.servers import REPO_ROOT
 
 from service.__main__ import build_parser as server_parser
+from service.http.api import OPEN, route
 from service.settings import RENAMED, Settings
 
 yaml = pytest.importorskip("yaml")
@@ -36,6 +37,7 @@ kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 KSERVE = REPO_ROOT / "deploy" / "kserve"
 ISVC = KSERVE / "inferenceservice.yaml"
+ISVC_REST = KSERVE / "inferenceservice-rest.yaml"
 ISVC_SCHEMA = KSERVE / "schema" / "inferenceservice-v1beta1.json"
 K8S_VERSIONS = ["1.27.0", "1.37.0"]
 SETTINGS_ENV = {f"SERVING_{name.upper()}": name for name in Settings.model_fields}
@@ -188,20 +190,29 @@ def check_server_pod(pod_spec: dict, env: dict[str, str], *, port_name: str) -> 
     container = server_container(pod_spec)
     assert settings.port == Settings.model_fields["port"].default == 8001
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports[port_name] == settings.port
+    assert ports[port_name] == (settings.http_port if port_name == "http1" else settings.port)
     if "metrics" in ports:
         assert ports["metrics"] == int(env["SERVING_METRICS_PORT"]) == 8002
+    if "http" in ports or "http1" in ports:
+        assert ports.get("http", ports.get("http1")) == settings.http_port == 8000
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         probe = container[kind]
-        # Native gRPC probe on the server's port; no service name = the whole server's health.
-        assert set(probe) - {
+        mechanism = set(probe) - {
             "periodSeconds",
             "timeoutSeconds",
             "failureThreshold",
             "initialDelaySeconds",
             "successThreshold",
-        } == {"grpc"}, kind
-        assert probe["grpc"] == {"port": settings.port}, kind
+        }
+        if mechanism == {"grpc"}:  # native gRPC probe; no service name = the whole server's health
+            assert probe["grpc"] == {"port": settings.port}, kind
+        else:  # the Open Inference Protocol's health endpoints, which need no token
+            assert mechanism == {"httpGet"}, kind
+            port = probe["httpGet"]["port"]
+            assert (ports[port] if isinstance(port, str) else port) == settings.http_port, kind
+            path = "/v2/health/live" if kind == "livenessProbe" else "/v2/health/ready"
+            assert probe["httpGet"]["path"] == path, kind
+            assert route("GET", path) in (("live", {}), ("ready", {})) and route("GET", path)[0] in OPEN
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 60  # time to load the repository
     assert container["readinessProbe"]["periodSeconds"] <= 10
@@ -283,6 +294,9 @@ def test_services_hpa_and_pdb_point_at_the_pods(rendered: dict[str, list[dict]])
         grpc = next(p for p in service["spec"]["ports"] if p["name"] == "grpc")
         assert named_ports[grpc["targetPort"]] == grpc["port"] == 8001
         assert grpc["appProtocol"] == "kubernetes.io/h2c"
+        http = next(p for p in service["spec"]["ports"] if p["name"] == "http")
+        assert named_ports[http["targetPort"]] == http["port"] == Settings.model_fields["http_port"].default
+        assert http["appProtocol"] == "http"
     headless = one(docs, "Service", "model-serving-headless")
     assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is False
     assert one(docs, "Service", "model-serving")["spec"]["type"] == "ClusterIP"
@@ -315,3 +329,17 @@ def test_kserve_predictor_matches_the_server() -> None:
     from service.generated.inference import grpc_service_pb2
 
     assert "GRPCInferenceService" in grpc_service_pb2.DESCRIPTOR.services_by_name
+
+
+def test_kserve_rest_predictor_matches_the_server(isvc_validator: jsonschema.protocols.Validator) -> None:
+    """The REST InferenceService: the same predictor, KServe's HTTP/1.1 port name (http1) on the
+    server's HTTP port, probes on the protocol's health endpoints."""
+    isvc = yaml.safe_load(ISVC_REST.read_text())
+    isvc_validator.validate(isvc)
+    predictor = isvc["spec"]["predictor"]
+    container = server_container(predictor)
+    settings = check_server_pod(predictor, container_env(container), port_name="http1")
+    assert [p["name"] for p in container["ports"]] == ["http1"] and settings.http_port == 8000
+    grpc_isvc = yaml.safe_load(ISVC.read_text())
+    assert isvc["metadata"]["annotations"] == grpc_isvc["metadata"]["annotations"]
+    assert container["image"] == server_container(grpc_isvc["spec"]["predictor"])["image"]
