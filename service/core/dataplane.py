@@ -29,7 +29,7 @@ from .context import RequestContext
 from .datatypes import datatype_of
 from .registry import ModelRegistry, ModelVersion, ReloadReport
 from .runner import Runner
-from .spec import ModelSpec
+from .spec import ModelSpec, TensorSpec
 from .tensors import MAX_ELEMENTS, MAX_RANK, check_finite, check_shape
 
 Arrays = dict[str, np.ndarray]
@@ -77,6 +77,8 @@ def admit(spec: ModelSpec, tensors: Sequence[RequestTensor]) -> int:
     """Check declared names, datatypes, shapes and rows against ``spec``; return the rows.
     InvalidArgument names the first problem. Touches no payload."""
     expected = spec.input_names
+    if len(tensors) == 1 and len(expected) == 1 and tensors[0].name in expected:
+        return _admit_one(spec, tensors[0], expected[tensors[0].name], -1)  # the usual case
     seen: set[str] = set()
     for tensor in tensors:
         if tensor.name not in expected:
@@ -90,27 +92,32 @@ def admit(spec: ModelSpec, tensors: Sequence[RequestTensor]) -> int:
         raise InvalidArgument(f"{spec} expects inputs {list(expected)}, got {sorted(seen)}")
     rows = -1
     for tensor in tensors:
-        want = expected[tensor.name]
-        shape = tensor.shape
-        if not (shape and len(shape) <= MAX_RANK and min(shape) > 0 and math.prod(shape) <= MAX_ELEMENTS):
-            shape = check_shape(shape, _what(tensor.name, spec))  # the full checks, for a clear message
-        if tensor.datatype != want.datatype:
-            raise InvalidArgument(
-                f"{_what(tensor.name, spec)} has datatype {want.datatype}, got {tensor.datatype or '(empty)'}"
-            )
-        dims = want.shape
-        if len(shape) != len(dims) or any(w >= 0 and g != w for w, g in zip(dims, shape)):
-            raise InvalidArgument(f"{_what(tensor.name, spec)} expects shape {want.shape_str()}, got {list(shape)}")
-        if rows >= 0 and shape[0] != rows:
-            raise InvalidArgument(f"{_what(tensor.name, spec)} has batch size {shape[0]}, other inputs have {rows}")
-        rows = shape[0]
-        if rows == 0:
-            raise InvalidArgument(f"{_what(tensor.name, spec)} is an empty batch; expected 1 to {spec.max_rows} items")
-        if rows > spec.max_rows:
-            raise InvalidArgument(
-                f"{_what(tensor.name, spec)} has a batch of {rows}, over the maximum of {spec.max_rows}; "
-                "split it into smaller requests"
-            )
+        rows = _admit_one(spec, tensor, expected[tensor.name], rows)
+    return rows
+
+
+def _admit_one(spec: ModelSpec, tensor: RequestTensor, want: TensorSpec, rows: int) -> int:
+    """One input against its spec; ``rows`` of the inputs before it (-1: none). Its rows."""
+    shape = tensor.shape
+    if not (shape and len(shape) <= MAX_RANK and min(shape) > 0 and math.prod(shape) <= MAX_ELEMENTS):
+        shape = check_shape(shape, _what(tensor.name, spec))  # the full checks, for a clear message
+    if tensor.datatype != want.datatype:
+        raise InvalidArgument(
+            f"{_what(tensor.name, spec)} has datatype {want.datatype}, got {tensor.datatype or '(empty)'}"
+        )
+    dims = want.shape
+    if len(shape) != len(dims) or any(w >= 0 and g != w for w, g in zip(dims, shape)):
+        raise InvalidArgument(f"{_what(tensor.name, spec)} expects shape {want.shape_str()}, got {list(shape)}")
+    if rows >= 0 and shape[0] != rows:
+        raise InvalidArgument(f"{_what(tensor.name, spec)} has batch size {shape[0]}, other inputs have {rows}")
+    rows = shape[0]
+    if rows == 0:
+        raise InvalidArgument(f"{_what(tensor.name, spec)} is an empty batch; expected 1 to {spec.max_rows} items")
+    if rows > spec.max_rows:
+        raise InvalidArgument(
+            f"{_what(tensor.name, spec)} has a batch of {rows}, over the maximum of {spec.max_rows}; "
+            "split it into smaller requests"
+        )
     return rows
 
 

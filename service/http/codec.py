@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 
 from ..core.dataplane import RequestTensor
 from ..core.datatypes import DATATYPES, LITTLE_ENDIAN, datatype_of
@@ -27,15 +28,16 @@ from ..v2_common import check_inference_parameters
 HEADER_LENGTH = "inference-header-content-length"
 
 
-def _dumps(value: object) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
+def dumps(value: object) -> bytes:
+    """A JSON body (numpy arrays as lists; float32 values in their shortest round-trip form)."""
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def loads(data: bytes | memoryview, what: str = "the request body") -> Any:
     """JSON → Python; InvalidArgument (never a crash) for anything that is not JSON."""
     try:
-        return json.loads(bytes(data))
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:  # also invalid UTF-8, and nesting past 1024 levels
         raise InvalidArgument(f"{what} is not valid JSON: {exc}") from None
 
 
@@ -202,17 +204,12 @@ def encode_infer(
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
-            entry["data"] = array.reshape(-1).tolist()
+            entry["data"] = np.ascontiguousarray(array).reshape(-1)
         described.append(entry)
     response: dict[str, Any] = {"model_name": model_name, "model_version": version, "outputs": described}
     if request.id:
         response["id"] = request.id
-    head = _dumps(response)
+    head = dumps(response)
     if not blobs:
         return head, None
     return head + b"".join(blobs), len(head)
-
-
-def dumps(value: object) -> bytes:
-    """A JSON response body."""
-    return _dumps(value)

@@ -303,7 +303,15 @@ BAD: dict[str, tuple[str, str, bytes, dict[str, str], int, str]] = {
         400,
         "not a regular",
     ),
-    "NaN": ("POST", "/v2/models/profit/infer", infer_body(data=[float("nan")]), {}, 400, "finite numbers"),
+    "NaN literal": (
+        "POST",
+        "/v2/models/profit/infer",
+        infer_body(data=[float("nan")]),
+        {},
+        400,
+        "not valid JSON",
+    ),
+    "overflows FP32": ("POST", "/v2/models/profit/infer", infer_body(data=[1e39]), {}, 400, "finite numbers"),
     "empty batch": ("POST", "/v2/models/profit/infer", infer_body(shape=[0, 1], data=[]), {}, 400, "empty batch"),
     "unknown output": (
         "POST",
