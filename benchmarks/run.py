@@ -644,7 +644,12 @@ def goals(points: list[Point], ceilings: list[dict[str, Any]]) -> list[dict[str,
 REGRESSION_LOADS = [("v2", SOFTMAX, 1, 32), ("typed", SOFTMAX, 1, 32), ("v2", SOFTMAX, 256, 8), ("v2", CNN, 256, 8)]
 
 
-def regression(points: list[Point]) -> list[dict[str, Any]]:
+def regression(
+    points: list[Point], runs: dict[tuple[str, tuple[str, str, int, int]], list[Point]]
+) -> list[dict[str, Any]]:
+    """Before vs after per load: the best rounds, and the median of the per-round ratios (each
+    round measures both trees back to back, so a burst of other work on the machine hits a pair
+    rather than one side)."""
     rows = []
     for load in REGRESSION_LOADS:
         after, before = find(points, "ours", *load), find(points, "before", *load)
@@ -654,12 +659,18 @@ def regression(points: list[Point]) -> list[dict[str, Any]]:
         def cpu(p: Point) -> float | None:
             return 1e6 * p.server_cpu / p.rps if p.rps else None
 
+        pairs = list(zip(runs.get(("ours", load), []), runs.get(("before", load), [])))
+        ratios = sorted(a.rows_per_s / b.rows_per_s for a, b in pairs if b.rows_per_s)
+        cpu_ratios = sorted(cpu(b) / cpu(a) for a, b in pairs if cpu(a) and cpu(b))  # type: ignore[operator]
         rows.append(
             {
                 "load": "/".join(map(str, load)),
                 "before_rows_per_s": before.rows_per_s,
                 "after_rows_per_s": after.rows_per_s,
                 "ratio": ratio(after.rows_per_s, before.rows_per_s),
+                "median_round_ratio": float(np.median(ratios)) if ratios else None,
+                "round_ratios": [round(r, 3) for r in ratios],
+                "median_round_cpu_ratio": float(np.median(cpu_ratios)) if cpu_ratios else None,
                 "before_cpu_us": cpu(before),
                 "after_cpu_us": cpu(after),
                 "before_p99_ms": before.p99_ms,
@@ -671,15 +682,17 @@ def regression(points: list[Point]) -> list[dict[str, Any]]:
 
 def regression_table(rows: list[dict[str, Any]], tree: Path) -> str:
     lines = [
-        f"Before ({tree}) vs after (this tree), same run:",
+        f"Before ({tree}) vs after (this tree), same run (best round of each; then the median over rounds of "
+        "after/before measured back to back, for throughput and for server CPU per request, before/after):",
         "",
         "| load (protocol/model/batch/clients) | before rows/s | after rows/s | after / before | "
-        "server CPU µs/req before | after | p99 ms before | after |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "median of rounds | CPU/req median before/after | server CPU µs/req before | after | p99 ms before | after |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
             f"| {r['load']} | {r['before_rows_per_s']:.0f} | {r['after_rows_per_s']:.0f} | {fmt(r['ratio'])} | "
+            f"{fmt(r['median_round_ratio'])} | {fmt(r['median_round_cpu_ratio'])} | "
             f"{fmt(r['before_cpu_us'], 0)} | {fmt(r['after_cpu_us'], 0)} | {r['before_p99_ms']:.2f} | "
             f"{r['after_p99_ms']:.2f} |"
         )
@@ -927,7 +940,7 @@ def main(argv: list[str] | None = None) -> int:
             for round_ in range(max(1, args.repeat)):
                 log(f"3. round {round_ + 1} of {args.repeat}: every load on every system")
                 for load in loads:
-                    for system, server in servers.items():
+                    for system, server in servers.items() if round_ % 2 == 0 else reversed(servers.items()):
                         if load in plan[system]:
                             runs.setdefault((system, load), []).append(
                                 _measure_once(server, system, *load, payloads, d, w)
@@ -951,7 +964,7 @@ def main(argv: list[str] | None = None) -> int:
 
     goal_rows = goals(points, ceilings) if not args.only_regression else []
     if args.baseline_tree:
-        report["regression"] = regression(points)
+        report["regression"] = regression(points, runs)
     report.update(
         load_average_after=os.getloadavg(),
         wall_seconds=round(time.time() - started, 1),
