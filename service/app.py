@@ -13,10 +13,10 @@ from .core.registry import ModelRegistry, RepositoryPoller
 from .grpc.server import GrpcFrontEnd, build_grpc
 from .http.api import HttpApi
 from .http.server import HttpFrontEnd
-from .limits import CallGate
+from .limits import CallGate, MessageLimits
 from .observability.logs import RequestLog
 from .observability.metrics import Metrics
-from .security import Authenticator, TokenStore
+from .security import Authenticator
 from .settings import Settings
 
 log = logging.getLogger("service")
@@ -34,6 +34,7 @@ class ServingApp:
     http: HttpFrontEnd | None
     metrics: Metrics
     poller: RepositoryPoller
+    limits: MessageLimits
 
     @property
     def port(self) -> int:
@@ -49,12 +50,17 @@ class ServingApp:
             await self.http.start()
 
     async def load_models(self) -> None:
-        """Load the repository (off the event loop), let health follow it, start polling."""
-        self.registry.listeners.append(self._refresh_health)
-        await self.registry.start()
+        """Load the repository (off the event loop) unless :func:`serve` did already, let health
+        and the message limit follow it, start polling."""
+        if self.registry.loaded:
+            await self._follow_registry()
+        else:
+            await self.registry.start()
         self.poller.start()
 
-    async def _refresh_health(self) -> None:
+    async def _follow_registry(self) -> None:
+        """After every change of the served versions: health, and the largest request accepted."""
+        self.limits.follow(self.registry.largest_request())
         await self.grpc.health.refresh(self.registry)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -75,43 +81,77 @@ class ServingApp:
         await self.registry.stop()
 
 
-async def build_app(settings: Settings, registry: ModelRegistry | None = None) -> ServingApp:
-    """Everything created and bound (not yet started, no model loaded). Refuses to build on a
-    provider that is not available (ProviderUnavailable) or an unusable token file
-    (AuthConfigError)."""
-    metrics = Metrics()
+async def build_app(
+    settings: Settings,
+    registry: ModelRegistry | None = None,
+    metrics: Metrics | None = None,
+    limits: MessageLimits | None = None,
+) -> ServingApp:
+    """Everything created and bound (not yet started). Refuses to build on a provider that is
+    not available (ProviderUnavailable) or an unusable token file (AuthConfigError)."""
+    metrics = metrics if metrics is not None else Metrics()
     if registry is None:
         registry = ModelRegistry(settings.model_repository, settings, metrics=metrics)  # provider check
     metrics.attach(registry)
+    limits = limits if limits is not None else MessageLimits(settings.max_message_bytes)
     observers: list[Observer] = [metrics]
     if settings.log_level == "DEBUG":  # elsewhere it would cost every request a call
         observers.append(RequestLog())
     plane = DataPlane(registry, settings, observers)
     gate = CallGate(settings.max_concurrent_requests)
-    tokens = TokenStore.from_settings(settings)
-    authenticator = Authenticator(tokens) if tokens is not None else None
-    front = await build_grpc(settings, plane, gate, authenticator)
-    http = HttpFrontEnd(HttpApi(plane, gate, authenticator), settings) if settings.http_port else None
+    authenticator = Authenticator.from_settings(settings)
+    front = await build_grpc(settings, plane, gate, authenticator, limits)
+    http = HttpFrontEnd(HttpApi(plane, gate, authenticator, limits), settings) if settings.http_port else None
     poller = RepositoryPoller(registry, settings.reload_interval_seconds)
-    return ServingApp(settings, registry, plane, gate, front, http, metrics, poller)
+    app = ServingApp(settings, registry, plane, gate, front, http, metrics, poller, limits)
+    registry.listeners.append(app._follow_registry)
+    return app
+
+
+def _exposure_warnings(settings: Settings) -> None:
+    """Say so when the defaults a person chose leave the server open."""
+    loopback = settings.host in ("127.0.0.1", "::1", "localhost") or settings.host.startswith("127.")
+    auth = bool(settings.auth_tokens or settings.auth_token_file)
+    if not loopback and (settings.tls_cert is None or not auth):
+        log.warning(
+            "listening on a non-loopback address without "
+            + " and ".join(w for w, on in (("TLS", settings.tls_cert is not None), ("bearer tokens", auth)) if not on)
+            + ": anyone who reaches this host can call the server (see docs/hardening.md)",
+            extra={"host": settings.host},
+        )
+    if settings.allow_model_control and not auth and not (settings.admin_tokens or settings.admin_token_file):
+        log.warning("model control is on without any token: anyone can load and unload models")
 
 
 async def serve(settings: Settings) -> None:
-    """Run until SIGTERM/SIGINT, then shut down gracefully."""
-    app = await build_app(settings)
-    await app.start()
-    metrics_port = None
-    if settings.metrics_port:
-        metrics_port = app.metrics.serve(settings.metrics_port, settings.host)
+    """Load the models, start the transports, run until SIGTERM/SIGINT, shut down gracefully."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    # The bound ports, before the models load (port 0 settings read back from here).
-    log.info("listening", extra={"grpc_port": app.port, "http_port": app.http_port, "metrics_port": metrics_port})
-
+    _exposure_warnings(settings)
+    metrics = Metrics()
+    registry = ModelRegistry(settings.model_repository, settings, metrics=metrics)  # provider check
+    # The models first: the transports' message limit follows the largest request they accept.
+    await registry.start()
+    limits = MessageLimits(settings.max_message_bytes)
+    limits.size_transport(registry.largest_request())
+    app = await build_app(settings, registry, metrics, limits)
+    await app.start()
+    metrics_port = None
+    if settings.metrics_port:
+        metrics_port = app.metrics.serve(settings.metrics_port, settings.host)
+    # The bound ports (port 0 settings read back from here).
+    log.info(
+        "listening",
+        extra={
+            "grpc_port": app.port,
+            "http_port": app.http_port,
+            "metrics_port": metrics_port,
+            "max_message_bytes": limits.transport,
+        },
+    )
     await app.load_models()
-    registry = app.registry
     log.info(
         "server started",
         extra={

@@ -65,7 +65,7 @@ class CallGate:
         try:
             timeout = None if remaining is None else max(remaining - 0.1, 0.0)
             await asyncio.wait_for(self._release.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass  # answer before the caller's deadline
         finally:
             self.held -= 1
@@ -99,3 +99,35 @@ class CallGate:
             "held_for_unavailable": self.held,
             "drain_seconds": round(time.monotonic() - start, 3),
         }
+
+
+MiB = 1024 * 1024
+#: The transport's ceiling when the settings name none and the models ask for less (gRPC's own default).
+DEFAULT_MESSAGE_BYTES = 4 * MiB
+#: Room for everything around the tensors in a request message (names, shapes, parameters).
+ENVELOPE_BYTES = 64 * 1024
+
+
+class MessageLimits:
+    """How large a request may be. ``transport`` is the fixed ceiling given to gRPC and the HTTP
+    server (the ``max_message_bytes`` setting, else sized from the models loaded at start-up);
+    ``current`` follows the models served now: twice their largest legitimate request (typed
+    contents and varints can take up to twice the raw bytes) plus an envelope, never over
+    ``transport``. A request message over ``current`` is refused before it is parsed."""
+
+    def __init__(self, explicit: int | None) -> None:
+        self.explicit = explicit
+        self.transport = explicit or DEFAULT_MESSAGE_BYTES
+        self.current = self.transport
+
+    def follow(self, largest_request: int | None) -> None:
+        """The largest raw request of the models served now (None: unbounded, a dynamic
+        dimension somewhere, or no model)."""
+        wanted = self.transport if largest_request is None else 2 * largest_request + ENVELOPE_BYTES
+        self.current = min(wanted, self.transport)
+
+    def size_transport(self, largest_request: int | None) -> None:
+        """Before the transports exist: size the ceiling from the models loaded at start-up."""
+        if self.explicit is None and largest_request is not None:
+            self.transport = max(DEFAULT_MESSAGE_BYTES, 2 * largest_request + ENVELOPE_BYTES)
+        self.follow(largest_request)

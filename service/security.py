@@ -22,6 +22,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from .settings import Settings
 
@@ -39,73 +40,85 @@ def _digest(token: str | bytes) -> bytes:
     return hashlib.sha256(token.encode() if isinstance(token, str) else token).digest()
 
 
-def read_token_file(path: Path) -> list[str]:
+def read_token_file(path: Path, what: str = "auth token") -> list[str]:
     """Tokens in ``path``: one per line; blank lines and ``#`` comments are skipped."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise AuthConfigError(f"cannot read auth token file {path}: {exc}") from None
+        raise AuthConfigError(f"cannot read {what} file {path}: {exc}") from None
     tokens = [line.strip() for line in text.splitlines()]
     tokens = [t for t in tokens if t and not t.startswith("#")]
     if not tokens:
-        raise AuthConfigError(f"auth token file {path} holds no token")
+        raise AuthConfigError(f"{what} file {path} holds no token")
     bad = [i for i, t in enumerate(tokens) if not all(33 <= ord(c) <= 126 for c in t)]
     if bad:
-        raise AuthConfigError(f"auth token file {path}: token {bad[0] + 1} has spaces or non-ASCII characters")
+        raise AuthConfigError(f"{what} file {path}: token {bad[0] + 1} has spaces or non-ASCII characters")
     return tokens
 
 
 class TokenStore:
     """The accepted tokens (as digests): the fixed ones plus those in the file, if any."""
 
-    def __init__(self, tokens: Sequence[str] = (), file: Path | None = None) -> None:
+    def __init__(
+        self, tokens: Sequence[str] = (), file: Path | None = None, on_missing: str = "deny", what: str = "auth token"
+    ) -> None:
         self._fixed = [_digest(t) for t in tokens]
         self._file = file
+        self._on_missing = on_missing
+        self._what = what
         self._file_digests: list[bytes] = []
         self._signature: tuple[int, int, int] | None = None
         self._checked = 0.0
         if file is not None:
-            self._load_file()
+            self._signature = self._stat_or_fail()
+            self._file_digests = [_digest(t) for t in read_token_file(file, what)]
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> TokenStore | None:
-        """None when auth is off (no tokens and no file)."""
-        if not settings.auth_tokens and settings.auth_token_file is None:
-            return None
-        return cls(settings.auth_tokens, settings.auth_token_file)
+    @property
+    def configured(self) -> bool:
+        return bool(self._fixed) or self._file is not None
 
     def _stat(self) -> tuple[int, int, int]:
         assert self._file is not None
         st = os.stat(self._file)
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
-    def _load_file(self) -> None:
-        assert self._file is not None
+    def _stat_or_fail(self) -> tuple[int, int, int]:
         try:
-            signature = self._stat()
+            return self._stat()
         except OSError as exc:
-            raise AuthConfigError(f"cannot read auth token file {self._file}: {exc}") from None
-        self._file_digests = [_digest(t) for t in read_token_file(self._file)]
-        self._signature = signature
+            raise AuthConfigError(f"cannot read {self._what} file {self._file}: {exc.strerror or exc}") from None
 
     def _refresh(self) -> None:
-        """Re-read the file when it changed; on a bad file keep the last good tokens."""
+        """Re-read the file when it changed (checked at most once a second). A file that went
+        away, emptied or turned unreadable denies its tokens (``deny``) or keeps the last good
+        ones (``keep``); each change of state is logged once."""
         now = time.monotonic()
         if self._file is None or now - self._checked < RECHECK_SECONDS:
             return
         self._checked = now
         try:
-            if self._stat() == self._signature:
-                return
-            self._load_file()
-        except (OSError, AuthConfigError) as exc:
-            log.error("auth token file not reloaded; keeping the previous tokens", extra={"error": str(exc)})
+            signature: tuple[int, int, int] | None = self._stat()
+        except OSError as exc:
+            signature, problem = None, f"cannot read {self._file}: {exc.strerror or exc}"
+        if signature == self._signature:
+            return  # unchanged since the last look: good, or bad and logged already
+        self._signature = signature
+        if signature is not None:
             try:
-                self._signature = self._stat()  # do not retry (and log) until it changes again
-            except OSError:
-                pass
-            return
-        log.info("auth token file reloaded", extra={"path": str(self._file), "tokens": len(self._file_digests)})
+                self._file_digests = [_digest(t) for t in read_token_file(self._file, self._what)]
+                log.info(
+                    f"{self._what} file reloaded", extra={"path": str(self._file), "tokens": len(self._file_digests)}
+                )
+                return
+            except AuthConfigError as exc:
+                problem = str(exc)
+        if self._on_missing == "deny":
+            self._file_digests = []
+        log.error(
+            f"{self._what} file unusable: its tokens are "
+            + ("refused until it is fixed" if self._on_missing == "deny" else "kept as they were"),
+            extra={"error": problem},
+        )
 
     def accepts(self, token: str | bytes) -> bool:
         """Constant-time check of ``token`` against every accepted token."""
@@ -122,39 +135,89 @@ MALFORMED = "the authorization metadata must be 'Bearer <token>'"
 INVALID = "invalid bearer token"
 
 
-class Authenticator:
-    """Checks ``authorization`` values against a :class:`TokenStore`, for every front end, and
-    logs refusals without flooding (one warning per 10 s at most, with the count since)."""
+UNAUTHENTICATED = "unauthenticated"
+PERMISSION_DENIED = "permission_denied"
 
-    def __init__(self, store: TokenStore) -> None:
-        self.store = store
+
+class Refusal(NamedTuple):
+    """Why a call is refused: ``status`` is UNAUTHENTICATED or PERMISSION_DENIED."""
+
+    status: str
+    message: str
+
+
+class Authenticator:
+    """Who may call what, for every front end: inference calls need a token of ``tokens``
+    (admins' tokens work too); model control needs one of ``admins`` — or, with no admin token
+    configured, is open only on a server without auth. Refusals are logged without flooding (one
+    warning per 10 s at most, with the count since)."""
+
+    def __init__(self, tokens: TokenStore | None, admins: TokenStore | None = None) -> None:
+        self.tokens = tokens
+        self.admins = admins
         self._rejected = 0
         self._logged = 0.0
 
-    def problem(self, values: Sequence[str | bytes]) -> str | None:
-        """Why a call whose ``authorization`` entries are ``values`` is refused, or None when
-        it carries a valid bearer token."""
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Authenticator | None:
+        """None when no token of any kind is configured (an open server)."""
+        tokens = admins = None
+        if settings.auth_tokens or settings.auth_token_file is not None:
+            tokens = TokenStore(settings.auth_tokens, settings.auth_token_file, settings.auth_token_file_missing)
+        if settings.admin_tokens or settings.admin_token_file is not None:
+            admins = TokenStore(
+                settings.admin_tokens, settings.admin_token_file, settings.auth_token_file_missing, "admin token"
+            )
+        return None if tokens is None and admins is None else cls(tokens, admins)
+
+    @staticmethod
+    def _token(values: Sequence[str | bytes]) -> str | Refusal:
         if not values:
-            return MISSING
+            return Refusal(UNAUTHENTICATED, MISSING)
         if len(values) > 1:
-            return "more than one authorization metadata entry"
+            return Refusal(UNAUTHENTICATED, "more than one authorization metadata entry")
         value = values[0]
         if isinstance(value, bytes):
             value = value.decode("latin-1")
         scheme, _, token = value.strip().partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            return MALFORMED
-        return None if self.store.accepts(token) else INVALID
+            return Refusal(UNAUTHENTICATED, MALFORMED)
+        return token
 
-    def refused(self, method: str, reason: str) -> None:
+    def check(self, values: Sequence[str | bytes], *, control: bool = False) -> Refusal | None:
+        """Why a call whose ``authorization`` entries are ``values`` is refused, or None."""
+        if not control and self.tokens is None:
+            return None  # inference is open; only model control is guarded
+        token = self._token(values)
+        if isinstance(token, Refusal):
+            return token
+        is_admin = self.admins is not None and self.admins.accepts(token)
+        if control:
+            if is_admin:
+                return None
+            if self.admins is None:
+                return Refusal(
+                    PERMISSION_DENIED,
+                    "model control needs an admin token, and none is configured (--admin-tokens or --admin-token-file)",
+                )
+            if self.tokens is not None and self.tokens.accepts(token):
+                return Refusal(PERMISSION_DENIED, "this token may run inference but not load or unload models")
+            return Refusal(UNAUTHENTICATED, INVALID)
+        return (
+            None
+            if is_admin or (self.tokens is not None and self.tokens.accepts(token))
+            else Refusal(UNAUTHENTICATED, INVALID)
+        )
+
+    def refused(self, method: str, refusal: Refusal) -> None:
         """Count (and now and then log) a refused call."""
         self._rejected += 1
         now = time.monotonic()
         if now - self._logged >= _LOG_EVERY_SECONDS:
             log.warning(
-                "call refused: UNAUTHENTICATED",
-                extra={"method": method, "reason": reason, "refused_since_last_log": self._rejected},
+                f"call refused: {refusal.status.upper()}",
+                extra={"method": method, "reason": refusal.message, "refused_since_last_log": self._rejected},
             )
             self._logged = now
             self._rejected = 0

@@ -117,11 +117,11 @@ class Settings(BaseSettings):
     metrics_port: int = Field(
         8002, ge=0, le=65535, description="Prometheus /metrics HTTP port (0 = no metrics endpoint)"
     )
-    max_message_bytes: int = Field(
-        64 * MiB,
-        ge=4 * MiB,
-        description="largest gRPC message, sent or received (gRPC's default is 4 MiB; "
-        "a max batch of float32 28x28 images needs max_request_rows x 3136 bytes)",
+    max_message_bytes: int | None = Field(
+        None,
+        ge=64 * 1024,
+        description="largest request message or body, in bytes (unset: twice the largest request the models "
+        "loaded at start-up accept, at least 4 MiB; set it when larger models may arrive by hot reload)",
     )
     shutdown_grace_seconds: float = Field(
         10.0, ge=0, description="time in-flight calls get to finish on SIGTERM/SIGINT"
@@ -146,6 +146,17 @@ class Settings(BaseSettings):
         None,
         description="file with one bearer token per line (blank lines and # comments ignored); re-read when it changes",
     )
+    auth_token_file_missing: Literal["deny", "keep"] = Field(
+        "deny",
+        description="when the token file disappears, empties or cannot be read while the server runs: deny "
+        "(its tokens stop working: fail closed) or keep (the last good tokens go on working); logged once",
+    )
+    admin_tokens: Annotated[list[str], NoDecode] = Field(
+        [],
+        description="bearer tokens allowed to load and unload models (comma-separated); inference tokens get "
+        "PERMISSION_DENIED / 403 there. With auth on and no admin token, nobody may; with auth off, anybody may",
+    )
+    admin_token_file: Path | None = Field(None, description="file of admin tokens, one per line, like auth_token_file")
     max_concurrent_requests: int = Field(
         256,
         ge=1,
@@ -154,6 +165,33 @@ class Settings(BaseSettings):
     )
     max_metadata_bytes: int = Field(
         16 * 1024, ge=1024, description="largest request metadata (headers), in bytes; more → RESOURCE_EXHAUSTED"
+    )
+    max_health_watches: int = Field(
+        32, ge=1, description="health Watch streams open at once (no token needed; budgeted apart from inference)"
+    )
+    max_reflection_calls: int = Field(
+        8, ge=1, description="server reflection calls at once (no token needed; budgeted apart from inference)"
+    )
+    stream_idle_timeout_seconds: float = Field(
+        60.0, gt=0, description="an inference stream that sends no message for this long is ended (DEADLINE_EXCEEDED)"
+    )
+    max_streams_per_connection: int = Field(
+        100, ge=1, description="concurrent gRPC calls on one HTTP/2 connection (SETTINGS_MAX_CONCURRENT_STREAMS)"
+    )
+    max_connection_age_seconds: float = Field(
+        1800.0,
+        ge=0,
+        description="gRPC connections are closed (GOAWAY, then a grace of shutdown_grace_seconds) after this "
+        "long, so clients reconnect and find new replicas behind a load balancer (0 = never)",
+    )
+    max_connection_idle_seconds: float = Field(
+        300.0, ge=0, description="gRPC connections with no call for this long are closed (0 = never)"
+    )
+    keepalive_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="the server pings idle gRPC connections this often to find dead peers; clients may ping it "
+        "at most every 10 s (more → GOAWAY)",
     )
     reload_interval_seconds: float = Field(
         0.0,
@@ -178,14 +216,14 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return init_settings, env_settings, _RenamedEnvSource(settings_cls), dotenv_settings, file_secret_settings
 
-    @field_validator("auth_tokens", mode="before")
+    @field_validator("auth_tokens", "admin_tokens", mode="before")
     @classmethod
     def _split_tokens(cls, value: object) -> object:
         if isinstance(value, str):  # from a flag or env var: comma-separated
             return [t.strip() for t in value.split(",") if t.strip()]
         return value
 
-    @field_validator("auth_tokens")
+    @field_validator("auth_tokens", "admin_tokens")
     @classmethod
     def _token_chars(cls, tokens: list[str]) -> list[str]:
         for token in tokens:

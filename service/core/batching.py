@@ -239,7 +239,7 @@ class Batcher:
         try:
             await asyncio.wait_for(asyncio.shield(waiter), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         finally:
             if waiter in self._idle_waiters:

@@ -149,6 +149,11 @@ class ModelRegistry:
     # -- lookup (event loop; never blocks) ------------------------------------------------------
 
     @property
+    def loaded(self) -> bool:
+        """The first round (start-up) is done."""
+        return self._loaded
+
+    @property
     def ready(self) -> bool:
         """True once the first round finished with at least one model version to serve."""
         return self._loaded and bool(self._models)
@@ -167,6 +172,14 @@ class ModelRegistry:
     def models(self) -> list[ModelVersion]:
         snapshot = self._models  # read once: a round swaps in a whole new dict
         return [snapshot[n][v] for n in sorted(snapshot) for v in sorted(snapshot[n])]
+
+    def largest_request(self) -> int | None:
+        """Raw bytes of the largest request any served version accepts (None: unbounded, or
+        nothing served)."""
+        sizes = [m.spec.request_bytes for m in self.models()]
+        if not sizes or None in sizes:
+            return None
+        return max(s for s in sizes if s is not None)
 
     def snapshot(self) -> Served:
         """The served versions, name → version → model; never mutated once published."""

@@ -152,6 +152,18 @@ class ModelSpec:
         return [s.name for s in self.outputs]
 
     @property
+    def request_bytes(self) -> int | None:
+        """Raw bytes of the largest request this version accepts (``max_rows`` rows of every
+        input), or None when a non-batch dimension is dynamic (no bound follows)."""
+        total = 0
+        for tensor in self.inputs:
+            row_bytes = tensor.row_bytes
+            if row_bytes is None:
+                return None
+            total += self.max_rows * row_bytes
+        return total
+
+    @property
     def batchable(self) -> bool:
         """Every input and output has a dynamic leading (batch) dimension."""
         return all(s.shape and s.shape[0] < 0 for s in (*self.inputs, *self.outputs))

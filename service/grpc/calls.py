@@ -103,7 +103,19 @@ class Rpc:
             servicer: Servicer, requests: AsyncIterator[Req], grpc_context: grpc.aio.ServicerContext
         ) -> AsyncIterator[Resp]:
             index = 0
-            async for request in requests:
+            idle = servicer.plane.settings.stream_idle_timeout_seconds
+            incoming = aiter(requests)
+            while True:
+                try:
+                    async with asyncio.timeout(idle):
+                        request = await anext(incoming)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    await grpc_context.abort(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"no message on this stream for {idle:g} s (stream_idle_timeout_seconds): closed",
+                    )
                 context = RequestContext(protocol, method, inference=inference, timeout=grpc_context.time_remaining())
                 try:
                     response = await handler(servicer, request, context)

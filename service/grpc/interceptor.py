@@ -1,14 +1,21 @@
-"""The one interceptor in front of every gRPC method (:class:`CallGuard`), in this order:
+"""The one interceptor in front of every gRPC method (:class:`CallGuard`). Each method gets a
+policy (:func:`policy_for`); a call then goes through, in this order:
 
-1. **Auth** (when tokens are configured): a call without a valid bearer token ends with
-   UNAUTHENTICATED before its request is decoded. Exempt, so that load balancers and probes need
-   no secret: the health service and server reflection.
-2. **The call gate** (:mod:`service.limits`): RESOURCE_EXHAUSTED over ``max_concurrent_requests``;
-   while draining, held and then UNAVAILABLE. Health checks are not counted and never refused.
-3. **Undecodable messages.** gRPC decodes each request before our code sees it; a message that
-   does not parse (truncated bytes, a wrong wire type, a ``string`` field that is not valid
-   UTF-8) made grpc.aio answer ``UNKNOWN: Unexpected DecodeError``. Now: INVALID_ARGUMENT naming
-   the message type, for unary and streaming requests alike.
+1. **Auth** (when tokens are configured), on the metadata, before the request is parsed: a call
+   without a valid bearer token ends with UNAUTHENTICATED; model control (RepositoryModelLoad /
+   Unload) needs an admin token (PERMISSION_DENIED for an inference token). Exempt, so that load
+   balancers and probes need no secret: the health service and server reflection.
+2. **Size**, on the raw bytes, before they are parsed: an inference message larger than any
+   request the served models accept is RESOURCE_EXHAUSTED; health and reflection messages are
+   tiny by nature and capped at a few KiB.
+3. **A call gate** (:mod:`service.limits`): inference and metadata calls share the server's
+   ``max_concurrent_requests`` (with HTTP); health Watch streams and reflection calls, which need no
+   token and live long, have small gates of their own, so they never take the budget of
+   authenticated inference. Health Check is never refused. While draining, gated calls are held
+   and then answered UNAVAILABLE.
+4. **Undecodable messages**: a message that does not parse (truncated, a wrong wire type, a
+   ``string`` that is not UTF-8) is INVALID_ARGUMENT naming the message type (grpc.aio would say
+   ``UNKNOWN: Unexpected DecodeError``), for unary and streaming requests alike.
 
 The wrapped handler keeps the original's kind (coroutine or async generator function), which
 grpc.aio looks at to drive it; wrapped handlers are cached per method.
@@ -18,55 +25,88 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from ..errors import clip
-from ..limits import DRAINING, CallGate
-from ..security import Authenticator
+from ..limits import DRAINING, CallGate, MessageLimits
+from ..security import PERMISSION_DENIED, Authenticator, Refusal
 
-#: Methods reachable without a token (prefix match on the full method name).
-AUTH_EXEMPT = (
-    "/grpc.health.v1.Health/",
-    "/grpc.reflection.v1alpha.ServerReflection/",
-    "/grpc.reflection.v1.ServerReflection/",
+HEALTH = "/grpc.health.v1.Health/"
+HEALTH_WATCH = HEALTH + "Watch"
+REFLECTION = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
+#: Model control: an admin token when auth is on.
+CONTROL = frozenset(
+    {"/inference.GRPCInferenceService/RepositoryModelLoad", "/inference.GRPCInferenceService/RepositoryModelUnload"}
 )
-#: Methods never counted or refused by the call gate.
-UNGATED = ("/grpc.health.v1.Health/",)
+#: Largest health request (a service name) and reflection request (a symbol or file name).
+HEALTH_MESSAGE_BYTES = 1024
+REFLECTION_MESSAGE_BYTES = 16 * 1024
 DRAINING_MESSAGE = "the server is shutting down and takes no new calls; retry (another replica)"
 
 Behavior = Callable[..., Any]
 
 
-class _Undecodable:
-    """Stands in for a request message that failed to parse."""
+@dataclass(frozen=True)
+class Policy:
+    """What a method's calls go through: auth (None = exempt, else whether model control), the
+    largest request message (a number, or the live limit of the served models), and a gate."""
 
-    __slots__ = ("message",)
+    control: bool | None
+    max_bytes: int | MessageLimits
+    gate: CallGate | None
 
-    def __init__(self, message: str) -> None:
+
+def policy_for(method: str, gate: CallGate, watches: CallGate, reflection: CallGate, limits: MessageLimits) -> Policy:
+    if method.startswith(HEALTH):
+        return Policy(None, HEALTH_MESSAGE_BYTES, watches if method == HEALTH_WATCH else None)
+    if method.startswith(REFLECTION):
+        return Policy(None, REFLECTION_MESSAGE_BYTES, reflection)
+    return Policy(method in CONTROL, limits, gate)
+
+
+class _Refused:
+    """Stands in for a request message that was not parsed: its status and message."""
+
+    __slots__ = ("code", "message")
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        self.code = code
         self.message = message
 
 
 def _message_type(deserializer: Callable[[bytes], Any]) -> str:
     owner = getattr(deserializer, "__self__", None)  # Message.FromString is a classmethod
     descriptor = getattr(owner, "DESCRIPTOR", None)
-    return getattr(descriptor, "full_name", "request message")
+    return getattr(descriptor, "full_name", "request")
 
 
-def safe_deserializer(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    """``deserializer`` that returns an :class:`_Undecodable` instead of raising."""
+def safe_deserializer(
+    deserializer: Callable[[bytes], Any], max_bytes: int | MessageLimits = 0
+) -> Callable[[bytes], Any]:
+    """``deserializer`` that never raises: a message over ``max_bytes`` (0: no cap) or one that
+    does not parse becomes a :class:`_Refused` instead."""
     type_name = _message_type(deserializer)
 
     def deserialize(data: bytes) -> Any:
+        limit = max_bytes.current if isinstance(max_bytes, MessageLimits) else max_bytes
+        if limit and len(data) > limit:
+            return _Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the {type_name} message is {len(data)} bytes, larger than any request the server accepts "
+                f"({limit} bytes)",
+            )
         try:
             return deserializer(data)
         except Exception as exc:
-            return _Undecodable(
+            return _Refused(
+                grpc.StatusCode.INVALID_ARGUMENT,
                 clip(
                     f"the request is not a valid {type_name} message ({len(data)} bytes): {exc}; "
                     "truncated bytes, a wrong field type or a string that is not UTF-8"
-                )
+                ),
             )
 
     return deserialize
@@ -74,17 +114,18 @@ def safe_deserializer(deserializer: Callable[[bytes], Any]) -> Callable[[bytes],
 
 async def _checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
     async for request in requests:
-        if type(request) is _Undecodable:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        if type(request) is _Refused:
+            await context.abort(request.code, request.message)
         yield request
 
 
-def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that ends the call with UNAUTHENTICATED without
-    decoding the request (no deserializer: the bytes are never parsed)."""
+def _denied(handler: grpc.RpcMethodHandler, refusal: Refusal) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` that ends the call with the refusal's status
+    without decoding the request (no deserializer: the bytes are never parsed)."""
+    code = grpc.StatusCode.PERMISSION_DENIED if refusal.status == PERMISSION_DENIED else grpc.StatusCode.UNAUTHENTICATED
 
     async def deny(request: object, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, refusal.message)
 
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(deny)
@@ -114,8 +155,8 @@ class _Admission:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, gate.busy_message())
         if stream_request:
             request = _checked(request, context)
-        elif type(request) is _Undecodable:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        elif type(request) is _Refused:
+            await context.abort(request.code, request.message)
         if gate is not None:
             gate.active += 1
         return request
@@ -149,8 +190,8 @@ def _wrap(behavior: Behavior, stream_request: bool, admission: _Admission) -> Be
     return coroutine
 
 
-def guard_handler(handler: grpc.RpcMethodHandler, admission: _Admission) -> grpc.RpcMethodHandler:
-    """``handler`` behind ``admission``, with a deserializer that never raises."""
+def guard_handler(handler: grpc.RpcMethodHandler, policy: Policy) -> grpc.RpcMethodHandler:
+    """``handler`` behind ``policy``'s size cap and gate, with a deserializer that never raises."""
     if handler.unary_unary:
         factory, behavior, stream_request = grpc.unary_unary_rpc_method_handler, handler.unary_unary, False
     elif handler.unary_stream:
@@ -160,19 +201,30 @@ def guard_handler(handler: grpc.RpcMethodHandler, admission: _Admission) -> grpc
     else:
         factory, behavior, stream_request = grpc.stream_stream_rpc_method_handler, handler.stream_stream, True
     return factory(
-        _wrap(behavior, stream_request, admission),
-        request_deserializer=safe_deserializer(handler.request_deserializer),
+        _wrap(behavior, stream_request, _Admission(policy.gate)),
+        request_deserializer=safe_deserializer(handler.request_deserializer, policy.max_bytes),
         response_serializer=handler.response_serializer,
     )
 
 
 class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no type hints
-    """Applies auth, the call gate and the decode guard to every method (see the module docstring)."""
+    """Applies auth, size caps, the gates and the decode guard to every method (see the module
+    docstring)."""
 
-    def __init__(self, gate: CallGate, authenticator: Authenticator | None = None) -> None:
+    def __init__(
+        self,
+        gate: CallGate,
+        authenticator: Authenticator | None = None,
+        limits: MessageLimits | None = None,
+        watches: CallGate | None = None,
+        reflection: CallGate | None = None,
+    ) -> None:
         self.gate = gate
         self.authenticator = authenticator
-        self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self.limits = limits if limits is not None else MessageLimits(None)
+        self.watches = watches if watches is not None else CallGate(32)
+        self.reflection = reflection if reflection is not None else CallGate(8)
+        self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler, Policy]] = {}
 
     async def intercept_service(
         self,
@@ -183,15 +235,16 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships
         if handler is None or handler.request_deserializer is None:
             return handler
         method = details.method
-        if self.authenticator is not None and not method.startswith(AUTH_EXEMPT):
-            values = [v for k, v in details.invocation_metadata or () if k == "authorization"]
-            reason = self.authenticator.problem(values)
-            if reason is not None:
-                self.authenticator.refused(method, reason)
-                return _denied(handler, reason)
         cached = self._cache.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = guard_handler(handler, _Admission(None if method.startswith(UNGATED) else self.gate))
-        self._cache[method] = (handler, wrapped)  # keys: registered methods only
-        return wrapped
+        if cached is None or cached[0] is not handler:
+            policy = policy_for(method, self.gate, self.watches, self.reflection, self.limits)
+            cached = (handler, guard_handler(handler, policy), policy)
+            self._cache[method] = cached  # keys: registered methods only
+        policy = cached[2]
+        if policy.control is not None and self.authenticator is not None:
+            values = [v for k, v in details.invocation_metadata or () if k == "authorization"]
+            refusal = self.authenticator.check(values, control=policy.control)
+            if refusal is not None:
+                self.authenticator.refused(method, refusal)
+                return _denied(handler, refusal)
+        return cached[1]

@@ -14,7 +14,7 @@ from ..core.dataplane import DataPlane
 from ..generated._pool import POOL
 from ..generated.inference import grpc_service_pb2_grpc as v2_grpc
 from ..generated.serving.v1 import serving_pb2_grpc as typed_grpc
-from ..limits import CallGate
+from ..limits import CallGate, MessageLimits
 from ..security import Authenticator
 from ..settings import Settings
 from . import typed, v2
@@ -64,22 +64,52 @@ class GrpcFrontEnd:
         await stopping
 
 
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def server_options(settings: Settings, limits: MessageLimits) -> list[tuple[str, int]]:
+    """grpc.aio server options: message and metadata sizes, connection limits and keepalive."""
+    options = [
+        ("grpc.max_receive_message_length", limits.transport),
+        ("grpc.max_send_message_length", max(limits.transport, 64 * 1024 * 1024)),
+        # One limit, not gRPC's soft (random rejections) + hard pair.
+        ("grpc.max_metadata_size", settings.max_metadata_bytes),
+        ("grpc.absolute_max_metadata_size", settings.max_metadata_bytes),
+        # Requests are never decompressed: a compressed message is refused (UNIMPLEMENTED) before
+        # it is inflated (400 MiB of zeros in 400 KB of gzip cost the server 425 MiB otherwise).
+        ("grpc.compression_enabled_algorithms_bitset", 1),
+        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+        # Find dead peers; refuse clients that ping more often than every 10 s.
+        ("grpc.keepalive_time_ms", _ms(settings.keepalive_seconds)),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 2),
+        # A port already in use is an error, not a second server silently sharing it.
+        ("grpc.so_reuseport", 0),
+    ]
+    if settings.max_connection_age_seconds:
+        options += [
+            ("grpc.max_connection_age_ms", _ms(settings.max_connection_age_seconds)),
+            ("grpc.max_connection_age_grace_ms", _ms(max(settings.shutdown_grace_seconds, 1.0))),
+        ]
+    if settings.max_connection_idle_seconds:
+        options.append(("grpc.max_connection_idle_ms", _ms(settings.max_connection_idle_seconds)))
+    return options
+
+
 async def build_grpc(
-    settings: Settings, plane: DataPlane, gate: CallGate, authenticator: Authenticator | None
+    settings: Settings,
+    plane: DataPlane,
+    gate: CallGate,
+    authenticator: Authenticator | None,
+    limits: MessageLimits,
 ) -> GrpcFrontEnd:
     """The gRPC server with every service registered and its port bound (not yet started)."""
-    server = grpc.aio.server(
-        interceptors=[CallGuard(gate, authenticator)],
-        options=[
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes),
-            # One limit, not gRPC's soft (random rejections) + hard pair.
-            ("grpc.max_metadata_size", settings.max_metadata_bytes),
-            ("grpc.absolute_max_metadata_size", settings.max_metadata_bytes),
-            # A port already in use is an error, not a second server silently sharing it.
-            ("grpc.so_reuseport", 0),
-        ],
+    guard = CallGuard(
+        gate, authenticator, limits, CallGate(settings.max_health_watches), CallGate(settings.max_reflection_calls)
     )
+    server = grpc.aio.server(interceptors=[guard], options=server_options(settings, limits))
     # (generated registration functions carry no type hints)
     typed_grpc.add_ModelServiceServicer_to_server(typed.TypedModelService(plane), server)  # type: ignore[no-untyped-call]
     v2_grpc.add_GRPCInferenceServiceServicer_to_server(v2.V2Servicer(plane), server)  # type: ignore[no-untyped-call]

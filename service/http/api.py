@@ -21,8 +21,8 @@ from ..core.context import RequestContext
 from ..core.dataplane import DataPlane
 from ..core.registry import ModelVersion
 from ..errors import InvalidArgument, RequestTooLarge, ServingError, UnsupportedMediaType, clip
-from ..limits import DRAINING, CallGate
-from ..security import Authenticator
+from ..limits import DRAINING, CallGate, MessageLimits
+from ..security import PERMISSION_DENIED, Authenticator
 from . import codec
 from .openapi import openapi_document
 from .status import status_of
@@ -86,6 +86,8 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [
 OPEN = frozenset({"live", "ready", "openapi"})
 #: Not counted by the call gate, never refused while busy or draining.
 UNGATED = frozenset({"live", "ready"})
+#: Model control: an admin token when auth is on (403 for an inference token).
+CONTROL = frozenset({"load", "unload"})
 
 
 def route(method: str, path: str) -> tuple[str, dict[str, str]] | Response:
@@ -112,10 +114,13 @@ def route(method: str, path: str) -> tuple[str, dict[str, str]] | Response:
 class HttpApi:
     """The endpoints over the data plane, behind auth and the call gate."""
 
-    def __init__(self, plane: DataPlane, gate: CallGate, authenticator: Authenticator | None) -> None:
+    def __init__(
+        self, plane: DataPlane, gate: CallGate, authenticator: Authenticator | None, limits: MessageLimits
+    ) -> None:
         self.plane = plane
         self.gate = gate
         self.authenticator = authenticator
+        self.limits = limits
         self._endpoints: dict[str, Callable[..., Awaitable[Response]]] = {
             name: getattr(self, name) for _, _, name in ROUTES
         }
@@ -126,10 +131,12 @@ class HttpApi:
             return found
         name, params = found
         if name not in OPEN and self.authenticator is not None:
-            reason = self.authenticator.problem(request.authorization)
-            if reason is not None:
-                self.authenticator.refused(f"{request.method} {request.path}", reason)
-                return error_response(401, reason, [("www-authenticate", 'Bearer realm="model-serving"')])
+            refusal = self.authenticator.check(request.authorization, control=name in CONTROL)
+            if refusal is not None:
+                self.authenticator.refused(f"{request.method} {request.path}", refusal)
+                if refusal.status == PERMISSION_DENIED:
+                    return error_response(403, refusal.message)
+                return error_response(401, refusal.message, [("www-authenticate", 'Bearer realm="model-serving"')])
         if name in UNGATED:
             return await self._endpoints[name](request, **params)
         why = self.gate.admit()
@@ -235,7 +242,7 @@ class HttpApi:
                 "application/octet-stream with Inference-Header-Content-Length for binary tensors"
             )
         binary = "inference-header-content-length" in request.headers
-        limit = request_limit(model, binary, self.plane.settings.max_message_bytes)
+        limit = request_limit(model, binary, self.limits.transport)
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
         if encoding == "identity":
             return await request.read_body(limit)

@@ -12,7 +12,6 @@ import asyncio
 import logging
 import socket
 import ssl
-import sys
 from typing import Any
 
 import uvicorn
@@ -24,25 +23,6 @@ from .api import HttpApi, Request, Response, error_response
 from .status import status_of
 
 log = logging.getLogger(__name__)
-
-if sys.version_info >= (3, 11):
-    _timeout = asyncio.timeout
-else:  # pragma: no cover - Python 3.10
-
-    class _timeout:
-        def __init__(self, delay: float) -> None:
-            self.delay = delay
-
-        async def __aenter__(self) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            self._handle = asyncio.get_running_loop().call_later(self.delay, task.cancel)
-
-        async def __aexit__(self, kind: object, exc: object, tb: object) -> bool:
-            self._handle.cancel()
-            if kind is asyncio.CancelledError:
-                raise TimeoutError from None
-            return False
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -138,7 +118,7 @@ class AsgiApp:
             chunks: list[bytes] = []
             size = 0
             try:
-                async with _timeout(self.body_timeout):
+                async with asyncio.timeout(self.body_timeout):
                     while True:
                         message = await receive()
                         if message["type"] == "http.disconnect":

@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -506,7 +506,7 @@ class Job:
             "rows": self.source.rows,
             "model": self.spec["model"],
             "runs": journal["runs"],
-            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         if self.labels is not None:
             assert isinstance(self.task, ClassifyTask)

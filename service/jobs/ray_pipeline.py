@@ -58,7 +58,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -693,7 +693,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         "images_per_second": round(source.rows / max(seconds, 1e-9), 1),
         "total_seconds": round(time.monotonic() - started, 3),
         "outputs": {f"{PREDICTIONS}/{f.name}": f.stat().st_size for f in files},
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     if has_labels:
         names = list(model.class_names)

@@ -111,13 +111,20 @@ def test_bearer_tokens(tmp_path: Path) -> None:
         assert _code(lambda: _profit(channel, FILE_TOKEN))[0] == UNAUTHENTICATED
         assert _profit(channel, ENV_TOKEN) == 7.0  # tokens from the settings stay
 
-        # A broken file keeps the last good tokens.
+        # An emptied file fails closed: its tokens stop working (those from the settings stay).
         token_file.write_text("\n# nothing\n")
-        time.sleep(1.2)
-        assert _profit(channel, "rotated-token") == 7.0
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                _profit(channel, "rotated-token")
+            except grpc.RpcError as exc:
+                assert exc.code() == UNAUTHENTICATED
+                break
+            assert time.monotonic() < deadline, "the emptied token file still lets its old token in"
+        assert _profit(channel, ENV_TOKEN) == 7.0
     log = proc.log()
     assert '"call refused: UNAUTHENTICATED"' in log and '"auth token file reloaded"' in log
-    assert '"auth token file not reloaded; keeping the previous tokens"' in log
+    assert log.count('"auth token file unusable: its tokens are refused until it is fixed"') == 1
     assert ENV_TOKEN not in log and FILE_TOKEN not in log and "rotated-token" not in log
 
 

@@ -91,7 +91,7 @@ GOOD_INFER = v2.ModelInferRequest(
     inputs=[v2.ModelInferRequest.InferInputTensor(name="population", datatype="FP32", shape=[1, 1])],
     raw_input_contents=[floats(1.0)],
 ).SerializeToString()
-HUGE_NAME = "m" * 100_000
+HUGE_NAME = "m" * 50_000  # far over the status message limit, under the request size limit
 
 CASES: dict[str, Case] = {
     # --- typed API: Classify ------------------------------------------------------------------
@@ -164,7 +164,7 @@ CASES: dict[str, Case] = {
     "typed: odd unicode model name": classify(
         model=pb.ModelRef(name="模型\x00\n\u202e"), images=image(1), expect=(NOT_FOUND, "not found")
     ),
-    "typed: 100 kB model name": classify(
+    "typed: 50 kB model name": classify(
         model=pb.ModelRef(name=HUGE_NAME), images=image(1), expect=(NOT_FOUND, "(truncated)")
     ),
     # --- typed API: regression, metadata -------------------------------------------------------
@@ -224,6 +224,10 @@ CASES: dict[str, Case] = {
     "typed: garbage bytes": Case(
         TYPED + "PredictProfit", b"\xff" * 64, INVALID, "not a valid serving.v1.PredictProfitRequest"
     ),
+    "typed: message over the largest request a model accepts": classify(
+        images=image(shape=[1, 200_000], data=bytes(200_000)),
+        expect=(EXHAUSTED, "larger than any request the server accepts"),
+    ),
     "typed: message over max_message_bytes": classify(
         images=image(shape=[1, MAX_MESSAGE + 1], data=bytes(MAX_MESSAGE + 1)), expect=(EXHAUSTED, "")
     ),
@@ -272,7 +276,7 @@ CASES: dict[str, Case] = {
     "v2: model that failed to load": infer(
         [profit_input()], [floats(1)], model_name="broken", expect=(NOT_FOUND, "failed to load")
     ),
-    "v2: 100 kB model name": infer(
+    "v2: 50 kB model name": infer(
         [profit_input()], [floats(1)], model_name=HUGE_NAME, expect=(NOT_FOUND, "(truncated)")
     ),
     # --- V2: inputs ----------------------------------------------------------------------------

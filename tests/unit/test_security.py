@@ -9,7 +9,18 @@ from pathlib import Path
 import pytest
 
 from service import security
-from service.security import INVALID, MALFORMED, MISSING, AuthConfigError, Authenticator, TokenStore, read_token_file
+from service.security import (
+    INVALID,
+    MALFORMED,
+    MISSING,
+    PERMISSION_DENIED,
+    UNAUTHENTICATED,
+    AuthConfigError,
+    Authenticator,
+    Refusal,
+    TokenStore,
+    read_token_file,
+)
 from service.settings import Settings
 
 
@@ -58,9 +69,10 @@ def test_every_token_is_compared(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_from_settings() -> None:
-    assert TokenStore.from_settings(Settings()) is None  # auth off
-    store = TokenStore.from_settings(Settings(auth_tokens=["a-token"]))
-    assert store is not None and store.accepts("a-token")
+    assert Authenticator.from_settings(Settings()) is None  # auth off
+    authenticator = Authenticator.from_settings(Settings(auth_tokens=["a-token"]))
+    assert authenticator is not None and authenticator.tokens is not None and authenticator.tokens.accepts("a-token")
+    assert authenticator.admins is None
 
 
 @pytest.mark.parametrize(
@@ -80,7 +92,26 @@ def test_from_settings() -> None:
     ],
 )
 def test_authenticator_problems(values: list[str | bytes], problem: str | None) -> None:
-    assert Authenticator(TokenStore(["good-token"])).problem(values) == problem
+    refusal = Authenticator(TokenStore(["good-token"])).check(values)
+    assert (None if refusal is None else refusal.message) == problem
+    assert refusal is None or refusal.status == UNAUTHENTICATED
+
+
+def test_model_control_needs_an_admin_token() -> None:
+    both = Authenticator(TokenStore(["user"]), TokenStore(["admin"]))
+    assert both.check(["Bearer admin"], control=True) is None
+    assert both.check(["Bearer admin"]) is None  # an admin may run inference too
+    assert both.check(["Bearer user"]) is None
+    denied = both.check(["Bearer user"], control=True)
+    assert denied is not None and denied.status == PERMISSION_DENIED and "not load or unload" in denied.message
+    unknown = both.check(["Bearer nope"], control=True)
+    assert unknown is not None and unknown.status == UNAUTHENTICATED
+    users_only = Authenticator(TokenStore(["user"]))  # auth on, no admin token: nobody may
+    closed = users_only.check(["Bearer user"], control=True)
+    assert closed is not None and closed.status == PERMISSION_DENIED and "none is configured" in closed.message
+    admins_only = Authenticator(None, TokenStore(["admin"]))  # inference open, control guarded
+    assert admins_only.check([]) is None
+    assert admins_only.check([], control=True) == Refusal(UNAUTHENTICATED, MISSING)
 
 
 def test_the_messages_clients_see() -> None:
@@ -93,7 +124,7 @@ def test_refusals_are_logged_without_flooding(caplog: pytest.LogCaptureFixture) 
     authenticator = Authenticator(TokenStore(["good-token"]))
     with caplog.at_level(logging.WARNING, logger="service.security"):
         for _ in range(5):
-            authenticator.refused("/serving.v1.ModelService/Classify", INVALID)
+            authenticator.refused("/serving.v1.ModelService/Classify", Refusal(UNAUTHENTICATED, INVALID))
     lines = [r for r in caplog.records if r.getMessage() == "call refused: UNAUTHENTICATED"]
     assert len(lines) == 1  # one warning per 10 s at most
     assert lines[0].method == "/serving.v1.ModelService/Classify" and lines[0].reason == INVALID
@@ -110,5 +141,29 @@ def test_the_token_file_is_re_read_when_it_changes(tmp_path: Path, monkeypatch: 
     replacement.write_text("new-token\n")
     os.replace(replacement, path)
     assert store.accepts("new-token") and not store.accepts("old-token") and store.accepts("fixed-token")
-    path.write_text("# nothing\n")  # a broken file keeps the last good tokens
-    assert store.accepts("new-token")
+    path.write_text("# nothing\n")  # an emptied file fails closed: its tokens stop working
+    assert not store.accepts("new-token") and store.accepts("fixed-token")
+    path.write_text("newer-token\n")
+    assert store.accepts("newer-token")
+
+
+def test_a_token_file_that_goes_away(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """deny (the default): its tokens are refused, logged once however often it is checked;
+    keep: the last good tokens go on working."""
+    monkeypatch.setattr(security, "RECHECK_SECONDS", 0.0)
+    for mode, still_accepted in (("deny", False), ("keep", True)):
+        path = tmp_path / f"tokens-{mode}"
+        path.write_text("file-token\n")
+        store = TokenStore(file=path, on_missing=mode)
+        assert store.accepts("file-token")
+        path.unlink()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="service.security"):
+            assert [store.accepts("file-token") for _ in range(20)] == [still_accepted] * 20
+        unusable = [r for r in caplog.records if "file unusable" in r.getMessage()]
+        assert len(unusable) == 1 and "No such file" in unusable[0].error, mode
+        path.write_text("file-token\n")
+        assert store.accepts("file-token")
+        assert "file-token" not in caplog.text

@@ -24,7 +24,7 @@ from service.errors import InvalidArgument, NotFound
 from service.generated.inference import grpc_service_pb2 as v2
 from service.generated.serving.v1 import serving_pb2 as pb
 from service.grpc import v2_codec as codec
-from service.grpc.interceptor import _Undecodable, safe_deserializer
+from service.grpc.interceptor import _Refused, safe_deserializer
 from service.grpc.typed_codec import image_tensor
 
 assert MAX_BATCH == TINY_MAX_ROWS  # the strategies aim at the tiny registry's row limit
@@ -78,4 +78,4 @@ def test_typed_image_decoding_only_raises_invalid_argument(tensor: pb.Tensor, mo
 )
 def test_the_protobuf_guard_never_raises(data: bytes, message: type) -> None:
     result = safe_deserializer(message.FromString)(data)
-    assert isinstance(result, (message, _Undecodable))
+    assert isinstance(result, (message, _Refused))

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from service.generated.serving.v1 import serving_pb2 as pb
-from service.grpc.interceptor import DRAINING_MESSAGE, CallGuard, _Undecodable, safe_deserializer
+from service.grpc.interceptor import DRAINING_MESSAGE, CallGuard, _Refused, safe_deserializer
 from service.limits import CallGate
 from service.security import MISSING, Authenticator, TokenStore
 
@@ -214,7 +214,7 @@ def test_safe_deserializer_never_raises() -> None:
     parse = safe_deserializer(pb.ClassifyRequest.FromString)
     assert isinstance(parse(b""), pb.ClassifyRequest)
     bad = parse(b"\x12\xff\xff")
-    assert isinstance(bad, _Undecodable)
+    assert isinstance(bad, _Refused) and bad.code == grpc.StatusCode.INVALID_ARGUMENT
     assert bad.message.startswith("the request is not a valid serving.v1.ClassifyRequest message (3 bytes): ")
 
     def explode(data: bytes) -> None:
