@@ -265,7 +265,8 @@ class ServingClient:
     ``tls`` (or any certificate argument) → a TLS channel; ``root_certificates`` is a PEM CA bundle
     (bytes or a path; None = system roots), ``certificate_chain``/``private_key`` a client
     certificate for mutual TLS, ``server_name`` overrides the name checked against the server's
-    certificate. ``token`` is sent on every call as ``authorization: Bearer <token>`` metadata.
+    certificate. ``token`` is sent on every call as ``authorization: Bearer <token>`` metadata,
+    over TLS only unless ``insecure_token`` says a plaintext channel is acceptable (e.g. loopback).
     ``timeout`` is the default deadline per call in seconds; ``retry`` the policy for UNAVAILABLE.
     """
 
@@ -279,6 +280,7 @@ class ServingClient:
         private_key: bytes | str | Path | None = None,
         server_name: str | None = None,
         token: str | None = None,
+        insecure_token: bool = False,
         timeout: float = DEFAULT_TIMEOUT,
         retry: RetryPolicy | None = None,
         max_message_bytes: int = 64 * MiB,
@@ -286,6 +288,12 @@ class ServingClient:
     ) -> None:
         if timeout is None or timeout <= 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        secure = bool(tls or root_certificates or certificate_chain or private_key)
+        if token and not secure and not insecure_token:
+            raise ValueError(
+                "refusing to send a bearer token over a plaintext channel, where anyone on the path can read it: "
+                "connect with TLS (tls=True or root_certificates=...), or pass insecure_token=True"
+            )
         self.address = address
         self.timeout = float(timeout)
         self.retry = retry if retry is not None else RetryPolicy()
@@ -297,7 +305,7 @@ class ServingClient:
         ]
         if server_name:
             channel_options.append(("grpc.ssl_target_name_override", server_name))
-        if tls or root_certificates or certificate_chain or private_key:
+        if secure:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=_read(root_certificates),
                 private_key=_read(private_key),

@@ -425,11 +425,12 @@ class ModelRegistry:
             elif serving:
                 why += f"; versions {sorted(serving)} keep serving"
             self._rejected[key] = signature
-            failures[Failure(key.name, str(key.version))] = why
-            report.rejected[key] = why
             log.error(
                 "model rejected", extra={"model": key.name, "version": key.version, "error": why, "trigger": trigger}
             )
+            why = self._public(why)  # what clients see: no paths of this machine
+            failures[Failure(key.name, str(key.version))] = why
+            report.rejected[key] = why
         for failure, why in plan.scan.problems.items():
             if failure not in self.failures:
                 log.error("model rejected", extra={"model": str(failure), "error": why, "trigger": trigger})
@@ -447,6 +448,14 @@ class ModelRegistry:
                 },
             )
         return report, retired
+
+    def _public(self, reason: str) -> str:
+        """``reason`` with the repository's absolute path taken out (onnxruntime and file errors
+        name the files they read): clients see paths inside the repository only."""
+        for root in {str(self.root.resolve()), str(self.root.absolute()), str(self.root)}:
+            if root not in (".", ""):
+                reason = reason.replace(root + "/", "").replace(root, "the model repository")
+        return reason
 
     def _failures_after(self, plan: _Plan) -> dict[Failure, str]:
         """:attr:`failures` after this round: out-of-scope entries kept; in scope, a version stays

@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
             "--token-file", type=Path, help="file holding a bearer token sent as 'authorization' metadata"
         )
         remote.add_argument(
+            "--insecure-token",
+            action="store_true",
+            help="send the token without TLS (refused otherwise: anyone on the path could read it)",
+        )
+        remote.add_argument(
             "--wait", type=float, default=30.0, help="seconds to wait for an unreachable server at start [default 30]"
         )
         local = sub.add_argument_group("local (--local) options")
@@ -123,16 +128,10 @@ def _backend(args: argparse.Namespace) -> Backend:
         return LocalBackend(repository, args.task, args.model, args.version, args.provider)
     token = args.token_file.read_text().strip() if args.token_file else None
     # UNAVAILABLE retries cover --wait seconds at start (server still coming up) and each unary call.
-    client = ServingClient(
-        args.server,
-        root_certificates=args.tls_ca,
-        certificate_chain=args.tls_cert,
-        private_key=args.tls_key,
-        server_name=args.server_name,
-        token=token,
-        timeout=args.timeout,
-        retry=connect_retry(attempts=max(1, int(args.wait / 2) + 3)),
-    )
+    try:
+        client = _client(args, token)
+    except ValueError as exc:  # a token over plaintext without --insecure-token
+        raise BackendError(str(exc)) from None
     try:
         return RemoteBackend(
             client, args.task, args.model, args.version, chunk_timeout=args.timeout, connect_timeout=max(args.wait, 1.0)
@@ -140,6 +139,20 @@ def _backend(args: argparse.Namespace) -> Backend:
     except BaseException:
         client.close()
         raise
+
+
+def _client(args: argparse.Namespace, token: str | None) -> ServingClient:
+    return ServingClient(
+        args.server,
+        root_certificates=args.tls_ca,
+        certificate_chain=args.tls_cert,
+        private_key=args.tls_key,
+        server_name=args.server_name,
+        token=token,
+        insecure_token=args.insecure_token,
+        timeout=args.timeout,
+        retry=connect_retry(attempts=max(1, int(args.wait / 2) + 3)),
+    )
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:

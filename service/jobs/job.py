@@ -19,7 +19,9 @@ corrupt input fails before any output exists.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import hashlib
 import io
 import itertools
@@ -27,6 +29,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -68,15 +71,45 @@ class JobConfig:
 # -- files ---------------------------------------------------------------------------------------
 
 
+#: The output folder's lock file: one job at a time per folder.
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` for the whole job; JobError at once when another job
+    holds it (nothing of that job is touched). The lock goes with the process, also on SIGKILL."""
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise JobError(
+                f"{out} is in use by another batch job (it holds {out / LOCK}); wait for it to finish, "
+                "or choose another --output"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def write_atomic(path: Path, data: bytes, sync: bool = True) -> None:
-    """Replace ``path`` with ``data`` all at once (temp file in the same folder + os.replace)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        if sync:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Replace ``path`` with ``data`` all at once (a temp file of its own in the same folder +
+    os.replace)."""
+    fd, name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            if sync:
+                os.fsync(f.fileno())
+        os.replace(name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+        raise
     if sync:
         _fsync_dir(path.parent)
 
@@ -353,6 +386,10 @@ class Job:
     def run(self) -> dict[str, Any]:
         self._prepare()
         self.out.mkdir(parents=True, exist_ok=True)
+        with _exclusive(self.out):
+            return self._run_locked()
+
+    def _run_locked(self) -> dict[str, Any]:
         if self.config.restart:
             self._clear()
         summary_path = self.out / SUMMARY

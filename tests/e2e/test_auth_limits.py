@@ -93,7 +93,7 @@ def test_bearer_tokens(tmp_path: Path) -> None:
         assert _profit(channel, FILE_TOKEN) == 7.0
         assert _profit(channel, header=f"bearer {FILE_TOKEN}") == 7.0  # the scheme is case-insensitive
         assert _v2_profit(channel, ENV_TOKEN) == 7.0
-        with ServingClient(proc.address, token=FILE_TOKEN) as client:
+        with ServingClient(proc.address, token=FILE_TOKEN, insecure_token=True) as client:
             assert client.predict_profit([3]).tolist() == [7.0]
 
         # Rotation: a new file replaces the old tokens within about a second, no restart.

@@ -23,6 +23,7 @@ from service.generated.serving.v1 import serving_pb2_grpc as pb_grpc
 from service.jobs import InputError, Job, JobConfig, JobError, RemoteBackend, open_images
 from service.jobs.__main__ import main
 from service.jobs.inputs import NpyImages, Source
+from service.jobs.job import LOCK, _exclusive
 
 CHUNK = 32
 DATA_FILES = ["probabilities.npy", "predictions.npy", "predictions.csv", "confusion_matrix.csv"]
@@ -117,10 +118,15 @@ def test_remote_and_local_give_identical_outputs(
     assert matrix.sum() == 10_000 and np.trace(matrix) == remote_summary["correct"]
 
 
+def _results(out: Path) -> dict[str, int]:
+    """Modification times of the job's files (the lock file is the job's, not a result)."""
+    return {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != LOCK}
+
+
 def test_finished_job_is_not_redone(
     reference: Path, server: ServerProcess, fashion: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    before = {p.name: p.stat().st_mtime_ns for p in reference.iterdir()}
+    before = _results(reference)
     assert (
         run(
             "classify",
@@ -139,7 +145,7 @@ def test_finished_job_is_not_redone(
         == 0
     )
     assert "already complete" in capsys.readouterr().err
-    assert {p.name: p.stat().st_mtime_ns for p in reference.iterdir()} == before
+    assert _results(reference) == before
     # Another job into the same folder is refused, and names what differs.
     assert (
         run(
@@ -343,7 +349,7 @@ def test_input_failing_mid_run_leaves_an_unfinished_job_only(server: ServerProce
         with pytest.raises(InputError, match="read error at row 60"):
             Job("classify", FailingSource(NpyImages(tmp_path / "x.npy"), good=3), backend, quiet(out)).run()
         assert _rows_done(out) == 60 and not (out / "summary.json").exists()
-        assert sorted(p.name for p in out.iterdir()) == [".partial"]
+        assert sorted(p.name for p in out.iterdir() if p.name != LOCK) == [".partial"]
         # Resuming with other settings is refused; with the same ones it completes.
         config = quiet(out)
         config.chunk_size = 25
@@ -355,6 +361,25 @@ def test_input_failing_mid_run_leaves_an_unfinished_job_only(server: ServerProce
     for name in ("probabilities.npy", "predictions.csv"):
         assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
     assert summary["outputs"] == clean["outputs"]
+
+
+def test_a_second_job_into_a_folder_in_use_is_refused_and_touches_nothing(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    np.save(tmp_path / "x.npy", SMALL)
+    out = tmp_path / "out"
+    out.mkdir()
+    with connect(server.address) as client, _exclusive(out):  # another job holds the folder
+        backend = RemoteBackend(client, "classify", None)
+        with pytest.raises(JobError, match="in use by another batch job"):
+            Job("classify", NpyImages(tmp_path / "x.npy"), backend, quiet(out)).run()
+        assert [p.name for p in out.iterdir()] == [LOCK]
+    # Once the other job lets go, this one runs.
+    with connect(server.address) as client:
+        summary = Job(
+            "classify", NpyImages(tmp_path / "x.npy"), RemoteBackend(client, "classify", None), quiet(out)
+        ).run()
+    assert summary["complete"]
 
 
 # -- other inputs --------------------------------------------------------------------------------

@@ -91,8 +91,14 @@ def test_every_call_has_a_deadline_covering_its_retries(fake: FakeModelService) 
         assert time.monotonic() - started < 1.0  # the deadline, not the 1000 attempts, ended it
 
 
+def test_a_token_is_not_sent_over_plaintext_unless_asked() -> None:
+    with pytest.raises(ValueError, match="plaintext channel") as refused:
+        connect("127.0.0.1:1", token="s3cret")
+    assert "s3cret" not in str(refused.value)
+
+
 def test_token_is_sent_as_bearer_metadata(fake: FakeModelService) -> None:
-    with fake_server(fake) as address, connect(address, token="s3cret") as c:
+    with fake_server(fake) as address, connect(address, token="s3cret", insecure_token=True) as c:
         c.predict_profit([1.0])
         c.health()
     assert fake.metadata[-1]["authorization"] == "Bearer s3cret"

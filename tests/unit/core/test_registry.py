@@ -38,6 +38,9 @@ def test_loads_all_versions_and_reports_broken_model(tiny_registry: ModelRegistr
     ]
     assert list(repo.failed) == ["broken/1"]
     assert "Protobuf parsing failed" in repo.failed["broken/1"]
+    # Clients read these reasons: they name files inside the repository, not this machine's paths.
+    assert str(repo.root.resolve()) not in repo.failed["broken/1"]
+    assert "broken/1/model.onnx" in repo.failed["broken/1"]
     assert list(repo.failures) == [Failure("broken", "1")]  # the typed keys behind `failed`
 
 

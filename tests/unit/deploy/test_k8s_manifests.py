@@ -84,7 +84,15 @@ def dockerfile() -> dict[str, list[str]]:
 
 
 def test_kustomize_renders_every_variant(rendered: dict[str, list[dict]]) -> None:
-    base_kinds = ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Service", "Service"]
+    base_kinds = [
+        "ConfigMap",
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+        "Service",
+        "Service",
+    ]
     assert sorted(d["kind"] for d in rendered["base"]) == base_kinds
     assert sorted(d["kind"] for d in rendered["gpu"]) == base_kinds
     assert sorted(d["kind"] for d in rendered["pvc"]) == sorted([*base_kinds, "PersistentVolumeClaim"])
@@ -343,3 +351,18 @@ def test_kserve_rest_predictor_matches_the_server(isvc_validator: jsonschema.pro
     grpc_isvc = yaml.safe_load(ISVC.read_text())
     assert isvc["metadata"]["annotations"] == grpc_isvc["metadata"]["annotations"]
     assert container["image"] == server_container(grpc_isvc["spec"]["predictor"])["image"]
+
+
+def test_pods_get_no_service_account_token_and_a_network_policy(rendered: dict[str, list[dict]]) -> None:
+    """The server never calls the Kubernetes API, and only its serving and metrics ports are open."""
+    for variant, docs in rendered.items():
+        pod = one(docs, "Deployment", "model-serving")["spec"]["template"]
+        assert pod["spec"]["automountServiceAccountToken"] is False, variant
+        policy = one(docs, "NetworkPolicy", "model-serving")
+        assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        named = {p["name"] for p in server_container(pod["spec"])["ports"]}
+        opened = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+        assert opened == named == {"http", "grpc", "metrics"}, variant
+    for path in (ISVC, ISVC_REST):
+        assert yaml.safe_load(path.read_text())["spec"]["predictor"]["automountServiceAccountToken"] is False
