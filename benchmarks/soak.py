@@ -305,6 +305,18 @@ def wait_serving(address: str, process: subprocess.Popen, timeout: float = 120) 
 
 
 def start_server(model_repository: Path, extra: list[str], log_path: Path) -> tuple[str, subprocess.Popen]:
+    """Start ``python -m service`` on a free port (a few tries: another process may take the
+    port between our probe and the server's bind)."""
+    for attempt in range(3):
+        try:
+            return _start_server(model_repository, extra, log_path)
+        except SystemExit:
+            if attempt == 2 or "already in use" not in log_path.read_text(errors="replace"):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_server(model_repository: Path, extra: list[str], log_path: Path) -> tuple[str, subprocess.Popen]:
     port = free_port()
     command = [
         sys.executable,
@@ -321,6 +333,8 @@ def start_server(model_repository: Path, extra: list[str], log_path: Path) -> tu
     ]
     if _has_setting("metrics_port"):
         command += ["--metrics-port", "0"]  # no fixed port: may run beside another server
+    if _has_setting("http_port"):
+        command += ["--http-port", "0"]  # gRPC only: nothing on port 8000 to collide with
     command += extra
     env = {k: v for k, v in os.environ.items() if not k.startswith("SERVING_")}
     with open(log_path, "wb") as log:

@@ -1,9 +1,10 @@
 """The call gate every front end admits calls through: how many run at once, and the drain.
 
 * **Concurrent calls.** At most ``max_concurrent_requests`` calls run at once, over every
-  protocol; one more is refused at once (RESOURCE_EXHAUSTED / 429). A stream counts as one
-  call while it is open. Health checks are not counted, so probes work while the server is
-  saturated.
+  protocol; one more is refused at once (RESOURCE_EXHAUSTED / 429). A message on an inference
+  stream counts as one call while it is handled; an idle stream takes nothing of this budget
+  (open streams have a gate of their own). Health checks are not counted, so probes work while
+  the server is saturated.
 * **Draining** (shutdown). New calls do no work: each is *held* until the transport has begun to
   stop and is then refused as UNAVAILABLE (before its deadline, at the latest), while the calls
   already running finish. Why hold rather than refuse at once: when gRPC stops it cancels
@@ -36,6 +37,8 @@ class CallGate:
         self.last_call = 0.0  # time.monotonic() when the last call (refused or not) came in
         self.held = 0
         self._release = asyncio.Event()  # set once the transport has begun to stop
+        #: Tasks of open streams waiting for their next message: told when draining starts.
+        self.waiting: set[asyncio.Task[object]] = set()
 
     def admit(self) -> str | None:
         """Why a new call is refused now (:data:`BUSY`, :data:`DRAINING`), or None: then the
@@ -71,8 +74,11 @@ class CallGate:
             self.held -= 1
 
     def start_draining(self) -> None:
-        """From now on hold every new call (health aside) for an UNAVAILABLE answer."""
+        """From now on hold every new call (health aside) for an UNAVAILABLE answer; streams
+        waiting for their next message are woken (cancelled with :data:`DRAINING`) to end."""
         self.draining = True
+        for task in self.waiting:
+            task.cancel(DRAINING)
 
     def release_held(self) -> None:
         """Answer the held calls (call once the transport has begun to stop)."""

@@ -160,8 +160,13 @@ class Settings(BaseSettings):
     max_concurrent_requests: int = Field(
         256,
         ge=1,
-        description="calls handled at once (an open stream counts as one; health "
+        description="calls handled at once (a message on a stream counts as one while it is handled; health "
         "checks are not counted); more → RESOURCE_EXHAUSTED",
+    )
+    max_inference_streams: int = Field(
+        128,
+        ge=1,
+        description="inference streams (ClassifyStream, ModelStreamInfer) open at once; more → RESOURCE_EXHAUSTED",
     )
     max_metadata_bytes: int = Field(
         16 * 1024, ge=1024, description="largest request metadata (headers), in bytes; more → RESOURCE_EXHAUSTED"

@@ -9,10 +9,12 @@ policy (:func:`policy_for`); a call then goes through, in this order:
    request the served models accept is RESOURCE_EXHAUSTED; health and reflection messages are
    tiny by nature and capped at a few KiB.
 3. **A call gate** (:mod:`service.limits`): inference and metadata calls share the server's
-   ``max_concurrent_requests`` (with HTTP); health Watch streams and reflection calls, which need no
-   token and live long, have small gates of their own, so they never take the budget of
-   authenticated inference. Health Check is never refused. While draining, gated calls are held
-   and then answered UNAVAILABLE.
+   ``max_concurrent_requests`` (with HTTP); on an inference stream each message takes a place
+   there while it is handled, and the open streams have a gate of their own, so idle streams
+   take nothing from other callers. Health Watch streams and reflection calls, which need no
+   token and live long, have small gates of their own too. Health Check is never refused. While
+   draining, gated calls are held and then answered UNAVAILABLE; a stream waiting for its next
+   message is ended UNAVAILABLE at once.
 4. **Undecodable messages**: a message that does not parse (truncated, a wrong wire type, a
    ``string`` that is not UTF-8) is INVALID_ARGUMENT naming the message type (grpc.aio would say
    ``UNKNOWN: Unexpected DecodeError``), for unary and streaming requests alike.
@@ -23,6 +25,7 @@ grpc.aio looks at to drive it; wrapped handlers are cached per method.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -52,19 +55,39 @@ Behavior = Callable[..., Any]
 @dataclass(frozen=True)
 class Policy:
     """What a method's calls go through: auth (None = exempt, else whether model control), the
-    largest request message (a number, or the live limit of the served models), and a gate."""
+    largest request message (a number, or the live limit of the served models), a gate for the
+    call, and for inference streams the gate each message takes (``per_message``, which also
+    says when the server drains)."""
 
     control: bool | None
     max_bytes: int | MessageLimits
     gate: CallGate | None
+    per_message: CallGate | None = None
 
 
-def policy_for(method: str, gate: CallGate, watches: CallGate, reflection: CallGate, limits: MessageLimits) -> Policy:
+@dataclass(frozen=True)
+class Gates:
+    """The gates of one server: ``main`` (``max_concurrent_requests``, shared with HTTP),
+    ``streams`` (open inference streams), ``watches`` (health Watch), ``reflection``."""
+
+    main: CallGate
+    streams: CallGate
+    watches: CallGate
+    reflection: CallGate
+
+    @classmethod
+    def default(cls, main: CallGate) -> Gates:
+        return cls(main, CallGate(128), CallGate(32), CallGate(8))
+
+
+def policy_for(method: str, gates: Gates, limits: MessageLimits, stream_request: bool) -> Policy:
     if method.startswith(HEALTH):
-        return Policy(None, HEALTH_MESSAGE_BYTES, watches if method == HEALTH_WATCH else None)
+        return Policy(None, HEALTH_MESSAGE_BYTES, gates.watches if method == HEALTH_WATCH else None)
     if method.startswith(REFLECTION):
-        return Policy(None, REFLECTION_MESSAGE_BYTES, reflection)
-    return Policy(method in CONTROL, limits, gate)
+        return Policy(None, REFLECTION_MESSAGE_BYTES, gates.reflection)
+    if stream_request:
+        return Policy(method in CONTROL, limits, gates.streams, per_message=gates.main)
+    return Policy(method in CONTROL, limits, gates.main)
 
 
 class _Refused:
@@ -112,11 +135,50 @@ def safe_deserializer(
     return deserialize
 
 
-async def _checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-    async for request in requests:
+async def _checked(
+    requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, per_message: CallGate | None
+) -> AsyncIterator[Any]:
+    """The stream's messages, refused ones ending the call; with ``per_message``, each message
+    holds a place in that gate from when it is handed on until the next one is asked for."""
+    incoming = aiter(requests)
+    while True:
+        try:
+            request = await (anext(incoming) if per_message is None else _next_message(incoming, per_message, context))
+        except StopAsyncIteration:
+            return
         if type(request) is _Refused:
             await context.abort(request.code, request.message)
-        yield request
+        if per_message is None:
+            yield request
+            continue
+        why = per_message.admit()
+        if why == DRAINING:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
+        elif why is not None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, per_message.busy_message())
+        per_message.active += 1
+        try:
+            yield request
+        finally:
+            per_message.active -= 1
+
+
+async def _next_message(incoming: AsyncIterator[Any], gate: CallGate, context: grpc.aio.ServicerContext) -> Any:
+    """The stream's next message; UNAVAILABLE instead once ``gate`` drains (also while waiting)."""
+    if gate.draining:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
+    task = asyncio.current_task()
+    assert task is not None
+    gate.waiting.add(task)
+    try:
+        return await anext(incoming)
+    except asyncio.CancelledError:
+        if not gate.draining:
+            raise
+        task.uncancel()  # woken by the drain (CallGate.start_draining), not cancelled by the client
+        await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
+    finally:
+        gate.waiting.discard(task)
 
 
 def _denied(handler: grpc.RpcMethodHandler, refusal: Refusal) -> grpc.RpcMethodHandler:
@@ -139,22 +201,27 @@ def _denied(handler: grpc.RpcMethodHandler, refusal: Refusal) -> grpc.RpcMethodH
 class _Admission:
     """What happens before a call's handler runs (auth came before): the gate, the decode guard."""
 
-    def __init__(self, gate: CallGate | None) -> None:
+    def __init__(self, gate: CallGate | None, per_message: CallGate | None = None) -> None:
         self.gate = gate
+        self.per_message = per_message
 
     async def enter(self, request: Any, stream_request: bool, context: grpc.aio.ServicerContext) -> Any:
         """Admit the call (aborting it otherwise) and return the request to hand the handler;
         the caller must call :meth:`leave` once the handler is done."""
         gate = self.gate
+        if self.per_message is not None and self.per_message.draining:
+            await self.per_message.hold(context.time_remaining())
+            await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
         if gate is not None:
             why = gate.admit()
             if why == DRAINING:
                 await gate.hold(context.time_remaining())
                 await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
             elif why is not None:
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, gate.busy_message())
+                message = gate.busy_message() if self.per_message is None else self._streams_busy(gate)
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
         if stream_request:
-            request = _checked(request, context)
+            request = _checked(request, context, self.per_message)
         elif type(request) is _Refused:
             await context.abort(request.code, request.message)
         if gate is not None:
@@ -164,6 +231,13 @@ class _Admission:
     def leave(self) -> None:
         if self.gate is not None:
             self.gate.active -= 1
+
+    @staticmethod
+    def _streams_busy(gate: CallGate) -> str:
+        return (
+            f"too many inference streams: {gate.active} open, the max_inference_streams limit; "
+            "close one or retry with backoff"
+        )
 
 
 def _wrap(behavior: Behavior, stream_request: bool, admission: _Admission) -> Behavior:
@@ -201,7 +275,7 @@ def guard_handler(handler: grpc.RpcMethodHandler, policy: Policy) -> grpc.RpcMet
     else:
         factory, behavior, stream_request = grpc.stream_stream_rpc_method_handler, handler.stream_stream, True
     return factory(
-        _wrap(behavior, stream_request, _Admission(policy.gate)),
+        _wrap(behavior, stream_request, _Admission(policy.gate, policy.per_message)),
         request_deserializer=safe_deserializer(handler.request_deserializer, policy.max_bytes),
         response_serializer=handler.response_serializer,
     )
@@ -213,17 +287,13 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships
 
     def __init__(
         self,
-        gate: CallGate,
+        gates: Gates | CallGate,
         authenticator: Authenticator | None = None,
         limits: MessageLimits | None = None,
-        watches: CallGate | None = None,
-        reflection: CallGate | None = None,
     ) -> None:
-        self.gate = gate
+        self.gates = gates if isinstance(gates, Gates) else Gates.default(gates)
         self.authenticator = authenticator
         self.limits = limits if limits is not None else MessageLimits(None)
-        self.watches = watches if watches is not None else CallGate(32)
-        self.reflection = reflection if reflection is not None else CallGate(8)
         self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler, Policy]] = {}
 
     async def intercept_service(
@@ -237,7 +307,8 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships
         method = details.method
         cached = self._cache.get(method)
         if cached is None or cached[0] is not handler:
-            policy = policy_for(method, self.gate, self.watches, self.reflection, self.limits)
+            stream_request = bool(handler.stream_unary or handler.stream_stream)
+            policy = policy_for(method, self.gates, self.limits, stream_request)
             cached = (handler, guard_handler(handler, policy), policy)
             self._cache[method] = cached  # keys: registered methods only
         policy = cached[2]

@@ -19,7 +19,7 @@ from ..security import Authenticator
 from ..settings import Settings
 from . import typed, v2
 from .health import Health
-from .interceptor import CallGuard
+from .interceptor import CallGuard, Gates
 
 #: After the drain: time gRPC gets to send the last answers before it cancels what is still open.
 FLUSH_SECONDS = 2.0
@@ -107,7 +107,14 @@ async def build_grpc(
 ) -> GrpcFrontEnd:
     """The gRPC server with every service registered and its port bound (not yet started)."""
     guard = CallGuard(
-        gate, authenticator, limits, CallGate(settings.max_health_watches), CallGate(settings.max_reflection_calls)
+        Gates(
+            gate,
+            streams=CallGate(settings.max_inference_streams),
+            watches=CallGate(settings.max_health_watches),
+            reflection=CallGate(settings.max_reflection_calls),
+        ),
+        authenticator,
+        limits,
     )
     server = grpc.aio.server(interceptors=[guard], options=server_options(settings, limits))
     # (generated registration functions carry no type hints)
