@@ -74,6 +74,17 @@ class ServingApp:
         await self.poller.stop()
         await self.registry.stop()
 
+    async def close(self) -> None:
+        """Release whatever was created, started or not, without draining: the path of a start-up
+        that is refused after :func:`build_app` (a busy metrics port, a missing repository, strict
+        model loading). Nothing is left for garbage collection to close after the event loop."""
+        await self.grpc.server.stop(None)
+        if self.http is not None:
+            await self.http.stop(0.0)
+        await self.poller.stop()
+        await self.registry.stop()
+        self.metrics.close()
+
 
 async def build_app(settings: Settings, registry: ModelRegistry | None = None) -> ServingApp:
     """Everything created and bound (not yet started, no model loaded). Refuses to build on a
@@ -91,7 +102,12 @@ async def build_app(settings: Settings, registry: ModelRegistry | None = None) -
     tokens = TokenStore.from_settings(settings)
     authenticator = Authenticator(tokens) if tokens is not None else None
     front = await build_grpc(settings, plane, gate, authenticator)
-    http = HttpFrontEnd(HttpApi(plane, gate, authenticator), settings) if settings.http_port else None
+    try:
+        http = HttpFrontEnd(HttpApi(plane, gate, authenticator), settings) if settings.http_port else None
+    except BaseException:  # the HTTP port is taken: the bound gRPC server must not outlive the loop
+        await front.server.stop(None)
+        await registry.stop()
+        raise
     poller = RepositoryPoller(registry, settings.reload_interval_seconds)
     return ServingApp(settings, registry, plane, gate, front, http, metrics, poller)
 
@@ -99,18 +115,22 @@ async def build_app(settings: Settings, registry: ModelRegistry | None = None) -
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT, then shut down gracefully."""
     app = await build_app(settings)
-    await app.start()
-    metrics_port = None
-    if settings.metrics_port:
-        metrics_port = app.metrics.serve(settings.metrics_port, settings.host)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    # The bound ports, before the models load (port 0 settings read back from here).
-    log.info("listening", extra={"grpc_port": app.port, "http_port": app.http_port, "metrics_port": metrics_port})
+    try:
+        await app.start()
+        metrics_port = None
+        if settings.metrics_port:
+            metrics_port = app.metrics.serve(settings.metrics_port, settings.host)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        # The bound ports, before the models load (port 0 settings read back from here).
+        log.info("listening", extra={"grpc_port": app.port, "http_port": app.http_port, "metrics_port": metrics_port})
 
-    await app.load_models()
+        await app.load_models()
+    except BaseException:  # refused after build: close what exists before the loop ends
+        await app.close()
+        raise
     registry = app.registry
     log.info(
         "server started",

@@ -96,7 +96,7 @@ class Settings(BaseSettings):
     batch_queue_capacity: int = Field(
         512, ge=1, description="requests waiting per model version; more → RESOURCE_EXHAUSTED"
     )
-    batching: dict[str, BatchingOverride] = Field(
+    batching: Annotated[dict[str, BatchingOverride], NoDecode] = Field(  # JSON read by _json: errors say so
         {},
         description="per-model batching overrides, JSON: "
         '{"fashion_cnn": {"max_batch_rows": 32, "max_queue_delay_us": 500}}; '

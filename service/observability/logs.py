@@ -46,8 +46,11 @@ class TextFormatter(logging.Formatter):
         return super().format(record) + (" " + fields if fields else "")
 
 
-def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
-    """Route all logs to stderr in the chosen format and level."""
+def configure_logging(level: str = "INFO", fmt: str = "json") -> str:
+    """Route all logs to stderr in the chosen format and level; return the format used
+    (``auto``: text when stderr is a terminal, else JSON)."""
+    if fmt == "auto":
+        fmt = "text" if sys.stderr.isatty() else "json"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
@@ -56,6 +59,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     # Library internals stay out of our per-request debug lines.
     for noisy in ("grpc", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.getLevelName(level), logging.INFO))
+    return fmt
 
 
 class RequestLog:
