@@ -8,6 +8,7 @@ import logging
 import signal
 from dataclasses import dataclass
 
+from . import installed_version
 from .core.dataplane import DataPlane, Observer
 from .core.registry import ModelRegistry, RepositoryPoller
 from .grpc.server import GrpcFrontEnd, build_grpc
@@ -135,6 +136,7 @@ async def serve(settings: Settings) -> None:
     log.info(
         "server started",
         extra={
+            "version": installed_version(),
             "address": f"{settings.host}:{app.port}",
             "http_port": app.http_port,
             "metrics_port": metrics_port,

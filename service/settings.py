@@ -134,7 +134,11 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="DEBUG adds one log line per request"
     )
-    log_format: Literal["json", "text"] = Field("json", description="structured JSON lines or text")
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto",
+        description="json (one object per line), text (for a person: the start-up line as a summary), "
+        "or auto: text when stderr is a terminal, json otherwise (containers, Kubernetes, CI)",
+    )
     # -- hardening (README "Hardening") --------------------------------------------------------
     auth_tokens: Annotated[list[str], NoDecode] = Field(
         [],
