@@ -14,6 +14,8 @@
 # builds the cpu target and runs it (docs/deployment.md). BASE_IMAGE replaces python:slim by another
 # Debian-like image that has python3 >= 3.11 with venv (the container check builds on one made with
 # debootstrap where no image registry is reachable). Settings come from SERVING_* env vars.
+# SERVING_STRICT_MODEL_LOADING=true: a model that fails to load stops the container (exit 1)
+# instead of a server that quietly serves less (docs/serving.md#strict-model-loading).
 
 ARG PYTHON_VERSION=3.12
 ARG BASE_IMAGE=python:${PYTHON_VERSION}-slim
@@ -52,6 +54,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     SERVING_HTTP_PORT=8000 \
     SERVING_METRICS_PORT=8002 \
     SERVING_MODEL_REPOSITORY=/models \
+    SERVING_STRICT_MODEL_LOADING=true \
     SERVING_PROVIDER=cuda
 USER 10001:10001
 WORKDIR /home/serving
@@ -84,7 +87,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     SERVING_PORT=8001 \
     SERVING_HTTP_PORT=8000 \
     SERVING_METRICS_PORT=8002 \
-    SERVING_MODEL_REPOSITORY=/models
+    SERVING_MODEL_REPOSITORY=/models \
+    SERVING_STRICT_MODEL_LOADING=true
 USER 10001:10001
 WORKDIR /home/serving
 EXPOSE 8000 8001 8002

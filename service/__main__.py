@@ -23,6 +23,8 @@ from .observability.logs import configure_logging
 from .settings import RENAMED, Settings
 
 log = logging.getLogger("service")
+#: Other spellings of a flag (Triton's name for strict model loading).
+FLAG_ALIASES = {"strict_model_loading": ["--exit-on-error"]}
 PROG = settings_errors.PROG
 #: The exit status of a refused start-up (invalid settings: 2, as argparse).
 REFUSED = 1
@@ -51,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         default = info.default if info.default is not None else "unset"
         parser.add_argument(
             "--" + name.replace("_", "-"),
+            *FLAG_ALIASES.get(name, []),
             dest=name,
             help=f"{info.description} [env {prefix}{name.upper()}, default {default}]",
             **kwargs,

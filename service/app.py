@@ -113,6 +113,33 @@ async def build_app(settings: Settings, registry: ModelRegistry | None = None) -
     return ServingApp(settings, registry, plane, gate, front, http, metrics, poller)
 
 
+class StrictLoadingError(RuntimeError):
+    """Strict model loading: a model failed to load at start-up, or there is none."""
+
+
+def check_first_load(registry: ModelRegistry, strict: bool) -> None:
+    """After the first load: what failed (each version and why) or that nothing is there is a
+    WARNING, the server carrying on NOT_SERVING while nothing is loaded; in strict mode the same
+    is a :class:`StrictLoadingError` (start-up refused)."""
+    failed = {key: " ".join(why.split()) for key, why in registry.failed.items()}
+    if strict and (failed or not registry.ready):
+        what = "; ".join(f"{key}: {why}" for key, why in failed.items())
+        if failed:
+            count = f"{len(failed)} model version{'s' if len(failed) > 1 else ''}"
+            raise StrictLoadingError(f"strict model loading: {count} failed to load: {what}")
+        raise StrictLoadingError(f"strict model loading: model repository {registry.root} holds no model")
+    if failed:
+        log.warning(
+            "models failed to load",
+            extra={"failed": failed, "serving": {m: registry.versions(m) for m in registry.names()}},
+        )
+    if not registry.ready:
+        log.warning(
+            "no model loaded: not ready",
+            extra={"root": str(registry.root), "empty": not failed, "health": "NOT_SERVING"},
+        )
+
+
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT, then shut down gracefully."""
     app = await build_app(settings)
@@ -129,6 +156,7 @@ async def serve(settings: Settings) -> None:
         log.info("listening", extra={"grpc_port": app.port, "http_port": app.http_port, "metrics_port": metrics_port})
 
         await app.load_models()
+        check_first_load(app.registry, settings.strict_model_loading)
     except BaseException:  # refused after build: close what exists before the loop ends
         await app.close()
         raise
@@ -149,10 +177,9 @@ async def serve(settings: Settings) -> None:
             "failed": registry.failed,
             "services": app.grpc.services,
             "ready": registry.ready,
+            "strict_model_loading": settings.strict_model_loading,
         },
     )
-    if not registry.ready:
-        log.error("no model could be loaded; health stays NOT_SERVING", extra={"failed": registry.failed})
 
     await stop.wait()
     log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace_seconds})

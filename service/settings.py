@@ -170,6 +170,12 @@ class Settings(BaseSettings):
         description="serve V2 RepositoryModelLoad/RepositoryModelUnload (load, reload or "
         "drain a model on request); off, they answer FAILED_PRECONDITION",
     )
+    strict_model_loading: bool = Field(
+        False,
+        description="refuse to start (exit 1) when any model version fails to load at start-up or "
+        "the repository holds no model (Triton's --exit-on-error, accepted as an alias); off, the "
+        "server starts with what loaded and logs a warning. On in the container image",
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -208,3 +208,4 @@ def test_console_script_help() -> None:
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     assert "--model-repository" in result.stdout and "SERVING_PORT" in result.stdout
+    assert "--strict-model-loading STRICT_MODEL_LOADING, --exit-on-error STRICT_MODEL_LOADING" in result.stdout

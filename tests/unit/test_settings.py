@@ -141,3 +141,10 @@ def test_token_settings_are_never_printed(monkeypatch: pytest.MonkeyPatch) -> No
         "(SERVING_TLS_CERT) and --tls-key (SERVING_TLS_KEY) (given: --tls-client-ca='ca.pem')"
     ]
     assert not any("s3cr3t" in line or "secret-tokens" in line for line in lines)
+
+
+def test_log_format_defaults_to_auto_and_strict_loading_has_triton_spelling() -> None:
+    assert Settings().log_format == "auto"
+    assert Settings().strict_model_loading is False
+    assert parse_settings(["--exit-on-error", "true"]).strict_model_loading is True
+    assert parse_settings(["--strict-model-loading", "1"]).strict_model_loading is True

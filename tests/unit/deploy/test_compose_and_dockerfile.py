@@ -352,6 +352,8 @@ def test_dockerfile_runtime_stages(stages: dict[str, Stage]) -> None:
         assert not unknown
         Settings.model_validate({SETTINGS_ENV[k]: v for k, v in serving.items() if k in SETTINGS_ENV})
         assert env["SERVING_MODEL_REPOSITORY"] == "/models" and "models /models" in [c.value for c in stage.all("COPY")]
+        # A model that fails to load stops the container (docs/serving.md#strict-model-loading).
+        assert env["SERVING_STRICT_MODEL_LOADING"] == "true"
         # The runtime step makes the user and gives it /output (the compose batch job writes there).
         assert image_steps(stage) == [["image-steps.sh", "runtime"]]
         assert "deploy/docker/image-steps.sh" in stage.all("RUN")[0].value
