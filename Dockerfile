@@ -10,7 +10,7 @@
 #
 # Both targets run the same steps, deploy/docker/image-steps.sh (the install of ./scripts/serve.sh,
 # split into a dependency layer and a project layer, then the runtime user); they differ only in the
-# base image and the `gpu` extra. tests/test_deploy_files.py checks that; scripts/container-test.sh
+# base image and the extra: `cpu` (onnxruntime) or `gpu` (onnxruntime-gpu), never both. tests/test_deploy_files.py checks that; scripts/container-test.sh
 # builds the cpu target and runs it (docs/deployment.md). BASE_IMAGE replaces python:slim by another
 # Debian-like image that has python3 >= 3.11 with venv (the container check builds on one made with
 # debootstrap where no image registry is reachable). Settings come from SERVING_* env vars.
@@ -71,7 +71,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY deploy/docker/image-steps.sh /usr/local/bin/
 COPY pyproject.toml ./
-RUN image-steps.sh deps
+RUN image-steps.sh deps cpu
 COPY service ./service
 RUN image-steps.sh project
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib import metadata
 
 #: The distribution (pip) name; the import packages are ``service`` and ``training``.
-DISTRIBUTION = "model-serving"
+DISTRIBUTION = "onnx-v2-serving"
 
 
 def installed_version() -> str:

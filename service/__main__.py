@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from . import settings_errors
+from . import DISTRIBUTION, settings_errors
 from .observability.logs import configure_logging
 from .settings import RENAMED, Settings
 
@@ -110,6 +110,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(settings), file=sys.stderr)
         return INVALID_SETTINGS
     log_format = configure_logging(settings.log_level, settings.log_format)
+
+    try:
+        import onnxruntime  # noqa: F401  (not a base dependency: the cpu or gpu extra brings it)
+    except ImportError as exc:
+        if exc.name != "onnxruntime":
+            return refuse(f"onnxruntime cannot be imported: {exc}", log_format)
+        return refuse(
+            f"onnxruntime is not installed: install the server with the extra for your hardware, "
+            f"pip install '{DISTRIBUTION}[cpu]' (CPU) or '{DISTRIBUTION}[gpu]' (CUDA)",
+            log_format,
+        )
 
     from .app import serve  # after logging is configured
 

@@ -127,6 +127,21 @@ def test_unreadable_tls_file_is_one_line_exit_1(tmp_path: Path) -> None:
     assert_refused(result, f"cannot read TLS file {tmp_path / 'key.pem'}: No such file or directory")
 
 
+def test_without_onnxruntime_says_which_extra_to_install(tmp_path: Path) -> None:
+    """A server installed without the cpu or gpu extra: an ``onnxruntime`` that cannot be
+    imported (a stand-in first on PYTHONPATH raises the ImportError Python gives for a missing
+    module) is one line naming both extras."""
+    (tmp_path / "onnxruntime.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'onnxruntime'\", name='onnxruntime')\n"
+    )
+    result = run_cli("--log-format", "text", env={"PYTHONPATH": str(tmp_path)})
+    assert_refused(
+        result,
+        "onnxruntime is not installed: install the server with the extra for your hardware, "
+        "pip install 'onnx-v2-serving[cpu]' (CPU) or 'onnx-v2-serving[gpu]' (CUDA)",
+    )
+
+
 # -- point 3: invalid settings: one line per problem, flag + env var + value + expected, exit 2 ------
 
 

@@ -1,0 +1,45 @@
+"""The distribution's metadata (pyproject.toml) as pip and the server see it; resolution against
+the package index: tests/e2e/test_packaging.py."""
+
+from __future__ import annotations
+
+import sys
+from importlib import metadata
+
+import pytest
+from fixtures.servers import REPO_ROOT
+
+from service import DISTRIBUTION, installed_version
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    tomllib = pytest.importorskip("tomli")
+
+PROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+
+
+def test_distribution_name_is_ours_and_the_scripts_keep_theirs() -> None:
+    """ "model-serving" on PyPI is an unrelated project (2.0.6): the distribution is renamed, the
+    import packages and console scripts are not."""
+    assert PROJECT["name"] == DISTRIBUTION == "onnx-v2-serving"
+    assert PROJECT["scripts"] == {
+        "model-serving": "service.__main__:main",
+        "model-train": "training.__main__:main",
+        "model-batch": "service.jobs.__main__:main",
+    }
+
+
+def test_one_onnxruntime_build_per_extra() -> None:
+    """No onnxruntime in the base dependencies; cpu and gpu name one build each; the extras that
+    run models on the CPU (train, test) bring cpu, never gpu."""
+    extras = PROJECT["optional-dependencies"]
+    assert not [r for r in PROJECT["dependencies"] if r.startswith("onnxruntime")]
+    assert extras["cpu"] == ["onnxruntime>=1.20"] and extras["gpu"] == ["onnxruntime-gpu>=1.20"]
+    for name in ("train", "test"):
+        assert f"{DISTRIBUTION}[cpu]" in extras[name], name
+        assert not [r for r in extras[name] if "gpu" in r], name
+
+
+def test_installed_version_is_the_distributions() -> None:
+    assert installed_version() == metadata.version(DISTRIBUTION) == PROJECT["version"]
