@@ -43,3 +43,20 @@ def test_one_onnxruntime_build_per_extra() -> None:
 
 def test_installed_version_is_the_distributions() -> None:
     assert installed_version() == metadata.version(DISTRIBUTION) == PROJECT["version"]
+
+
+def test_changelog_keeps_a_changelog_and_starts_at_this_version() -> None:
+    """CHANGELOG.md (Keep a Changelog 1.1.0): an Unreleased section, then releases, newest first,
+    each `## [X.Y.Z] - YYYY-MM-DD` with Added/Changed/... subsections; the newest release is the
+    version in pyproject.toml (what the server reports once installed)."""
+    import re
+
+    text = (REPO_ROOT / "CHANGELOG.md").read_text()
+    assert text.startswith("# Changelog\n") and "keepachangelog.com/en/1.1.0" in text
+    headings = re.findall(r"^## \[([^\]]+)\](?: - (\d{4}-\d{2}-\d{2}))?$", text, re.M)
+    assert headings[0] == ("Unreleased", "")
+    releases = [version for version, _ in headings[1:]]
+    assert releases and releases[0] == PROJECT["version"]
+    assert all(date for _, date in headings[1:])
+    kinds = set(re.findall(r"^### (\w+)$", text, re.M))
+    assert kinds and kinds <= {"Added", "Changed", "Deprecated", "Removed", "Fixed", "Security"}
