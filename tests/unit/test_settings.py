@@ -148,3 +148,13 @@ def test_log_format_defaults_to_auto_and_strict_loading_has_triton_spelling() ->
     assert Settings().strict_model_loading is False
     assert parse_settings(["--exit-on-error", "true"]).strict_model_loading is True
     assert parse_settings(["--strict-model-loading", "1"]).strict_model_loading is True
+
+
+def test_every_setting_is_in_the_serving_docs() -> None:
+    """docs/serving.md's settings table has a row per setting: its flag and its env var."""
+    from fixtures.servers import REPO_ROOT
+
+    rows = [line for line in (REPO_ROOT / "docs" / "serving.md").read_text().splitlines() if line.startswith("| `--")]
+    for name in Settings.model_fields:
+        flag, env = f"`--{name.replace('_', '-')}`", f"`SERVING_{name.upper()}`"
+        assert any(line.startswith(f"| {flag}") and env in line for line in rows), name
