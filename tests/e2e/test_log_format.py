@@ -68,7 +68,9 @@ class PtyServer:
 
 def test_text_summary_on_a_terminal() -> None:
     http, metrics = free_port(), free_port()
-    server = PtyServer("--model-repository", str(MODELS), "--http-port", str(http), "--metrics-port", str(metrics))
+    server = PtyServer(
+        "--model-repository", str(MODELS), "--provider", "cpu", "--http-port", str(http), "--metrics-port", str(metrics)
+    )
     try:
         server.read_until("    loading   ")  # the summary's last line
         server.process.send_signal(signal.SIGINT)  # Ctrl-C
