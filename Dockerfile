@@ -10,10 +10,12 @@
 #
 # Both targets run the same steps, deploy/docker/image-steps.sh (the install of ./scripts/serve.sh,
 # split into a dependency layer and a project layer, then the runtime user); they differ only in the
-# base image and the `gpu` extra. tests/test_deploy_files.py checks that; scripts/container-test.sh
+# base image and the extra: `cpu` (onnxruntime) or `gpu` (onnxruntime-gpu), never both. tests/test_deploy_files.py checks that; scripts/container-test.sh
 # builds the cpu target and runs it (docs/deployment.md). BASE_IMAGE replaces python:slim by another
 # Debian-like image that has python3 >= 3.11 with venv (the container check builds on one made with
 # debootstrap where no image registry is reachable). Settings come from SERVING_* env vars.
+# SERVING_STRICT_MODEL_LOADING=true: a model that fails to load stops the container (exit 1)
+# instead of a server that quietly serves less (docs/serving.md#strict-model-loading).
 
 ARG PYTHON_VERSION=3.12
 ARG BASE_IMAGE=python:${PYTHON_VERSION}-slim
@@ -52,6 +54,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     SERVING_HTTP_PORT=8000 \
     SERVING_METRICS_PORT=8002 \
     SERVING_MODEL_REPOSITORY=/models \
+    SERVING_STRICT_MODEL_LOADING=true \
     SERVING_PROVIDER=cuda
 USER 10001:10001
 WORKDIR /home/serving
@@ -68,7 +71,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY deploy/docker/image-steps.sh /usr/local/bin/
 COPY pyproject.toml ./
-RUN image-steps.sh deps
+RUN image-steps.sh deps cpu
 COPY service ./service
 RUN image-steps.sh project
 
@@ -84,7 +87,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     SERVING_PORT=8001 \
     SERVING_HTTP_PORT=8000 \
     SERVING_METRICS_PORT=8002 \
-    SERVING_MODEL_REPOSITORY=/models
+    SERVING_MODEL_REPOSITORY=/models \
+    SERVING_STRICT_MODEL_LOADING=true
 USER 10001:10001
 WORKDIR /home/serving
 EXPOSE 8000 8001 8002

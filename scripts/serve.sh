@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-EXTRA=${SERVING_EXTRA:-}   # set SERVING_EXTRA=gpu for onnxruntime-gpu
+EXTRA=${SERVING_EXTRA:-cpu}   # cpu: onnxruntime; SERVING_EXTRA=gpu: onnxruntime-gpu (never both)
 
 if [ ! -x .venv-serve/bin/python ]; then
   "$PYTHON" -m venv .venv-serve
@@ -13,12 +13,7 @@ fi
 stamp=.venv-serve/.installed-$( (cat pyproject.toml; echo "$EXTRA") | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   .venv-serve/bin/python -m pip install -q --upgrade pip
-  .venv-serve/bin/python -m pip install -q -e ".${EXTRA:+[$EXTRA]}"
-  if [ "$EXTRA" = gpu ]; then
-    # onnxruntime (a base dependency) and onnxruntime-gpu share one package folder: make the GPU build own it.
-    .venv-serve/bin/python -m pip uninstall -y onnxruntime
-    .venv-serve/bin/python -m pip install --force-reinstall --no-deps "onnxruntime-gpu>=1.20"
-  fi
+  .venv-serve/bin/python -m pip install -q -e ".[$EXTRA]"
   rm -f .venv-serve/.installed-*; touch "$stamp"
 fi
 exec .venv-serve/bin/python -m service --model-repository models "$@"

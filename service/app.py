@@ -8,6 +8,7 @@ import logging
 import signal
 from dataclasses import dataclass
 
+from . import installed_version
 from .core.dataplane import DataPlane, Observer
 from .core.registry import ModelRegistry, RepositoryPoller
 from .grpc.server import GrpcFrontEnd, build_grpc
@@ -80,6 +81,17 @@ class ServingApp:
         await self.poller.stop()
         await self.registry.stop()
 
+    async def close(self) -> None:
+        """Release whatever was created, started or not, without draining: the path of a start-up
+        that is refused after :func:`build_app` (a busy metrics port, a missing repository, strict
+        model loading). Nothing is left for garbage collection to close after the event loop."""
+        await self.grpc.server.stop(None)
+        if self.http is not None:
+            await self.http.stop(0.0)
+        await self.poller.stop()
+        await self.registry.stop()
+        self.metrics.close()
+
 
 async def build_app(
     settings: Settings,
@@ -101,7 +113,12 @@ async def build_app(
     gate = CallGate(settings.max_concurrent_requests)
     authenticator = Authenticator.from_settings(settings)
     front = await build_grpc(settings, plane, gate, authenticator, limits)
-    http = HttpFrontEnd(HttpApi(plane, gate, authenticator, limits), settings) if settings.http_port else None
+    try:
+        http = HttpFrontEnd(HttpApi(plane, gate, authenticator, limits), settings) if settings.http_port else None
+    except BaseException:  # the HTTP port is taken: the bound gRPC server must not outlive the loop
+        await front.server.stop(None)
+        await registry.stop()
+        raise
     poller = RepositoryPoller(registry, settings.reload_interval_seconds)
     app = ServingApp(settings, registry, plane, gate, front, http, metrics, poller, limits)
     registry.listeners.append(app._follow_registry)
@@ -123,6 +140,33 @@ def _exposure_warnings(settings: Settings) -> None:
         log.warning("model control is on without any token: anyone can load and unload models")
 
 
+class StrictLoadingError(RuntimeError):
+    """Strict model loading: a model failed to load at start-up, or there is none."""
+
+
+def check_first_load(registry: ModelRegistry, strict: bool) -> None:
+    """After the first load: what failed (each version and why) or that nothing is there is a
+    WARNING, the server carrying on NOT_SERVING while nothing is loaded; in strict mode the same
+    is a :class:`StrictLoadingError` (start-up refused)."""
+    failed = {key: " ".join(why.split()) for key, why in registry.failed.items()}
+    if strict and (failed or not registry.ready):
+        what = "; ".join(f"{key}: {why}" for key, why in failed.items())
+        if failed:
+            count = f"{len(failed)} model version{'s' if len(failed) > 1 else ''}"
+            raise StrictLoadingError(f"strict model loading: {count} failed to load: {what}")
+        raise StrictLoadingError(f"strict model loading: model repository {registry.root} holds no model")
+    if failed:
+        log.warning(
+            "models failed to load",
+            extra={"failed": failed, "serving": {m: registry.versions(m) for m in registry.names()}},
+        )
+    if not registry.ready:
+        log.warning(
+            "no model loaded: not ready",
+            extra={"root": str(registry.root), "empty": not failed, "health": "NOT_SERVING"},
+        )
+
+
 async def serve(settings: Settings) -> None:
     """Load the models, start the transports, run until SIGTERM/SIGINT, shut down gracefully."""
     stop = asyncio.Event()
@@ -132,29 +176,40 @@ async def serve(settings: Settings) -> None:
     _exposure_warnings(settings)
     metrics = Metrics()
     registry = ModelRegistry(settings.model_repository, settings, metrics=metrics)  # provider check
-    # The models first: the transports' message limit follows the largest request they accept.
-    await registry.start()
-    limits = MessageLimits(settings.max_message_bytes)
-    limits.size_transport(registry.largest_request())
-    app = await build_app(settings, registry, metrics, limits)
-    await app.start()
-    metrics_port = None
-    if settings.metrics_port:
-        metrics_port = app.metrics.serve(settings.metrics_port, settings.host)
-    # The bound ports (port 0 settings read back from here).
-    log.info(
-        "listening",
-        extra={
-            "grpc_port": app.port,
-            "http_port": app.http_port,
-            "metrics_port": metrics_port,
-            "max_message_bytes": limits.transport,
-        },
-    )
-    await app.load_models()
+    app: ServingApp | None = None
+    try:
+        # The models first: the transports' message limit follows the largest request they accept.
+        await registry.start()
+        limits = MessageLimits(settings.max_message_bytes)
+        limits.size_transport(registry.largest_request())
+        app = await build_app(settings, registry, metrics, limits)
+        await app.start()
+        metrics_port = None
+        if settings.metrics_port:
+            metrics_port = app.metrics.serve(settings.metrics_port, settings.host)
+        # The bound ports (port 0 settings read back from here).
+        log.info(
+            "listening",
+            extra={
+                "grpc_port": app.port,
+                "http_port": app.http_port,
+                "metrics_port": metrics_port,
+                "max_message_bytes": limits.transport,
+            },
+        )
+        await app.load_models()
+        check_first_load(app.registry, settings.strict_model_loading)
+    except BaseException:  # refused: close what exists before the loop ends
+        if app is not None:
+            await app.close()
+        else:
+            await registry.stop()
+            metrics.close()
+        raise
     log.info(
         "server started",
         extra={
+            "version": installed_version(),
             "address": f"{settings.host}:{app.port}",
             "http_port": app.http_port,
             "metrics_port": metrics_port,
@@ -167,10 +222,9 @@ async def serve(settings: Settings) -> None:
             "failed": registry.failed,
             "services": app.grpc.services,
             "ready": registry.ready,
+            "strict_model_loading": settings.strict_model_loading,
         },
     )
-    if not registry.ready:
-        log.error("no model could be loaded; health stays NOT_SERVING", extra={"failed": registry.failed})
 
     await stop.wait()
     log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace_seconds})

@@ -96,7 +96,7 @@ class Settings(BaseSettings):
     batch_queue_capacity: int = Field(
         512, ge=1, description="requests waiting per model version; more → RESOURCE_EXHAUSTED"
     )
-    batching: dict[str, BatchingOverride] = Field(
+    batching: Annotated[dict[str, BatchingOverride], NoDecode] = Field(  # JSON read by _json: errors say so
         {},
         description="per-model batching overrides, JSON: "
         '{"fashion_cnn": {"max_batch_rows": 32, "max_queue_delay_us": 500}}; '
@@ -134,7 +134,11 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="DEBUG adds one log line per request"
     )
-    log_format: Literal["json", "text"] = Field("json", description="structured JSON lines or text")
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto",
+        description="json (one object per line), text (for a person: the start-up line as a summary), "
+        "or auto: text when stderr is a terminal, json otherwise (containers, Kubernetes, CI)",
+    )
     # -- hardening (README "Hardening") --------------------------------------------------------
     auth_tokens: Annotated[list[str], NoDecode] = Field(
         [],
@@ -208,6 +212,12 @@ class Settings(BaseSettings):
         False,
         description="serve V2 RepositoryModelLoad/RepositoryModelUnload (load, reload or "
         "drain a model on request); off, they answer FAILED_PRECONDITION",
+    )
+    strict_model_loading: bool = Field(
+        False,
+        description="refuse to start (exit 1) when any model version fails to load at start-up or "
+        "the repository holds no model (Triton's --exit-on-error, accepted as an alias); off, the "
+        "server starts with what loaded and logs a warning. On in the container image",
     )
 
     @classmethod

@@ -5,13 +5,14 @@ of model-control requests."""
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from importlib import metadata
 from typing import Any
 
+from . import installed_version
 from .core.registry import ModelRegistry, ModelVersion
 from .errors import InvalidArgument
 from .generated.inference import model_config_pb2 as config_pb
 
+#: The server's name in V2 ServerMetadata (the distribution is onnx-v2-serving; its version is reported).
 SERVER_NAME = "model-serving"
 PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
@@ -22,10 +23,9 @@ IGNORED_UNLOAD_PARAMETERS = frozenset({"unload_dependents"})
 
 
 def server_version() -> str:
-    try:
-        return metadata.version(SERVER_NAME)
-    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
-        return "0+unknown"
+    """The installed distribution's version (onnx-v2-serving; ``0+unknown`` from a source tree
+    that was never installed)."""
+    return installed_version()
 
 
 def model_metadata(model: ModelVersion, versions: Sequence[int]) -> dict[str, Any]:

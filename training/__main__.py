@@ -47,9 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = sub.add_parser("fetch", help="download and verify Fashion-MNIST into data/fashion-mnist")
     fetch.add_argument("--data-dir", type=Path, help="use (and verify) this local copy instead")
 
-    evaluate = sub.add_parser("evaluate", help="check the models in a repository with onnxruntime")
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="check the models a repository holds with onnxruntime (the others are skipped, and named)",
+    )
     evaluate.add_argument("--repository", type=Path, default=PROJECT_ROOT / "models")
-    evaluate.add_argument("--data-dir", type=Path)
+    evaluate.add_argument("--version", type=int, default=1, help="the model version to evaluate")
+    evaluate.add_argument("--data-dir", type=Path, help="Fashion-MNIST, for the classifiers (as for train)")
     for p in (train, fetch, evaluate):
         p.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -114,16 +118,52 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from . import data, evaluate
+    """Evaluate the models ``--repository`` holds (version ``--version``); name the ones it does
+    not hold on stderr. Exit 0; 1 when a model that is there fails to run; 2 when there is
+    nothing to evaluate (or the data is missing or bad)."""
+    try:
+        from . import data, evaluate
+    except ImportError as exc:
+        if exc.name != "onnxruntime":
+            raise
+        print("error: onnxruntime is not installed: pip install '.[cpu]' (or '.[train]')", file=sys.stderr)
+        return 2
 
-    files = data.locate_fashion(args.data_dir)
-    test = data.load_fashion(files, "test")
-    result = {
-        name: evaluate.classifier_accuracy(args.repository, name, test) for name in ("fashion_softmax", "fashion_cnn")
-    }
-    result.update(evaluate.regression_predictions(args.repository))
+    repository, version = args.repository, args.version
+    if not repository.is_dir():
+        raise DataError(f"{repository}: model repository does not exist")
+    names = ("fashion_softmax", "fashion_cnn", "profit", "house_price")
+    paths = {name: repository / name / str(version) / "model.onnx" for name in names}
+    present = [name for name in names if paths[name].is_file()]
+    if not present:
+        raise DataError(
+            f"{repository}: no model to evaluate (looked for <name>/{version}/model.onnx, name in {', '.join(names)})"
+        )
+    classifiers = [name for name in present if name.startswith("fashion_")]
+    test = data.load_fashion(data.locate_fashion(args.data_dir), "test") if classifiers else None
+
+    def run(name: str) -> dict[str, float]:
+        if name in classifiers:
+            assert test is not None
+            return {name: evaluate.classifier_accuracy(repository, name, test, version)}
+        if name == "profit":
+            return evaluate.profit_predictions(repository, version)
+        return evaluate.house_price_predictions(repository, version)
+
+    result: dict[str, float] = {}
+    failed: dict[str, str] = {}
+    for name in present:
+        try:
+            result.update(run(name))
+        except Exception as exc:  # onnxruntime's errors: one line per model, never a traceback
+            failed[name] = " ".join(f"{type(exc).__name__}: {exc}".split())
     print(json.dumps(result, indent=2))
-    return 0
+    for name in names:
+        if name not in present:
+            print(f"skipped {name}: {paths[name]} not found", file=sys.stderr)
+    for name, why in failed.items():
+        print(f"error: {name}: {why}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -28,12 +28,20 @@ def classifier_accuracy(
     return correct / len(test.labels)
 
 
+def profit_predictions(repository: Path, version: int = 1) -> dict[str, float]:
+    """The dollar figures ``profit`` must reproduce."""
+    profit = session(repository, "profit", version).run(None, {"population": np.array([[35000], [70000]], np.float32)})[
+        0
+    ]
+    return {"profit_35000": float(profit[0, 0]), "profit_70000": float(profit[1, 0])}
+
+
+def house_price_predictions(repository: Path, version: int = 1) -> dict[str, float]:
+    """The dollar figure ``house_price`` must reproduce."""
+    house = session(repository, "house_price", version).run(None, {"features": np.array([[1650, 3]], np.float32)})[0]
+    return {"house_1650_3": float(house[0, 0])}
+
+
 def regression_predictions(repository: Path) -> dict[str, float]:
     """The dollar figures the regression models must reproduce."""
-    profit = session(repository, "profit").run(None, {"population": np.array([[35000], [70000]], np.float32)})[0]
-    house = session(repository, "house_price").run(None, {"features": np.array([[1650, 3]], np.float32)})[0]
-    return {
-        "profit_35000": float(profit[0, 0]),
-        "profit_70000": float(profit[1, 0]),
-        "house_1650_3": float(house[0, 0]),
-    }
+    return {**profit_predictions(repository), **house_price_predictions(repository)}

@@ -1,22 +1,23 @@
 #!/bin/sh
 # The build and runtime steps of both image targets (Dockerfile: cpu and gpu), in one place so the
 # two targets cannot drift apart: each stage runs this script with the same step names, the GPU
-# target differing only in its base image, the `gpu` extra and the onnxruntime swap below.
+# target differing only in its base image and its extra (`gpu` instead of `cpu`).
 #
-#   image-steps.sh deps [EXTRA]   build stage: /opt/venv with pyproject.toml's dependencies (+ EXTRA's)
+#   image-steps.sh deps EXTRA     build stage: /opt/venv with pyproject.toml's dependencies + EXTRA's
+#                                 (cpu: onnxruntime, gpu: onnxruntime-gpu)
 #   image-steps.sh project        build stage: + this project (service/), then what the server
 #                                 never runs is removed: pip, setuptools, tests of the dependencies
 #   image-steps.sh runtime        runtime stage: the non-root user 10001 and its /output folder
-#   image-steps.sh requirements [EXTRA]   print the requirements `deps` installs (tests use it)
+#   image-steps.sh requirements EXTRA     print the requirements `deps` installs (tests use it)
 #
-# The install is ./scripts/serve.sh's (a venv, pip upgraded, the project with the same extra, the
-# same onnxruntime-gpu swap), split in two steps so that the dependency layer is reused while only
-# service/ changes. It needs python3 >= 3.11 (tomllib) in the base image.
+# The install is ./scripts/serve.sh's (a venv, pip upgraded, the project with the same extra),
+# split in two steps so that the dependency layer is reused while only service/ changes. It needs
+# python3 >= 3.11 (tomllib) in the base image.
 set -eu
 
 VENV=/opt/venv
 PY=$VENV/bin/python
-step=${1:?usage: image-steps.sh deps [EXTRA] | project | runtime | requirements [EXTRA]}
+step=${1:?usage: image-steps.sh deps EXTRA | project | runtime | requirements EXTRA}
 extra=${2:-}
 
 requirements() {
@@ -25,7 +26,7 @@ requirements() {
 import sys, tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 extra = sys.argv[1]
-print("\n".join(project["dependencies"] + (project["optional-dependencies"][extra] if extra else [])))
+print("\n".join(project["dependencies"] + project["optional-dependencies"][extra]))
 EOF
 }
 
@@ -34,16 +35,11 @@ requirements)
   requirements
   ;;
 deps)
+  case $extra in cpu | gpu) ;; *) echo "image-steps.sh deps: EXTRA must be cpu or gpu" >&2; exit 2 ;; esac
   requirements > /tmp/requirements.txt
   python3 -m venv "$VENV"
   "$PY" -m pip install --upgrade pip
   "$PY" -m pip install -r /tmp/requirements.txt
-  if [ "$extra" = gpu ]; then
-    # onnxruntime (a base dependency) and onnxruntime-gpu share one package folder: make the GPU
-    # build own it (the same two commands as scripts/serve.sh).
-    "$PY" -m pip uninstall -y onnxruntime
-    "$PY" -m pip install --force-reinstall --no-deps "onnxruntime-gpu>=1.20"
-  fi
   rm /tmp/requirements.txt
   ;;
 project)

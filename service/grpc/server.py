@@ -4,7 +4,9 @@ reflection, behind the call guard, bound to its port (TLS when configured)."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -26,11 +28,19 @@ FLUSH_SECONDS = 2.0
 
 
 def credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """The TLS credentials, or None; RuntimeError naming the file when one cannot be read."""
     if settings.tls_cert is None or settings.tls_key is None:
         return None
-    client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+
+    def read(path: Path) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise RuntimeError(f"cannot read TLS file {path}: {exc.strerror or exc}") from None
+
+    client_ca = read(settings.tls_client_ca) if settings.tls_client_ca else None
     return grpc.ssl_server_credentials(
-        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+        [(read(settings.tls_key), read(settings.tls_cert))],
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )
@@ -105,7 +115,10 @@ async def build_grpc(
     authenticator: Authenticator | None,
     limits: MessageLimits,
 ) -> GrpcFrontEnd:
-    """The gRPC server with every service registered and its port bound (not yet started)."""
+    """The gRPC server with every service registered and its port bound (not yet started).
+    RuntimeError, with nothing left open, when a TLS file cannot be read or the port is taken."""
+    server_credentials = credentials(settings)
+    check_port_free(settings)
     guard = CallGuard(
         Gates(
             gate,
@@ -135,9 +148,31 @@ async def build_grpc(
         pool=POOL,
     )
 
-    server_credentials = credentials(settings)
-    if server_credentials is None:
-        port = server.add_insecure_port(settings.address)
-    else:
-        port = server.add_secure_port(settings.address, server_credentials)
+    try:
+        if server_credentials is None:
+            port = server.add_insecure_port(settings.address)
+        else:
+            port = server.add_secure_port(settings.address, server_credentials)
+    except RuntimeError:  # lost a race for the port since check_port_free, or an unusable address
+        await server.stop(None)  # never left to __del__ after the event loop closed
+        raise RuntimeError(f"cannot serve gRPC on {settings.address}: the address cannot be bound") from None
     return GrpcFrontEnd(server, port, health, gate)
+
+
+def check_port_free(settings: Settings) -> None:
+    """RuntimeError (``cannot serve gRPC on HOST:PORT: Address already in use``) when the gRPC
+    port cannot be bound: said plainly, before gRPC logs its own bind error."""
+    if settings.port == 0:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            settings.host.strip("[]"), settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except OSError:
+        return  # gRPC resolves it itself (and says so)
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise RuntimeError(f"cannot serve gRPC on {settings.address}: {exc.strerror or exc}") from None

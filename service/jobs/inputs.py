@@ -199,7 +199,7 @@ def _pillow() -> Any:
     try:
         from PIL import Image
     except ImportError:
-        raise InputError("reading a folder of PNG images needs Pillow: pip install 'model-serving[batch]'") from None
+        raise InputError("reading a folder of PNG images needs Pillow: pip install 'onnx-v2-serving[batch]'") from None
     return Image
 
 

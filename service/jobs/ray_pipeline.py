@@ -2,7 +2,7 @@
 
 The single-machine batch job (``python -m service.jobs``) scaled out over a Ray cluster, with the
 same model repository, the same input readers and the same inference code, hence the same results
-row for row. Needs the ``ray`` extra (``pip install 'model-serving[ray]'``).
+row for row. Needs the ``ray`` extra (``pip install 'onnx-v2-serving[ray]'``).
 
 Pipeline (Ray Data, streaming; nothing is materialised on the driver)::
 
@@ -93,7 +93,9 @@ def _require_ray(local: bool = False) -> Any:
     try:
         import ray
     except ImportError:
-        raise PipelineError("Ray is not installed: pip install 'model-serving[ray]' (ray[data] and pyarrow)") from None
+        raise PipelineError(
+            "Ray is not installed: pip install 'onnx-v2-serving[ray]' (ray[data] and pyarrow)"
+        ) from None
     return ray
 
 
@@ -102,7 +104,7 @@ def _pyarrow() -> Any:
         import pyarrow as pa
         import pyarrow.parquet
     except ImportError:
-        raise PipelineError("pyarrow is not installed: pip install 'model-serving[ray]'") from None
+        raise PipelineError("pyarrow is not installed: pip install 'onnx-v2-serving[ray]'") from None
     return pa
 
 

@@ -41,7 +41,7 @@ def confusion_png(matrix: np.ndarray, names: Sequence[str], path: Path, title: s
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "matplotlib is not installed (pip install 'model-serving[batch]')"
+        return "matplotlib is not installed (pip install 'onnx-v2-serving[batch]')"
     n = len(names)
     row_totals = matrix.sum(axis=1, keepdims=True)
     share = np.divide(matrix, row_totals, out=np.zeros(matrix.shape, dtype=float), where=row_totals > 0)

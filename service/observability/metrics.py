@@ -227,7 +227,7 @@ class Metrics:
         try:
             server, _thread = start_http_server(port, addr=host, registry=self.registry)
         except OSError as exc:
-            raise RuntimeError(f"cannot serve metrics on {host}:{port}: {exc}") from exc
+            raise RuntimeError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
         self._http = server
         return int(server.server_address[1])
 

@@ -649,7 +649,9 @@ def test_compose_stop_under_load_drains_and_loses_nothing(stack: Stack, fashion_
 def test_a_corrupt_model_is_rejected_and_logged_while_the_others_serve(tmp_path: Path) -> None:
     """MODELS_DIR = the bundled models plus `broken/1/model.onnx` (not ONNX) and a truncated copy
     of a real model: both are refused and logged at start-up, health says NOT_SERVING for them,
-    the server is healthy and the good models answer."""
+    the server is healthy and the good models answer. The image's strict model loading is turned
+    off for this (SERVING_STRICT_MODEL_LOADING=false): on, as by default, the server would stop
+    (tests/e2e/test_startup_models.py runs that with the same setting)."""
     repository = tmp_path / "models"
     shutil.copytree(MODELS, repository)
     (repository / "broken" / "1").mkdir(parents=True)
@@ -659,7 +661,9 @@ def test_a_corrupt_model_is_rejected_and_logged_while_the_others_serve(tmp_path:
     (repository / "truncated_cnn" / "1" / "model.onnx").write_bytes(truncated[: len(truncated) // 2])
     for path in repository.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)
-    stack = start_stack(f"{PROJECT}-corrupt", tmp_path, MODELS_DIR=str(repository))
+    stack = start_stack(
+        f"{PROJECT}-corrupt", tmp_path, MODELS_DIR=str(repository), SERVING_STRICT_MODEL_LOADING="false"
+    )
     try:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -62,12 +62,19 @@ def test_port_in_use_is_refused(server: ServerProcess) -> None:
         "127.0.0.1",
         "--port",
         str(server.port),
+        "--http-port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--log-format",
+        "text",
         "--model-repository",
         str(MODELS),
     ]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
-    assert f"model-serving: error: Failed to bind to address 127.0.0.1:{server.port}" in result.stderr
+    last = f"model-serving: error: cannot serve gRPC on 127.0.0.1:{server.port}: Address already in use"
+    assert result.stderr.splitlines()[-1] == last
     assert server.health() == SERVING  # the running server is untouched
 
 

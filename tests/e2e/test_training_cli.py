@@ -126,3 +126,64 @@ def test_corrupt_file(tmp_path: Path, fashion_dir: Path) -> None:
     cut = tmp_path / "t10k-images-idx3-ubyte.gz"
     cut.write_bytes(cut.read_bytes()[:1000])
     assert_clean_failure(run_cli("evaluate", "--data-dir", tmp_path), "corrupt or truncated gzip")
+
+
+# -- evaluate: what the repository holds, the rest named; never a traceback ----------------------
+
+
+def partial_repository(root: Path, *names: str) -> Path:
+    """A repository with only ``names`` (copies of the bundled version 1: the files `train NAME
+    --repository ROOT` writes, without the training time)."""
+    for name in names:
+        shutil.copytree(REPO_ROOT / "models" / name, root / name)
+    return root
+
+
+def test_evaluate_a_partial_repository_skips_and_names_the_rest(tmp_path: Path, fashion_dir: Path) -> None:
+    """The issue's case (`train fashion_softmax --repository /tmp/models`, then evaluate it):
+    fashion_cnn was an onnxruntime NoSuchFile traceback."""
+    repo = partial_repository(tmp_path / "models", "fashion_softmax", "profit")
+    result = run_cli("evaluate", "--repository", repo, "--data-dir", fashion_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout)
+    assert set(figures) == {"fashion_softmax", "profit_35000", "profit_70000"}
+    card = json.loads((repo / "fashion_softmax" / "1" / "card.json").read_text())
+    assert figures["fashion_softmax"] == pytest.approx(card["metrics"]["test_accuracy"], abs=1e-4)
+    assert figures["profit_35000"] == pytest.approx(2798.37, abs=1)
+    assert result.stderr.splitlines() == [
+        f"skipped fashion_cnn: {repo / 'fashion_cnn' / '1' / 'model.onnx'} not found",
+        f"skipped house_price: {repo / 'house_price' / '1' / 'model.onnx'} not found",
+    ]
+
+
+def test_evaluate_regressions_only_needs_no_fashion_data(tmp_path: Path) -> None:
+    repo = partial_repository(tmp_path / "models", "house_price")
+    result = run_cli("evaluate", "--repository", repo, "--data-dir", tmp_path / "no-data-here")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert set(json.loads(result.stdout)) == {"house_1650_3"}
+    assert len(result.stderr.splitlines()) == 3 and "Traceback" not in result.stderr
+
+
+def test_evaluate_an_empty_repository_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "models").mkdir()
+    result = run_cli("evaluate", "--repository", tmp_path / "models")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"error: {tmp_path / 'models'}: no model to evaluate (looked for <name>/1/model.onnx, name in "
+        "fashion_softmax, fashion_cnn, profit, house_price)"
+    ]
+    assert result.stdout == ""
+    missing = run_cli("evaluate", "--repository", tmp_path / "absent")
+    assert missing.returncode == 2
+    assert missing.stderr.splitlines() == [f"error: {tmp_path / 'absent'}: model repository does not exist"]
+
+
+def test_evaluate_a_broken_model_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    repo = partial_repository(tmp_path / "models", "profit")
+    (repo / "house_price" / "1").mkdir(parents=True)
+    (repo / "house_price" / "1" / "model.onnx").write_bytes(b"not an onnx model")
+    result = run_cli("evaluate", "--repository", repo)
+    assert result.returncode == 1
+    assert set(json.loads(result.stdout)) == {"profit_35000", "profit_70000"}  # the others still run
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("error: house_price: InvalidProtobuf:") and "Traceback" not in result.stderr

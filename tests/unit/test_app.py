@@ -25,7 +25,7 @@ def test_not_serving_until_models_are_loaded(tmp_path: Path) -> None:
     (tmp_path / "bad" / "broken" / "1").mkdir(parents=True)
 
     async def scenario(repo: Path) -> tuple[int, grpc.StatusCode, int, int]:
-        settings = Settings(model_repository=repo, host="127.0.0.1", port=0, provider="cpu")
+        settings = Settings(model_repository=repo, host="127.0.0.1", port=0, http_port=0, provider="cpu")
         app = await build_app(settings)
         await app.start()
         try:
@@ -54,7 +54,7 @@ def test_the_wiring(tmp_path: Path) -> None:
 
     async def scenario() -> tuple:
         settings = Settings(
-            model_repository=tmp_path, host="127.0.0.1", port=0, provider="cpu", max_concurrent_requests=3
+            model_repository=tmp_path, host="127.0.0.1", port=0, http_port=0, provider="cpu", max_concurrent_requests=3
         )
         app = await build_app(settings)
         await app.start()

@@ -79,3 +79,80 @@ def test_renamed_settings_in_help() -> None:
     text = build_parser().format_help()
     assert "--max-request-rows" in text and "--max-batch-rows" in text
     assert "old name of --max-request-rows [env SERVING_MAX_BATCH_SIZE]" in " ".join(text.split())
+
+
+# -- invalid settings, said per flag (service.settings_errors; the CLI end to end: tests/e2e/test_cli.py)
+
+
+def invalid(argv: list[str]) -> list[str]:
+    """The lines the CLI prints for ``argv`` (and the current env)."""
+    from pydantic import ValidationError
+
+    from service.__main__ import build_parser
+    from service.settings_errors import describe
+
+    with pytest.raises(ValidationError) as info:
+        parse_settings(argv)
+    return describe(info.value, set(vars(build_parser().parse_args(argv))), os.environ)
+
+
+def test_invalid_settings_one_line_per_problem(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SERVING_SHUTDOWN_GRACE_SECONDS", "soon")
+    assert invalid(["--port", "-1", "--log-level", "loud", "--batching", '{"m": {"colour": 1}}']) == [
+        "model-serving: invalid --port (SERVING_PORT) '-1': expected at least 0",
+        "model-serving: invalid --batching (SERVING_BATCHING) m.colour=1: not a known setting",
+        "model-serving: invalid --shutdown-grace-seconds (SERVING_SHUTDOWN_GRACE_SECONDS) 'soon': expected a number",
+        "model-serving: invalid --log-level (SERVING_LOG_LEVEL) 'LOUD': expected 'DEBUG', 'INFO', 'WARNING' or 'ERROR'",
+    ]
+
+
+def test_renamed_setting_says_which_spelling_was_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SERVING_BATCH_MAX_SIZE", "0")
+    assert invalid(["--max-batch-size", "0"]) == [
+        "model-serving: invalid --max-request-rows (SERVING_MAX_REQUEST_ROWS, given as --max-batch-size) '0': "
+        "expected at least 1",
+        "model-serving: invalid --max-batch-rows (SERVING_MAX_BATCH_ROWS, given as SERVING_BATCH_MAX_SIZE) '0': "
+        "expected at least 1",
+    ]
+    # The new spelling given: no mention of the old one.
+    assert invalid(["--max-request-rows", "0"])[0].startswith(
+        "model-serving: invalid --max-request-rows (SERVING_MAX_REQUEST_ROWS) '0'"
+    )
+
+
+def test_token_settings_are_never_printed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every setting whose name holds "token" is secret: value and any quote of it redacted, in
+    field errors and in cross-field ones (pydantic's dump carried the whole settings dict)."""
+    from service.settings_errors import is_secret
+
+    assert {name for name in Settings.model_fields if is_secret(name)} >= {"auth_tokens", "auth_token_file"}
+    monkeypatch.setenv("SERVING_AUTH_TOKENS", "s3cr3t,bad token")
+    lines = invalid([])
+    assert lines == [
+        "model-serving: invalid --auth-tokens (SERVING_AUTH_TOKENS) <redacted>: "
+        "auth tokens must be non-empty printable ASCII without spaces"
+    ]
+    monkeypatch.setenv("SERVING_AUTH_TOKENS", "s3cr3t")
+    lines = invalid(["--tls-client-ca", "ca.pem", "--auth-token-file", "/run/secret-tokens"])
+    assert lines == [
+        "model-serving: invalid settings: --tls-client-ca (SERVING_TLS_CLIENT_CA) needs --tls-cert "
+        "(SERVING_TLS_CERT) and --tls-key (SERVING_TLS_KEY) (given: --tls-client-ca='ca.pem')"
+    ]
+    assert not any("s3cr3t" in line or "secret-tokens" in line for line in lines)
+
+
+def test_log_format_defaults_to_auto_and_strict_loading_has_triton_spelling() -> None:
+    assert Settings().log_format == "auto"
+    assert Settings().strict_model_loading is False
+    assert parse_settings(["--exit-on-error", "true"]).strict_model_loading is True
+    assert parse_settings(["--strict-model-loading", "1"]).strict_model_loading is True
+
+
+def test_every_setting_is_in_the_serving_docs() -> None:
+    """docs/serving.md's settings table has a row per setting: its flag and its env var."""
+    from fixtures.servers import REPO_ROOT
+
+    rows = [line for line in (REPO_ROOT / "docs" / "serving.md").read_text().splitlines() if line.startswith("| `--")]
+    for name in Settings.model_fields:
+        flag, env = f"`--{name.replace('_', '-')}`", f"`SERVING_{name.upper()}`"
+        assert any(line.startswith(f"| {flag}") and env in line for line in rows), name

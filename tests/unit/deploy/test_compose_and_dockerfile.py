@@ -352,6 +352,8 @@ def test_dockerfile_runtime_stages(stages: dict[str, Stage]) -> None:
         assert not unknown
         Settings.model_validate({SETTINGS_ENV[k]: v for k, v in serving.items() if k in SETTINGS_ENV})
         assert env["SERVING_MODEL_REPOSITORY"] == "/models" and "models /models" in [c.value for c in stage.all("COPY")]
+        # A model that fails to load stops the container (docs/serving.md#strict-model-loading).
+        assert env["SERVING_STRICT_MODEL_LOADING"] == "true"
         # The runtime step makes the user and gives it /output (the compose batch job writes there).
         assert image_steps(stage) == [["image-steps.sh", "runtime"]]
         assert "deploy/docker/image-steps.sh" in stage.all("RUN")[0].value
@@ -377,7 +379,7 @@ def test_cpu_and_gpu_targets_run_the_same_steps(stages: dict[str, Stage]) -> Non
         return out
 
     assert runtime(stages["gpu"]) == runtime(stages["cpu"])
-    assert image_steps(stages["build"]) == [["image-steps.sh", "deps"], ["image-steps.sh", "project"]]
+    assert image_steps(stages["build"]) == [["image-steps.sh", "deps", "cpu"], ["image-steps.sh", "project"]]
     assert image_steps(stages["build-gpu"]) == [["image-steps.sh", "deps", "gpu"], ["image-steps.sh", "project"]]
     builds = [
         [(i.keyword, i.value) for i in stages[name].instructions if i.keyword in ("COPY", "WORKDIR", "ENV")]
@@ -417,7 +419,8 @@ def test_image_holds_serving_code_only_no_torch(stages: dict[str, Stage]) -> Non
     except ImportError:  # Python 3.10
         tomllib = pytest.importorskip("tomli")
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
-    for requirement in [*project["dependencies"], *project["optional-dependencies"]["gpu"]]:
+    extras = project["optional-dependencies"]
+    for requirement in [*project["dependencies"], *extras["cpu"], *extras["gpu"]]:
         assert "torch" not in requirement
     for path in (REPO_ROOT / "service").rglob("*.py"):
         assert not re.search(r"^\s*(import|from)\s+torch", path.read_text(), re.M), path
@@ -439,7 +442,7 @@ def _steps(commands: list[list[str]], extra: str = "") -> list[tuple]:
         elif module == "pip" and rest[:3] == ["install", "--upgrade", "pip"]:
             steps.append(("upgrade-pip",))
         elif module == "pip" and rest[0] == "install" and rest[-1].startswith("."):
-            spec = rest[-1].replace("${EXTRA:+[$EXTRA]}", f"[{extra}]" if extra else "")
+            spec = rest[-1].replace("$EXTRA", extra)
             match = re.fullmatch(r"\.(?:\[([\w,-]*)\])?", spec)
             assert match, f"unexpected project spec {rest[-1]!r}"
             steps.append(("install", tuple(sorted(filter(None, (match.group(1) or "").split(",")))), tuple(rest[1:-1])))
@@ -495,38 +498,36 @@ def _requirements(extra: str) -> list[str]:
 
 
 def test_dockerfile_installs_like_serve_sh(stages: dict[str, Stage]) -> None:
-    """Both build stages run image-steps.sh (deps [gpu], then project), whose install steps are
-    serve.sh's with `pip install .[extra]` split in two: pyproject.toml's requirements (+ the
-    extra's), then the project itself without dependencies."""
+    """Both build stages run image-steps.sh (deps cpu|gpu, then project), whose install steps are
+    serve.sh's with `pip install .[extra]` split in two: pyproject.toml's requirements + the
+    extra's, then the project itself without dependencies. No step uninstalls or force-reinstalls
+    anything: the cpu and gpu extras bring one onnxruntime build each."""
     serve_sh = SERVE_SH.read_text()
-    assert "SERVING_EXTRA:-" in serve_sh and "SERVING_EXTRA=gpu" in serve_sh  # the documented extras: none or gpu
-    cpu_script = _steps(_serve_sh_commands(), extra="")
-    gpu_script = _steps(_serve_sh_commands("gpu"), extra="gpu")
-    assert cpu_script == [("venv",), ("upgrade-pip",), ("install", (), ())]
-    assert image_steps(stages["build"])[0] == ["image-steps.sh", "deps"]
+    assert "SERVING_EXTRA:-cpu" in serve_sh and "SERVING_EXTRA=gpu" in serve_sh  # the documented extras
+    for text in (serve_sh, IMAGE_STEPS.read_text()):
+        assert "uninstall -y onnxruntime" not in text and "--force-reinstall" not in text
+    assert image_steps(stages["build"])[0] == ["image-steps.sh", "deps", "cpu"]
     assert image_steps(stages["build-gpu"])[0] == ["image-steps.sh", "deps", "gpu"]
     requirements_step = ("pip", "install", "-r", "/tmp/requirements.txt")
-    for extra, script in (("", cpu_script), ("gpu", gpu_script)):
+    for extra in ("cpu", "gpu"):
+        script = _steps(_serve_sh_commands(extra), extra=extra)
+        assert script == [("venv",), ("upgrade-pip",), ("install", (extra,), ())]
         image = _steps(_gpu_block_commands(_script_lines("deps"), extra))
-        assert image[:2] == script[:2] == [("venv",), ("upgrade-pip",)]
-        assert image[2] == requirements_step
-        assert image[3:] == script[3:]  # the GPU swap, for gpu
+        assert image == [("venv",), ("upgrade-pip",), requirements_step]
     project_installs = [c for c in _script_block("project") if c[1:4] == ["-m", "pip", "install"]]
     assert _steps(project_installs) == [("install", (), ("--no-deps",))]
-    # What the requirements file holds: pyproject.toml's dependencies (+ the extra's).
+    # What the requirements file holds: pyproject.toml's dependencies + the extra's; onnxruntime
+    # is in none of the base dependencies, and each extra names one build of it.
     try:
         import tomllib
     except ImportError:  # Python 3.10
         tomllib = pytest.importorskip("tomli")
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
-    assert _requirements("") == project["dependencies"]
-    assert _requirements("gpu") == project["dependencies"] + project["optional-dependencies"]["gpu"]
-    # The one extra GPU step: make onnxruntime-gpu, not the CPU build, own the onnxruntime package.
-    gpu_requirement = project["optional-dependencies"]["gpu"]
-    assert gpu_script[3:] == [
-        ("pip", "uninstall", "-y", "onnxruntime"),
-        ("pip", "install", "--force-reinstall", "--no-deps", *gpu_requirement),
-    ]
+    extras = project["optional-dependencies"]
+    assert _requirements("cpu") == project["dependencies"] + extras["cpu"]
+    assert _requirements("gpu") == project["dependencies"] + extras["gpu"]
+    assert not [r for r in project["dependencies"] if r.startswith("onnxruntime")]
+    assert extras["cpu"] == ["onnxruntime>=1.20"] and extras["gpu"] == ["onnxruntime-gpu>=1.20"]
     # serve.sh then runs `python -m service --model-repository models`; the image runs
     # `python -m service` with the same setting as an env var (so compose can override it).
     exec_line = next(line for line in serve_sh.splitlines() if line.startswith("exec "))

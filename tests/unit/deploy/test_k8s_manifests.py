@@ -185,6 +185,7 @@ def test_settings_are_server_settings(rendered: dict[str, list[dict]]) -> None:
         deployment = one(docs, "Deployment")
         settings = settings_from(container_env(server_container(deployment["spec"]["template"]["spec"]), docs))
         assert settings.provider == ("cuda" if variant == "gpu" else "cpu")
+        assert settings.strict_model_loading  # a broken model: crash loop, the rollout stops
     isvc = yaml.safe_load(ISVC.read_text())
     settings_from(container_env(server_container(isvc["spec"]["predictor"])))
     # The file the ConfigMap is generated from lists only settings, one per line.

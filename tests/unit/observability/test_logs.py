@@ -93,3 +93,72 @@ def test_configure_logging_routes_everything_to_one_handler() -> None:
         root.handlers[:] = handlers
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self._tty = tty
+
+    def isatty(self) -> bool:
+        return self._tty
+
+
+@pytest.mark.parametrize("tty, expected", [(True, "text"), (False, "json")])
+def test_auto_format_is_text_on_a_terminal_only(monkeypatch: pytest.MonkeyPatch, tty: bool, expected: str) -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    monkeypatch.setattr(sys, "stderr", _Stream(tty))
+    try:
+        assert configure_logging("INFO", "auto") == expected
+        assert isinstance(root.handlers[0].formatter, TextFormatter if tty else JsonFormatter)
+        assert configure_logging("INFO", "json") == "json"  # an explicit format always wins
+        assert configure_logging("INFO", "text") == "text"
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+STARTED = {
+    "version": "1.2.3",
+    "address": "0.0.0.0:8001",
+    "http_port": 8000,
+    "metrics_port": None,
+    "tls": True,
+    "mutual_tls": False,
+    "auth": True,
+    "reload_interval_seconds": 5.0,
+    "providers": ["CPUExecutionProvider"],
+    "models": {"fashion_cnn": [1, 2], "profit": [1]},
+    "failed": {"broken/1": "InvalidProtobuf: Protobuf\nparsing failed."},
+    "services": ["serving.v1.ModelService", "inference.GRPCInferenceService"],
+    "ready": True,
+    "strict_model_loading": False,
+}
+
+
+def test_text_start_up_line_is_a_summary() -> None:
+    """The same record as the JSON line (same fields), written as a few lines a person scans."""
+    record = logging.LogRecord("service", logging.INFO, __file__, 1, "server started", (), None)
+    record.__dict__.update(STARTED)
+    assert json.loads(JsonFormatter().format(record)).items() >= STARTED.items()
+    text = TextFormatter().format(record)
+    assert text.split("\n")[0].endswith("INFO service: server started (model-serving 1.2.3), ready")
+    assert text.split("\n")[1:] == [
+        "    gRPC      0.0.0.0:8001 (serving.v1.ModelService, inference.GRPCInferenceService, health, reflection)",
+        "    HTTP      0.0.0.0:8000 (KServe V2 REST)",
+        "    metrics   off",
+        "    models    fashion_cnn v1,2, profit v1",
+        "    provider  CPUExecutionProvider",
+        "    security  TLS on, auth bearer tokens",
+        "    reload    every 5 s",
+        "    loading   lenient (the server starts with what loaded)",
+        "    failed    broken/1: InvalidProtobuf: Protobuf parsing failed.",
+    ]
+
+
+def test_text_renderer_falls_back_to_key_value() -> None:
+    """A record under a rendered message without the expected fields is still written."""
+    record = logging.LogRecord("service", logging.INFO, __file__, 1, "server started", (), None)
+    record.address = "x"
+    assert TextFormatter().format(record).endswith("INFO service: server started address=x")
