@@ -117,8 +117,8 @@ ENVELOPE_BYTES = 64 * 1024
 class MessageLimits:
     """How large a request may be. ``transport`` is the fixed ceiling given to gRPC and the HTTP
     server (the ``max_message_bytes`` setting, else sized from the models loaded at start-up);
-    ``current`` follows the models served now: twice their largest legitimate request (typed
-    contents and varints can take up to twice the raw bytes) plus an envelope, never over
+    ``current`` follows the models served now: their largest legitimate request in any front
+    end's encoding (:attr:`~service.core.spec.ModelSpec.wire_bytes`) plus an envelope, never over
     ``transport``. A request message over ``current`` is refused before it is parsed."""
 
     def __init__(self, explicit: int | None) -> None:
@@ -127,13 +127,13 @@ class MessageLimits:
         self.current = self.transport
 
     def follow(self, largest_request: int | None) -> None:
-        """The largest raw request of the models served now (None: unbounded, a dynamic
-        dimension somewhere, or no model)."""
-        wanted = self.transport if largest_request is None else 2 * largest_request + ENVELOPE_BYTES
+        """The largest request (wire bytes) of the models served now (None: unbounded, a
+        dynamic dimension somewhere, or no model)."""
+        wanted = self.transport if largest_request is None else largest_request + ENVELOPE_BYTES
         self.current = min(wanted, self.transport)
 
     def size_transport(self, largest_request: int | None) -> None:
         """Before the transports exist: size the ceiling from the models loaded at start-up."""
         if self.explicit is None and largest_request is not None:
-            self.transport = max(DEFAULT_MESSAGE_BYTES, 2 * largest_request + ENVELOPE_BYTES)
+            self.transport = max(DEFAULT_MESSAGE_BYTES, largest_request + ENVELOPE_BYTES)
         self.follow(largest_request)

@@ -174,9 +174,9 @@ class ModelRegistry:
         return [snapshot[n][v] for n in sorted(snapshot) for v in sorted(snapshot[n])]
 
     def largest_request(self) -> int | None:
-        """Raw bytes of the largest request any served version accepts (None: unbounded, or
-        nothing served)."""
-        sizes = [m.spec.request_bytes for m in self.models()]
+        """Wire bytes of the largest request any served version accepts (:attr:`ModelSpec.wire_bytes`;
+        None: unbounded, or nothing served)."""
+        sizes = [m.spec.wire_bytes for m in self.models()]
         if not sizes or None in sizes:
             return None
         return max(s for s in sizes if s is not None)

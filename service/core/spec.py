@@ -152,15 +152,18 @@ class ModelSpec:
         return [s.name for s in self.outputs]
 
     @property
-    def request_bytes(self) -> int | None:
-        """Raw bytes of the largest request this version accepts (``max_rows`` rows of every
-        input), or None when a non-batch dimension is dynamic (no bound follows)."""
+    def wire_bytes(self) -> int | None:
+        """Bytes the largest request this version accepts can take on the wire, in any front
+        end's encoding: at most ``max(2 × itemsize, 4)`` bytes an element (typed ``contents``
+        varints take up to twice the raw size; the typed API sends uint8 pixels as float32).
+        None when a non-batch dimension is dynamic."""
         total = 0
         for tensor in self.inputs:
             row_bytes = tensor.row_bytes
             if row_bytes is None:
                 return None
-            total += self.max_rows * row_bytes
+            elements = row_bytes // tensor.dtype.itemsize
+            total += self.max_rows * elements * max(2 * tensor.dtype.itemsize, 4)
         return total
 
     @property

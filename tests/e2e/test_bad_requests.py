@@ -234,11 +234,11 @@ CASES: dict[str, Case] = {
     "typed: 20 kB metadata value": Case(
         TYPED + "Classify", GOOD_CLASSIFY, EXHAUSTED, "metadata", metadata=(("x-big", "a" * 20_000),)
     ),
-    "typed: 600 metadata entries": Case(
+    "typed: 600 metadata entries": Case(  # gRPC core refuses it; since grpcio 1.82 with no message
         TYPED + "Classify",
         GOOD_CLASSIFY,
         EXHAUSTED,
-        "metadata",
+        "",
         metadata=tuple((f"x-h{i}", "v" * 30) for i in range(600)),
     ),
     "typed: unknown method": Case(TYPED + "Nope", b"", grpc.StatusCode.UNIMPLEMENTED, ""),
