@@ -263,23 +263,24 @@ async def attack_typed_gzip_bomb(target: Target) -> Outcome:
     return await _gzip_call(target, CLASSIFY, request, bearer())
 
 
-@attack("typed", "ClassifyStream: 17 streams open at once (the cap is 16)", "RESOURCE_EXHAUSTED")
+@attack("typed", "ClassifyStream: open streams until refused (the cap is 16)", "RESOURCE_EXHAUSTED", repeat=False)
 async def attack_typed_streams_over_cap(target: Target) -> Outcome:
     async with channel(target) as ch:
         stub = pb_grpc.ModelServiceStub(ch)
-        calls = [stub.ClassifyStream(metadata=bearer(), timeout=30) for _ in range(16)]
+        calls = []
+        outcome = Outcome("OK", "64 streams open, none refused")
         try:
-            for call in calls:  # each stream answered once: all 16 are open and admitted
-                await call.write(_one_image())
-                await call.read()
-            extra = stub.ClassifyStream(metadata=bearer(), timeout=30)
-            with contextlib.suppress(asyncio.InvalidStateError):  # refused before the write
-                await extra.write(_one_image())
-            try:
-                await extra.read()
-                outcome = Outcome("OK")
-            except grpc.aio.AioRpcError as err:
-                outcome = failed(err)
+            for opened in range(64):  # each stream answered once: it is open and admitted
+                call = stub.ClassifyStream(metadata=bearer(), timeout=30)
+                calls.append(call)
+                try:
+                    with contextlib.suppress(asyncio.InvalidStateError):  # refused before the write
+                        await call.write(_one_image())
+                    await call.read()
+                except grpc.aio.AioRpcError as err:
+                    outcome = failed(err)
+                    outcome.detail = f"after {opened} open: {outcome.detail}"
+                    break
             outcome.served = await served(target)
         finally:
             for call in calls:
@@ -359,20 +360,26 @@ async def attack_v2_huge_model_name(target: Target) -> Outcome:
     repeat=False,
 )
 async def attack_v2_idle_streams(target: Target) -> Outcome:
+    request = _v2_raw("profit", "population", "FP32", [1, 1], np.float32(3).tobytes())
     async with channel(target) as ch:
         stub = v2_grpc.GRPCInferenceServiceStub(ch)
         calls = [stub.ModelStreamInfer(metadata=bearer(), timeout=30) for _ in range(8)]
         try:
-            await asyncio.sleep(0.2)  # the streams are open (the calls are started)
+            for call in calls:  # one answer each: every stream is open and admitted, then idle
+                await call.write(request)
+                await call.read()
             ok = await served(target)
             try:
-                await asyncio.wait_for(calls[0].read(), 20)  # ends when the server closes it
-                outcome = Outcome(calls[0].code().name if calls[0].done() else "held")  # type: ignore[union-attr]
+                answer = await asyncio.wait_for(calls[0].read(), 20)  # until the server ends it
+                outcome = Outcome(f"answered {answer!r:.40}" if answer is not grpc.aio.EOF else "OK")
             except grpc.aio.AioRpcError as err:
                 outcome = failed(err)
             except TimeoutError:
                 outcome = Outcome("held", "still open after 20 s")
             outcome.served = ok
+        except grpc.aio.AioRpcError as err:
+            outcome = failed(err)
+            outcome.served = await served(target)
         finally:
             for call in calls:
                 call.cancel()
@@ -496,7 +503,8 @@ async def attack_reflection_idle_streams(target: Target) -> Outcome:
         codes: dict[str, int] = {}
         for call in calls:
             try:
-                await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+                with contextlib.suppress(asyncio.InvalidStateError):  # refused before the write
+                    await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
                 await call.read()
                 code = "OK"
             except grpc.aio.AioRpcError as err:
@@ -514,7 +522,8 @@ async def attack_reflection_huge_symbol(target: Target) -> Outcome:
     async with channel(target) as ch:
         call = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(timeout=30)
         try:
-            await call.write(reflection_pb2.ServerReflectionRequest(file_containing_symbol="s" * MiB))
+            with contextlib.suppress(asyncio.InvalidStateError):  # refused before the write
+                await call.write(reflection_pb2.ServerReflectionRequest(file_containing_symbol="s" * MiB))
             response = await call.read()
             call.cancel()
             if response is grpc.aio.EOF:
@@ -696,9 +705,9 @@ async def attack_http_json_shape_lie(target: Target) -> Outcome:
     return await _http(target, *_json(body))
 
 
-@attack("http", "JSON infer with data nested 100,000 deep", "HTTP 400")
+@attack("http", "JSON infer with data nested 20,000 deep", "HTTP 400")
 async def attack_http_json_deep_nesting(target: Target) -> Outcome:
-    data = b"[" * 100_000 + b"1" + b"]" * 100_000
+    data = b"[" * 20_000 + b"1" + b"]" * 20_000
     body = b'{"inputs":[{"name":"population","shape":[1,1],"datatype":"FP32","data":' + data + b"}]}"
     return await _http(target, *_json(body))
 

@@ -29,8 +29,9 @@ DRAINING = "draining"
 class CallGate:
     """Counts the calls running now; ``limit`` None = no cap."""
 
-    def __init__(self, limit: int | None) -> None:
+    def __init__(self, limit: int | None, setting: str = "max_concurrent_requests") -> None:
         self.limit = limit if limit else None
+        self.setting = setting  # named in the busy message
         self.active = 0
         self.refused = 0
         self.draining = False
@@ -52,10 +53,7 @@ class CallGate:
         return None
 
     def busy_message(self) -> str:
-        return (
-            f"the server is busy: {self.active} calls in progress, its max_concurrent_requests "
-            "limit; retry with backoff"
-        )
+        return f"the server is busy: {self.active} calls in progress, its {self.setting} limit; retry with backoff"
 
     async def hold(self, remaining: float | None) -> None:
         """A call that came in while draining: wait until the transport has begun to stop (or
@@ -84,26 +82,41 @@ class CallGate:
         """Answer the held calls (call once the transport has begun to stop)."""
         self._release.set()
 
-    async def drain(self, timeout: float, quiet: float = 0.02, linger: float = 2.0) -> dict[str, float]:
-        """Hold new calls and wait (at most ``timeout`` s) until none is running and either no
-        call came in for ``quiet`` s (gRPC's queue of arrived-but-unstarted calls is then empty,
-        since an idle event loop starts them at once) or ``linger`` s passed. Returns figures;
-        then stop the transports and call :meth:`release_held`."""
+    async def drain(
+        self, timeout: float, quiet: float = 0.25, quiet_turns: int = 20, linger: float = 2.0
+    ) -> dict[str, float]:
+        """Hold new calls and wait (at most ``timeout`` s) until none is running and either
+        nothing happened for ``quiet`` s *and* ``quiet_turns`` turns of this loop, or ``linger`` s
+        passed. Returns figures; then stop the transports and call :meth:`release_held`.
+
+        "Nothing happened": no call came in and none finished. A caller whose call just finished
+        sends its next one soon, and gRPC cancels a call that reached it but was not started yet
+        when it stops; waiting until callers had time to send (and the loop to start, and hold,
+        what they sent) keeps that window empty. Turns as well as seconds: a process that was not
+        scheduled for a while must not mistake that for quiet."""
         self.start_draining()
-        start = time.monotonic()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
         running_at_start = self.active
+        seen = (self.last_call, self.active)
+        quiet_since, turns = start, 0
         while True:
-            now = time.monotonic()
+            now = loop.time()
             if now - start >= timeout:
                 break
-            if not self.active and (now - self.last_call >= quiet or now - start >= linger):
+            if (self.last_call, self.active) != seen:
+                seen, quiet_since, turns = (self.last_call, self.active), now, 0
+            else:
+                turns += 1
+            settled = now - quiet_since >= quiet and turns >= quiet_turns
+            if not self.active and (settled or now - start >= linger):
                 break
             await asyncio.sleep(0.002)
         return {
             "running_at_signal": running_at_start,
             "still_running": self.active,
             "held_for_unavailable": self.held,
-            "drain_seconds": round(time.monotonic() - start, 3),
+            "drain_seconds": round(loop.time() - start, 3),
         }
 
 

@@ -77,7 +77,7 @@ class Gates:
 
     @classmethod
     def default(cls, main: CallGate) -> Gates:
-        return cls(main, CallGate(128), CallGate(32), CallGate(8))
+        return cls(main, CallGate(128), CallGate(32, "max_health_watches"), CallGate(8, "max_reflection_calls"))
 
 
 def policy_for(method: str, gates: Gates, limits: MessageLimits, stream_request: bool) -> Policy:

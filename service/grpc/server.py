@@ -123,8 +123,8 @@ async def build_grpc(
         Gates(
             gate,
             streams=CallGate(settings.max_inference_streams),
-            watches=CallGate(settings.max_health_watches),
-            reflection=CallGate(settings.max_reflection_calls),
+            watches=CallGate(settings.max_health_watches, "max_health_watches"),
+            reflection=CallGate(settings.max_reflection_calls, "max_reflection_calls"),
         ),
         authenticator,
         limits,

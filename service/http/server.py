@@ -25,8 +25,39 @@ from .status import status_of
 log = logging.getLogger(__name__)
 
 
+#: A connection closed while the client may still be sending (a refused body) is closed the way
+#: nginx's lingering close does it: our side is shut (FIN after the response) and what still
+#: arrives is read and dropped for up to this long / this much, so that the client reads the
+#: response instead of a reset (closing with unread data makes the kernel send RST, which can
+#: discard the response before the client reads it).
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 16 * 1024 * 1024
+
+
+class _LingeringTransport:
+    """The connection's transport, whose ``close`` is a lingering close (see :data:`LINGER_SECONDS`)."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: BoundedHttpToolsProtocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        self._protocol.linger()
+
+    def is_closing(self) -> bool:
+        return self._protocol.lingering or self._transport.is_closing()
+
+    def write(self, data: bytes) -> None:
+        if not self._protocol.lingering:  # nothing more once our side is shut
+            self._transport.write(data)
+
+
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline and a size cap on each request's headers."""
+    """uvicorn's httptools protocol with a deadline and a size cap on each request's headers,
+    and a lingering close."""
 
     header_timeout = 10.0
     max_header_bytes = 16 * 1024
@@ -35,6 +66,38 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._header_bytes = 0
         self._header_timer: asyncio.TimerHandle | None = None
+        self._raw: asyncio.Transport | None = None
+        self._lingering: int | None = None  # bytes dropped since the lingering close began
+
+    @property
+    def lingering(self) -> bool:
+        return self._lingering is not None
+
+    def linger(self) -> None:
+        """Close after the response is out: FIN now, then drop what arrives for a while."""
+        raw = self._raw
+        if raw is None or raw.is_closing() or self._lingering is not None:
+            return
+        if not raw.can_write_eof():  # TLS: no half-close
+            raw.close()
+            return
+        self._lingering = 0
+        self._disarm()
+        try:
+            raw.write_eof()
+        except OSError:  # the peer is gone already
+            raw.close()
+            return
+        raw.resume_reading()
+        self.loop.call_later(LINGER_SECONDS, raw.close)
+
+    def data_received(self, data: bytes) -> None:
+        if self._lingering is None:
+            super().data_received(data)
+            return
+        self._lingering += len(data)
+        if self._lingering > LINGER_BYTES and self._raw is not None:
+            self._raw.close()
 
     def _arm(self) -> None:
         if self._header_timer is None:
@@ -54,14 +117,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         )
         if not self.transport.is_closing():
             self.transport.write(head.encode() + body)
-            self.transport.close()
+            self.linger()
 
     def _headers_too_slow(self) -> None:
         self._header_timer = None
         self._refuse(408, f"the request headers did not arrive within {self.header_timeout:g} s")
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        self._raw = transport
+        super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]
         self._arm()  # a connection that never sends a request is closed too
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -83,12 +147,21 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _count(self, size: int) -> None:
         self._header_bytes += size
-        if self._header_bytes > self.max_header_bytes:
+        if self._header_bytes > self.max_header_bytes and not self.lingering:
             self._refuse(431, f"the request line and headers are over {self.max_header_bytes} bytes")
 
     def on_headers_complete(self) -> None:
         self._disarm()
-        super().on_headers_complete()
+        if not self.lingering:  # refused while these headers were parsed: no request
+            super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self.lingering:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self.lingering:
+            super().on_message_complete()
 
 
 class AsgiApp:
