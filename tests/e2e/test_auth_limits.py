@@ -8,6 +8,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -204,3 +206,71 @@ def test_max_concurrent_requests(tmp_path: Path) -> None:
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
         assert all(len(f.result().profit_usd) == rows for f in running)  # the admitted ones finish
         assert len(stub.PredictProfit(request, timeout=60).profit_usd) == rows  # and room is back
+
+
+ADMIN_TOKEN = "admin-token-0123456789"
+
+
+def _http_control(proc, action: str, token: str | None) -> int:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{proc.http_port}/v2/repository/models/profit/{action}",
+        data=b"{}",
+        method="POST",
+        headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as err:
+        return int(err.code)
+
+
+def test_model_control_needs_an_admin_token(tmp_path: Path) -> None:
+    args = ["--model-repository", str(_repo(tmp_path)), "--allow-model-control", "true"]
+    env = {"SERVING_AUTH_TOKENS": ENV_TOKEN, "SERVING_ADMIN_TOKENS": ADMIN_TOKEN}
+    with start_server(tmp_path, *args, env=env) as proc, proc.channel() as channel:
+        stub = v2_grpc.GRPCInferenceServiceStub(channel)
+        unload = v2.RepositoryModelUnloadRequest(model_name="profit")
+        load = v2.RepositoryModelLoadRequest(model_name="profit")
+
+        def bearer(token: str) -> list[tuple[str, str]]:
+            return [("authorization", f"Bearer {token}")]
+
+        # An inference token: PERMISSION_DENIED on both protocols, and the model keeps serving.
+        code, details = _code(lambda: stub.RepositoryModelUnload(unload, metadata=bearer(ENV_TOKEN), timeout=30))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "load or unload" in details
+        assert _http_control(proc, "unload", ENV_TOKEN) == 403
+        assert _code(lambda: stub.RepositoryModelUnload(unload, timeout=30))[0] == UNAUTHENTICATED
+        assert _http_control(proc, "unload", None) == 401
+        assert _v2_profit(channel, ENV_TOKEN) == 7.0
+        assert ENV_TOKEN not in proc.log() and ADMIN_TOKEN not in proc.log()
+
+        # The admin token may, over either protocol, and may run inference too.
+        stub.RepositoryModelUnload(unload, metadata=bearer(ADMIN_TOKEN), timeout=30)
+        ready = v2.ModelReadyRequest(name="profit")
+        assert not stub.ModelReady(ready, metadata=bearer(ENV_TOKEN), timeout=10).ready
+        stub.RepositoryModelLoad(load, metadata=bearer(ADMIN_TOKEN), timeout=60)
+        assert stub.ModelReady(ready, metadata=bearer(ENV_TOKEN), timeout=10).ready
+        assert _http_control(proc, "unload", ADMIN_TOKEN) == 200
+        assert _http_control(proc, "load", ADMIN_TOKEN) == 200
+        assert _v2_profit(channel, ADMIN_TOKEN) == 7.0
+
+
+def test_with_auth_on_and_no_admin_token_nobody_controls_models(tmp_path: Path) -> None:
+    args = ["--model-repository", str(_repo(tmp_path)), "--allow-model-control", "true"]
+    with start_server(tmp_path, *args, env={"SERVING_AUTH_TOKENS": ENV_TOKEN}) as proc, proc.channel() as channel:
+        stub = v2_grpc.GRPCInferenceServiceStub(channel)
+        unload = v2.RepositoryModelUnloadRequest(model_name="profit")
+        metadata = [("authorization", f"Bearer {ENV_TOKEN}")]
+        code, details = _code(lambda: stub.RepositoryModelUnload(unload, metadata=metadata, timeout=30))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "none is configured" in details
+        assert _v2_profit(channel, ENV_TOKEN) == 7.0
+
+
+def test_an_exposed_server_says_so(tmp_path: Path) -> None:
+    """Binding every interface without TLS or tokens is allowed, and logged as a warning."""
+    with start_server(tmp_path, "--host", "0.0.0.0", "--model-repository", str(_repo(tmp_path))) as proc:
+        log = proc.log()  # logged before the models load, so before SERVING
+    assert "listening on a non-loopback address without TLS and bearer tokens" in log
+    with start_server(tmp_path, "--model-repository", str(_repo(tmp_path))) as quiet:
+        assert "non-loopback" not in quiet.log()

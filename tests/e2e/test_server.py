@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import signal
+import struct
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -101,6 +104,61 @@ def test_graceful_shutdown_with_a_call_in_flight(tmp_path: Path, sig: signal.Sig
         assert proc.process.wait(60) == 0
     log = proc.log()
     assert '"shutting down"' in log and '"server stopped"' in log
+
+
+def test_every_health_watcher_is_told(tmp_path: Path) -> None:
+    """Two Watch streams on one model; one is cancelled; the model is unloaded: the other still
+    hears NOT_SERVING (grpcio-health-checking's aio servicer dropped the shared wait object)."""
+    from service.generated.inference import grpc_service_pb2 as v2
+    from service.generated.inference import grpc_service_pb2_grpc as v2_grpc
+
+    repo = tmp_path / "models"
+    save(linear(1, [2.0], 1.0, "population", "profit"), repo, "profit")
+    args = ["--model-repository", str(repo), "--allow-model-control", "true"]
+    with start_server(tmp_path, *args) as proc, proc.channel() as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service="profit")
+        first, second = health.Watch(request, timeout=60), health.Watch(request, timeout=60)
+        assert next(first).status == SERVING and next(second).status == SERVING
+        first.cancel()
+        v2_grpc.GRPCInferenceServiceStub(channel).RepositoryModelUnload(
+            v2.RepositoryModelUnloadRequest(model_name="profit"), timeout=30
+        )
+        assert next(second).status == NOT_SERVING  # a deadline (60 s), not a hang, if it never comes
+        second.cancel()
+
+
+def test_an_idle_stream_ends_unavailable_at_sigterm(tmp_path: Path) -> None:
+    """An inference stream waiting for its next message does not hold the shutdown: it is ended
+    UNAVAILABLE (retry elsewhere) as soon as the drain starts, and the server exits 0."""
+    from service.generated.inference import grpc_service_pb2 as v2
+    from service.generated.inference import grpc_service_pb2_grpc as v2_grpc
+
+    repo = tmp_path / "models"
+    save(linear(1, [2.0], 1.0, "population", "profit"), repo, "profit")
+    request = v2.ModelInferRequest(
+        model_name="profit",
+        inputs=[v2.ModelInferRequest.InferInputTensor(name="population", datatype="FP32", shape=[1, 1])],
+        raw_input_contents=[struct.pack("<f", 3.0)],
+    )
+    done = threading.Event()
+
+    def requests() -> Iterator[v2.ModelInferRequest]:  # one message, then idle until the test ends
+        yield request
+        done.wait(120)
+
+    with start_server(tmp_path, "--model-repository", str(repo), "--shutdown-grace-seconds", "60") as proc:
+        with proc.channel() as channel:
+            answers = v2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(requests(), timeout=120)
+            try:
+                assert not next(answers).error_message
+                proc.process.send_signal(signal.SIGTERM)
+                with pytest.raises(grpc.RpcError) as ended:
+                    next(answers)
+                assert ended.value.code() == grpc.StatusCode.UNAVAILABLE, ended.value.details()
+                assert proc.process.wait(60) == 0
+            finally:
+                done.set()
 
 
 def test_mutual_tls(tmp_path: Path) -> None:
