@@ -606,7 +606,10 @@ async def _http(
             sender.cancel()
         if not line:
             return Outcome("closed")
-        rest = await asyncio.wait_for(reader.read(2000), 5) if line else b""
+        try:
+            rest = await asyncio.wait_for(reader.read(2000), 5)
+        except (ConnectionError, OSError, TimeoutError):
+            rest = b""
         status = line.split()[1].decode() if len(line.split()) > 1 else "?"
         return Outcome(f"HTTP {status}", rest.split(b"\r\n\r\n", 1)[-1][:300].decode(errors="replace"))
     finally:
@@ -764,13 +767,13 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(tree: Path, log_path: Path) -> tuple[subprocess.Popen[bytes], Target]:
+def start_server(tree: Path, log_path: Path, python: str = sys.executable) -> tuple[subprocess.Popen[bytes], Target]:
     """``python -m service`` from ``tree`` with :data:`SERVER_ENV`; waits for SERVING."""
     for attempt in range(5):
         port, http = _free_port(), _free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("SERVING_")}
         env.update(SERVER_ENV, SERVING_HTTP_PORT=str(http), SERVING_METRICS_PORT="0", PYTHONPATH=str(tree))
-        command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
+        command = [python, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
         command += ["--model-repository", str(tree / "models")]
         with open(log_path, "wb") as log:
             process = subprocess.Popen(command, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -900,14 +903,16 @@ async def _measure(attack_: Attack, target: Target, pid: int, probe: Probe, min_
     return row
 
 
-def run_suite(tree: Path, names: set[str] | None, min_seconds: float) -> tuple[list[Row], dict[str, Any]]:
+def run_suite(
+    tree: Path, names: set[str] | None, min_seconds: float, python: str = sys.executable
+) -> tuple[list[Row], dict[str, Any]]:
     attacks = [a for a in ATTACKS if not names or a.name in names]
     print("preparing payloads ...", file=sys.stderr)
     _fp32_contents_15m()
     _http_gzip_bomb()
     with tempfile.TemporaryDirectory() as tmp:
         log_path = Path(tmp) / "server.log"
-        process, target = start_server(tree, log_path)
+        process, target = start_server(tree, log_path, python)
         probe = Probe.start(target.address)
         rows: list[Row] = []
         try:
@@ -984,6 +989,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="attack names (default: all)")
     parser.add_argument("--list", action="store_true", help="list the attacks and exit")
     parser.add_argument("--baseline-tree", type=Path, help="also attack the server of this checkout (before/after)")
+    parser.add_argument(
+        "--baseline-python", default=sys.executable, help="the Python (venv) that runs the baseline tree's server"
+    )
     parser.add_argument("--min-seconds", type=float, default=1.0, help="repeat quick attacks for this long")
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
@@ -997,10 +1005,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     names = set(args.only) if args.only else None
     results: dict[str, Any] = {}
-    trees = [("after", REPO_ROOT)] + ([("before", args.baseline_tree.resolve())] if args.baseline_tree else [])
-    for label, tree in trees:
+    trees = [("after", REPO_ROOT, sys.executable)]
+    if args.baseline_tree:
+        trees.append(("before", args.baseline_tree.resolve(), args.baseline_python))
+    for label, tree, python in trees:
         print(f"== {label}: {tree}", file=sys.stderr)
-        rows, info = run_suite(tree, names, args.min_seconds)
+        rows, info = run_suite(tree, names, args.min_seconds, python)
         print(f"\n### {label} ({tree.name}, {time.strftime('%Y-%m-%d')})\n")
         print(table(rows))
         print(

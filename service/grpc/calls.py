@@ -49,6 +49,15 @@ def failure_status(grpc_context: grpc.aio.ServicerContext, exc: BaseException) -
     return "UNKNOWN"
 
 
+def refuse(grpc_context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    """Set the call's status; the handler then returns (None, or ends its stream). Not
+    ``abort()``: grpc.aio keeps the AbortError it raises in a reference cycle with the call's
+    state and frames, request included, until the garbage collector runs, so refused 3 MB
+    requests piled up (+230 MiB after 160 of them; flat now)."""
+    grpc_context.set_code(code)
+    grpc_context.set_details(clip(message))
+
+
 class Rpc:
     """The wrappers for one gRPC service (``protocol`` is the metrics label: typed, v2)."""
 
@@ -72,18 +81,19 @@ class Rpc:
                 try:
                     response = await handler(servicer, request, context)
                 except ServingError as err:
-                    code = status_of(err)
-                    context.status, context.error = code.name, str(err)
-                    servicer.plane.finish(context)
-                    await grpc_context.abort(code, clip(str(err)))
-                    raise AssertionError("unreachable: abort raises") from None  # pragma: no cover
+                    code, message = status_of(err), str(err)
                 except BaseException as exc:  # cancelled, or a bug (UNKNOWN)
                     context.status = failure_status(grpc_context, exc)
                     servicer.plane.finish(context)
                     raise
-                context.status = "OK"
+                else:
+                    context.status = "OK"
+                    servicer.plane.finish(context)
+                    return response
+                context.status, context.error = code.name, message
                 servicer.plane.finish(context)
-                return response
+                refuse(grpc_context, code, message)
+                return None  # type: ignore[return-value]  # with the status set, gRPC sends no message
 
             if name:
                 call.__name__ = call.__qualname__ = name
@@ -125,7 +135,8 @@ class Rpc:
                     try:
                         response = on_error(request, err, index)
                     except ServingError as final:
-                        await grpc_context.abort(status_of(final), clip(str(final)))
+                        refuse(grpc_context, status_of(final), str(final))
+                        return
                 except BaseException as exc:
                     context.status = failure_status(grpc_context, exc)
                     servicer.plane.finish(context)

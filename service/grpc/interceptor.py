@@ -206,24 +206,24 @@ class _Admission:
         self.per_message = per_message
 
     async def enter(self, request: Any, stream_request: bool, context: grpc.aio.ServicerContext) -> Any:
-        """Admit the call (aborting it otherwise) and return the request to hand the handler;
-        the caller must call :meth:`leave` once the handler is done."""
+        """Admit the call and return the request to hand the handler (the caller must then call
+        :meth:`leave` once the handler is done), or a :class:`_Refused` to answer instead."""
         gate = self.gate
         if self.per_message is not None and self.per_message.draining:
             await self.per_message.hold(context.time_remaining())
-            await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
+            return _Refused(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
         if gate is not None:
             why = gate.admit()
             if why == DRAINING:
                 await gate.hold(context.time_remaining())
-                await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
-            elif why is not None:
+                return _Refused(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
+            if why is not None:
                 message = gate.busy_message() if self.per_message is None else self._streams_busy(gate)
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+                return _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
         if stream_request:
             request = _checked(request, context, self.per_message)
         elif type(request) is _Refused:
-            await context.abort(request.code, request.message)
+            return request
         if gate is not None:
             gate.active += 1
         return request
@@ -245,6 +245,8 @@ def _wrap(behavior: Behavior, stream_request: bool, admission: _Admission) -> Be
 
         async def generator(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             request = await admission.enter(request, stream_request, context)
+            if type(request) is _Refused:
+                await context.abort(request.code, request.message)
             try:
                 async for item in behavior(request, context):
                     yield item
@@ -255,6 +257,10 @@ def _wrap(behavior: Behavior, stream_request: bool, admission: _Admission) -> Be
 
     async def coroutine(request: Any, context: grpc.aio.ServicerContext) -> Any:
         request = await admission.enter(request, stream_request, context)
+        if type(request) is _Refused:  # answered without raising: see service.grpc.calls.refuse
+            context.set_code(request.code)
+            context.set_details(request.message)
+            return None
         try:
             result = behavior(request, context)
             return await result if inspect.isawaitable(result) else result
