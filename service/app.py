@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .core.dataplane import DataPlane, Observer
 from .core.registry import ModelRegistry, RepositoryPoller
@@ -18,6 +19,9 @@ from .observability.logs import RequestLog
 from .observability.metrics import Metrics
 from .security import Authenticator, TokenStore
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .observability.tracing import Tracing
 
 log = logging.getLogger("service")
 
@@ -73,6 +77,7 @@ class ServingApp:
             await self.grpc.stop(remaining)
         await self.poller.stop()
         await self.registry.stop()
+        self.plane.close()  # flushes pending trace spans
 
 
 async def build_app(settings: Settings, registry: ModelRegistry | None = None) -> ServingApp:
@@ -83,10 +88,13 @@ async def build_app(settings: Settings, registry: ModelRegistry | None = None) -
     if registry is None:
         registry = ModelRegistry(settings.model_repository, settings, metrics=metrics)  # provider check
     metrics.attach(registry)
-    observers: list[Observer] = [metrics]
+    observers: list[Observer] = [metrics, registry.statistics]
     if settings.log_level == "DEBUG":  # elsewhere it would cost every request a call
         observers.append(RequestLog())
-    plane = DataPlane(registry, settings, observers)
+    tracing = _tracing(settings)
+    if tracing is not None:
+        observers.append(tracing)
+    plane = DataPlane(registry, settings, observers, tracing)
     gate = CallGate(settings.max_concurrent_requests)
     tokens = TokenStore.from_settings(settings)
     authenticator = Authenticator(tokens) if tokens is not None else None
@@ -94,6 +102,19 @@ async def build_app(settings: Settings, registry: ModelRegistry | None = None) -
     http = HttpFrontEnd(HttpApi(plane, gate, authenticator), settings) if settings.http_port else None
     poller = RepositoryPoller(registry, settings.reload_interval_seconds)
     return ServingApp(settings, registry, plane, gate, front, http, metrics, poller)
+
+
+def _tracing(settings: Settings) -> Tracing | None:
+    """The tracer when the ``tracing`` setting is on; OpenTelemetry is imported only then."""
+    if not settings.tracing:
+        return None
+    try:
+        from .observability.tracing import Tracing
+    except ImportError as exc:
+        raise RuntimeError(
+            f"tracing is on but OpenTelemetry is not installed ({exc}); pip install 'model-serving[otel]'"
+        ) from None
+    return Tracing(tls=settings.tls_cert is not None)
 
 
 async def serve(settings: Settings) -> None:

@@ -135,6 +135,11 @@ class Settings(BaseSettings):
         "INFO", description="DEBUG adds one log line per request"
     )
     log_format: Literal["json", "text"] = Field("json", description="structured JSON lines or text")
+    tracing: bool = Field(
+        False,
+        description="OpenTelemetry traces of every request, continuing a caller's W3C traceparent (needs the "
+        "[otel] extra); exporter, endpoint, sampler and service name from the standard OTEL_* variables",
+    )
     # -- hardening (README "Hardening") --------------------------------------------------------
     auth_tokens: Annotated[list[str], NoDecode] = Field(
         [],

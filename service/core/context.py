@@ -35,6 +35,9 @@ class RequestContext:
         "carrier",
     )
 
+    #: The request's headers or metadata; only set while tracing is on (see __slots__).
+    carrier: Any
+
     def __init__(self, protocol: str, method: str, *, inference: bool = False, timeout: float | None = None) -> None:
         self.protocol = protocol
         self.method = method
