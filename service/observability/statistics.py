@@ -96,21 +96,24 @@ class ModelStats:
         self.compute_output = Duration()
         self.inference_count = 0
         self.execution_count = 0
-        self.last_inference = 0  # ms since the epoch
+        self.last_inference = 0.0  # perf_counter() of the last request's answer (0: none yet)
         self.batches: dict[int, _BatchSize] = {}
 
     def request(self, context: RequestContext) -> None:
-        """One finished inference request for this version."""
-        seconds = context.seconds()
-        self.last_inference = int(time.time() * 1000)
+        """One finished inference request for this version (every request: kept to additions)."""
+        end = context.end
+        self.last_inference = end  # perf_counter(); turned into ms since the epoch when reported
         if context.status not in SUCCESS:
-            self.fail.add(seconds)
+            self.fail.add(end - context.start)
             return
-        self.success.add(seconds)
-        self.queue.add(context.queue_seconds)
-        self.compute_input.add(context.input_seconds)
-        self.compute_infer.add(context.compute_seconds)
-        self.compute_output.add(max(context.end - context.computed, 0.0) if context.computed else 0.0)
+        # One count for the five: every successful request adds to each of them.
+        self.success.count += 1
+        self.success.seconds += end - context.start
+        self.queue.seconds += context.queue_seconds
+        self.compute_input.seconds += context.input_seconds
+        self.compute_infer.seconds += context.compute_seconds
+        if context.computed:
+            self.compute_output.seconds += end - context.computed
         self.inference_count += context.rows
 
     def batch(self, rows: int, input_s: float, infer_s: float, output_s: float) -> None:
@@ -126,10 +129,16 @@ class ModelStats:
     def as_dict(self) -> dict[str, Any]:
         """Triton's ``ModelStatistics`` as its HTTP API shows it (numbers as numbers)."""
         empty = {"count": 0, "ns": 0}
+        successes = self.success.count
+        for phase in (self.queue, self.compute_input, self.compute_infer, self.compute_output):
+            phase.count = successes
+        last = 0
+        if self.last_inference:
+            last = int((time.time() - (time.perf_counter() - self.last_inference)) * 1000)
         return {
             "name": self.name,
             "version": self.version,
-            "last_inference": self.last_inference,
+            "last_inference": last,
             "inference_count": self.inference_count,
             "execution_count": self.execution_count,
             "inference_stats": {

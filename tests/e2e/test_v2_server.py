@@ -158,7 +158,6 @@ def test_repository_index(client: tc.InferenceServerClient) -> None:
     assert "Protobuf parsing failed" in broken[0]["reason"]
 
 
-
 def test_repository_index_ready_only(tiny: ServerProcess) -> None:
     """``ready`` (not a tritonclient argument): the READY versions only."""
     from service.generated.inference import grpc_service_pb2 as v2
