@@ -569,7 +569,7 @@ class ModelRegistry:
             self._unload_reasons.pop(key, None)
             report.loaded.append(key)
             if old is not None:
-                retired.append((old, "replaced by a new model.onnx"))
+                retired.append((old, "reloaded: its model.onnx or its model's configuration changed"))
             inputs, outputs = model.spec.signature()
             log.info(
                 "model loaded",

@@ -37,48 +37,26 @@ from ..core.context import RequestContext
 SUCCESS = frozenset({"OK", "200"})
 
 
-def _ns(seconds: float) -> int:
-    return int(seconds * 1e9)
-
-
-class Duration:
-    """Triton's ``StatisticDuration``: a count and the total time."""
-
-    __slots__ = ("count", "seconds")
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.seconds = 0.0
-
-    def add(self, seconds: float) -> None:
-        self.count += 1
-        self.seconds += seconds
-
-    def as_dict(self) -> dict[str, int]:
-        return {"count": self.count, "ns": _ns(self.seconds)}
-
-
-class _BatchSize:
-    __slots__ = ("compute_input", "compute_infer", "compute_output")
-
-    def __init__(self) -> None:
-        self.compute_input = Duration()
-        self.compute_infer = Duration()
-        self.compute_output = Duration()
+def _duration(count: int, seconds: float) -> dict[str, int]:
+    """Triton's ``StatisticDuration``: a count and the total time in nanoseconds."""
+    return {"count": count, "ns": int(seconds * 1e9)}
 
 
 class ModelStats:
-    """One model version's statistics."""
+    """One model version's statistics: plain numbers on slots, turned into Triton's structure when
+    reported (the request path only adds)."""
 
     __slots__ = (
         "name",
         "version",
-        "success",
-        "fail",
-        "queue",
-        "compute_input",
-        "compute_infer",
-        "compute_output",
+        "successes",
+        "success_s",
+        "failures",
+        "fail_s",
+        "queue_s",
+        "input_s",
+        "infer_s",
+        "output_s",
         "inference_count",
         "execution_count",
         "last_inference",
@@ -88,32 +66,36 @@ class ModelStats:
     def __init__(self, name: str, version: str) -> None:
         self.name = name
         self.version = version
-        self.success = Duration()
-        self.fail = Duration()
-        self.queue = Duration()
-        self.compute_input = Duration()
-        self.compute_infer = Duration()
-        self.compute_output = Duration()
+        self.successes = 0
+        self.success_s = 0.0
+        self.failures = 0
+        self.fail_s = 0.0
+        # Every successful request adds to each phase: their counts are ``successes``.
+        self.queue_s = 0.0
+        self.input_s = 0.0
+        self.infer_s = 0.0
+        self.output_s = 0.0
         self.inference_count = 0
         self.execution_count = 0
         self.last_inference = 0.0  # perf_counter() of the last request's answer (0: none yet)
-        self.batches: dict[int, _BatchSize] = {}
+        #: Executed batch size → [batches, input seconds, infer seconds, output seconds].
+        self.batches: dict[int, list[float]] = {}
 
     def request(self, context: RequestContext) -> None:
-        """One finished inference request for this version (every request: kept to additions)."""
+        """One finished inference request for this version."""
         end = context.end
-        self.last_inference = end  # perf_counter(); turned into ms since the epoch when reported
+        self.last_inference = end
         if context.status not in SUCCESS:
-            self.fail.add(end - context.start)
+            self.failures += 1
+            self.fail_s += end - context.start
             return
-        # One count for the five: every successful request adds to each of them.
-        self.success.count += 1
-        self.success.seconds += end - context.start
-        self.queue.seconds += context.queue_seconds
-        self.compute_input.seconds += context.input_seconds
-        self.compute_infer.seconds += context.compute_seconds
+        self.successes += 1
+        self.success_s += end - context.start
+        self.queue_s += context.queue_seconds
+        self.input_s += context.input_seconds
+        self.infer_s += context.compute_seconds
         if context.computed:
-            self.compute_output.seconds += end - context.computed
+            self.output_s += end - context.computed
         self.inference_count += context.rows
 
     def batch(self, rows: int, input_s: float, infer_s: float, output_s: float) -> None:
@@ -121,19 +103,18 @@ class ModelStats:
         self.execution_count += 1
         size = self.batches.get(rows)
         if size is None:
-            size = self.batches[rows] = _BatchSize()
-        size.compute_input.add(input_s)
-        size.compute_infer.add(infer_s)
-        size.compute_output.add(output_s)
+            self.batches[rows] = [1, input_s, infer_s, output_s]
+        else:
+            size[0] += 1
+            size[1] += input_s
+            size[2] += infer_s
+            size[3] += output_s
 
     def as_dict(self) -> dict[str, Any]:
         """Triton's ``ModelStatistics`` as its HTTP API shows it (numbers as numbers)."""
-        empty = {"count": 0, "ns": 0}
-        successes = self.success.count
-        for phase in (self.queue, self.compute_input, self.compute_infer, self.compute_output):
-            phase.count = successes
+        successes = self.successes
         last = 0
-        if self.last_inference:
+        if self.last_inference:  # perf_counter() → ms since the epoch
             last = int((time.time() - (time.perf_counter() - self.last_inference)) * 1000)
         return {
             "name": self.name,
@@ -142,23 +123,23 @@ class ModelStats:
             "inference_count": self.inference_count,
             "execution_count": self.execution_count,
             "inference_stats": {
-                "success": self.success.as_dict(),
-                "fail": self.fail.as_dict(),
-                "queue": self.queue.as_dict(),
-                "compute_input": self.compute_input.as_dict(),
-                "compute_infer": self.compute_infer.as_dict(),
-                "compute_output": self.compute_output.as_dict(),
-                "cache_hit": dict(empty),
-                "cache_miss": dict(empty),
+                "success": _duration(successes, self.success_s),
+                "fail": _duration(self.failures, self.fail_s),
+                "queue": _duration(successes, self.queue_s),
+                "compute_input": _duration(successes, self.input_s),
+                "compute_infer": _duration(successes, self.infer_s),
+                "compute_output": _duration(successes, self.output_s),
+                "cache_hit": _duration(0, 0.0),
+                "cache_miss": _duration(0, 0.0),
             },
             "batch_stats": [
                 {
                     "batch_size": rows,
-                    "compute_input": size.compute_input.as_dict(),
-                    "compute_infer": size.compute_infer.as_dict(),
-                    "compute_output": size.compute_output.as_dict(),
+                    "compute_input": _duration(int(count), input_s),
+                    "compute_infer": _duration(int(count), infer_s),
+                    "compute_output": _duration(int(count), output_s),
                 }
-                for rows, size in sorted(self.batches.items())
+                for rows, (count, input_s, infer_s, output_s) in sorted(self.batches.items())
             ],
             "memory_usage": [],
         }
