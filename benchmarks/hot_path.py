@@ -51,10 +51,11 @@ def measure(tree: Path, requests: int, clients: int) -> float:
         await app.registry.start()
         plane = app.plane
 
+        traced = getattr(plane, "tracing", None) is not None  # (a tree from before tracing has no attribute)
+
         async def one() -> None:
             context = RequestContext("v2", method, inference=True, timeout=None)
-            tracing = getattr(plane, "tracing", None)
-            if tracing is not None:  # what the gRPC wrapper does with tracing on
+            if traced:  # what the gRPC wrapper does with tracing on: the call's metadata
                 context.carrier = ()
             model = plane.model(context, "fashion_softmax", "")
             tensor = RequestTensor("image", "UINT8", (1, 1, 28, 28), lambda: image)
