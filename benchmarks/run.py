@@ -1002,7 +1002,7 @@ def main(argv: list[str] | None = None) -> int:
             for server in servers.values():
                 server.stop()
             if sink is not None:
-                sink.send_signal(signal.SIGINT)
+                sink.terminate()
                 sink.wait(10)
                 report["tracing"]["sink"] = (workdir / "otlp-sink.log").read_text().strip().splitlines()[-1]
 
