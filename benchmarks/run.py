@@ -237,10 +237,18 @@ def start(
     return server
 
 
-def start_ours(workdir: Path, *args: str, tree: Path = ROOT, name: str = "ours", http: bool = True) -> Server:
+def start_ours(
+    workdir: Path,
+    *args: str,
+    tree: Path = ROOT,
+    name: str = "ours",
+    http: bool = True,
+    env: dict[str, str] | None = None,
+) -> Server:
     """Our server from the source tree ``tree`` (``python -m service`` run there: that tree's
     ``service`` package comes first on the path), on the bundled models of this tree; HTTP on a
-    port of its own unless ``http`` is False (or the tree predates HTTP)."""
+    port of its own unless ``http`` is False (or the tree predates HTTP); ``env`` added to its
+    environment."""
     port = free_port()
     http_port = free_port() if http else None
     flags = ("--http-port", str(http_port or 0), *args) if tree == ROOT else args
@@ -262,10 +270,38 @@ def start_ours(workdir: Path, *args: str, tree: Path = ROOT, name: str = "ours",
         str(MODELS),
         *flags,
     ]
-    server = start(name + "".join(a.strip("-") for a in args), command, port, workdir, cwd=tree)
+    server = start(name + "".join(a.strip("-") for a in args), command, port, workdir, env=env, cwd=tree)
     server.http_port = http_port if tree == ROOT else None
     wait_ready(server, CNN)
     return server
+
+
+def start_otlp_sink(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """An OTLP/gRPC receiver that counts and drops spans (tests/fixtures/otlp.py), and its endpoint."""
+    port = free_port()
+    log_file = open(workdir / "otlp-sink.log", "wb")  # noqa: SIM115 - closed with the process
+    process = subprocess.Popen(
+        [PY, str(ROOT / "tests" / "fixtures" / "otlp.py"), str(port)],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    for _ in range(100):
+        if b"OTLP sink" in (workdir / "otlp-sink.log").read_bytes():
+            break
+        time.sleep(0.05)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def tracing_env(ratio: float, endpoint: str) -> dict[str, str]:
+    """Tracing on, root requests sampled at ``ratio``, spans to ``endpoint`` over OTLP/gRPC."""
+    return {
+        "SERVING_TRACING": "true",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": str(ratio),
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+    }
 
 
 def start_null(workdir: Path) -> Server:
@@ -849,6 +885,13 @@ def main(argv: list[str] | None = None) -> int:
         "commit) on the regression loads, interleaved with today's: a before/after table",
     )
     parser.add_argument(
+        "--tracing",
+        type=float,
+        metavar="RATIO",
+        help="run this tree's server with OpenTelemetry tracing on, requests sampled at RATIO (1 = all), "
+        "spans exported over OTLP/gRPC to a sink process that counts and drops them",
+    )
+    parser.add_argument(
         "--only-regression",
         action="store_true",
         help="with --baseline-tree: measure the regression loads only (no ceilings, no MLServer)",
@@ -911,11 +954,17 @@ def main(argv: list[str] | None = None) -> int:
         # then hits all systems alike instead of deciding one comparison.
         servers: dict[str, Server] = {}
         report["mlserver"] = {"requirements": MLSERVER_REQUIREMENTS, "parallel_workers": args.mlserver_workers}
+        sink = None
+        ours_env = None
+        if args.tracing is not None:
+            sink, endpoint = start_otlp_sink(workdir)
+            ours_env = tracing_env(args.tracing, endpoint)
+            report["tracing"] = ours_env
         try:
             log("2. starting: do-nothing gRPC server, ours (batching on), ours (batching off), MLServer")
             if "null" in plan:
                 servers["null"] = start_null(workdir)
-            servers["ours"] = start_ours(workdir)
+            servers["ours"] = start_ours(workdir, env=ours_env)
             if "before" in plan:
                 servers["before"] = start_ours(workdir, tree=args.baseline_tree.resolve(), name="before")
             if "ours-nobatch" in plan:
@@ -952,6 +1001,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for server in servers.values():
                 server.stop()
+            if sink is not None:
+                sink.terminate()
+                sink.wait(10)
+                report["tracing"]["sink"] = (workdir / "otlp-sink.log").read_text().strip().splitlines()[-1]
 
         log("4. in-process onnxruntime again (the better of both passes is the ceiling)")
         for row in inprocess_ceiling(min(d, 2.0)):
@@ -976,6 +1029,11 @@ def main(argv: list[str] | None = None) -> int:
     text = table(points, ceilings, goal_rows)
     if args.baseline_tree:
         text += "\n\n" + regression_table(report["regression"], args.baseline_tree)
+    if args.tracing is not None:
+        text += (
+            f"\n\nAfter = this tree with tracing on, sampled at {args.tracing:g} "
+            f"(OTLP/gRPC to a sink: {report['tracing'].get('sink', '?')})."
+        )
     (args.out / "benchmark.md").write_text(text + "\n")
     try:
         plot(points, args.out / "benchmark.png")

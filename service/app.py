@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import installed_version
 from .core.dataplane import DataPlane, Observer
@@ -19,6 +20,9 @@ from .observability.logs import RequestLog
 from .observability.metrics import Metrics
 from .security import Authenticator
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .observability.tracing import Tracing
 
 log = logging.getLogger("service")
 
@@ -80,6 +84,7 @@ class ServingApp:
             await self.grpc.stop(remaining)
         await self.poller.stop()
         await self.registry.stop()
+        self.plane.close()  # flushes pending trace spans
 
     async def close(self) -> None:
         """Release whatever was created, started or not, without draining: the path of a start-up
@@ -106,10 +111,13 @@ async def build_app(
         registry = ModelRegistry(settings.model_repository, settings, metrics=metrics)  # provider check
     metrics.attach(registry)
     limits = limits if limits is not None else MessageLimits(settings.max_message_bytes)
-    observers: list[Observer] = [metrics]
+    observers: list[Observer] = [metrics, registry.statistics]
     if settings.log_level == "DEBUG":  # elsewhere it would cost every request a call
         observers.append(RequestLog())
-    plane = DataPlane(registry, settings, observers)
+    tracing = _tracing(settings)
+    if tracing is not None:
+        observers.append(tracing)
+    plane = DataPlane(registry, settings, observers, tracing)
     gate = CallGate(settings.max_concurrent_requests)
     authenticator = Authenticator.from_settings(settings)
     front = await build_grpc(settings, plane, gate, authenticator, limits)
@@ -165,6 +173,20 @@ def check_first_load(registry: ModelRegistry, strict: bool) -> None:
             "no model loaded: not ready",
             extra={"root": str(registry.root), "empty": not failed, "health": "NOT_SERVING"},
         )
+
+
+def _tracing(settings: Settings) -> Tracing | None:
+    """The tracer when the ``tracing`` setting is on; OpenTelemetry is imported only then."""
+    if not settings.tracing:
+        return None
+    try:
+        from .observability.tracing import Tracing
+    except ImportError as exc:
+        raise RuntimeError(
+            f"tracing is on but OpenTelemetry is not installed ({exc}); "
+            "pip install 'onnx-v2-serving[otel]' (or '.[otel]' from a clone)"
+        ) from None
+    return Tracing(tls=settings.tls_cert is not None)
 
 
 async def serve(settings: Settings) -> None:

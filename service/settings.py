@@ -139,6 +139,11 @@ class Settings(BaseSettings):
         description="json (one object per line), text (for a person: the start-up line as a summary), "
         "or auto: text when stderr is a terminal, json otherwise (containers, Kubernetes, CI)",
     )
+    tracing: bool = Field(
+        False,
+        description="OpenTelemetry traces of every request, continuing a caller's W3C traceparent (needs the "
+        "[otel] extra); exporter, endpoint, sampler and service name from the standard OTEL_* variables",
+    )
     # -- hardening (README "Hardening") --------------------------------------------------------
     auth_tokens: Annotated[list[str], NoDecode] = Field(
         [],

@@ -1,6 +1,6 @@
 """What both V2 (Open Inference Protocol) front ends report, gRPC and HTTP alike: server
-metadata, model metadata, Triton's model configuration, the repository index, and the checks
-of model-control requests."""
+metadata, model metadata, Triton's model configuration, the repository index, Triton's
+statistics, and the checks of model-control requests."""
 
 from __future__ import annotations
 
@@ -8,16 +8,15 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from . import installed_version
+from .core.model_config import BACKEND, PLATFORM
 from .core.registry import ModelRegistry, ModelVersion
 from .errors import InvalidArgument
 from .generated.inference import model_config_pb2 as config_pb
 
 #: The server's name in V2 ServerMetadata (the distribution is onnx-v2-serving; its version is reported).
 SERVER_NAME = "model-serving"
-PLATFORM = "onnxruntime_onnx"
-BACKEND = "onnxruntime"
 #: Triton extensions both V2 front ends implement, as reported by server metadata.
-EXTENSIONS = ["model_configuration", "model_repository"]
+EXTENSIONS = ["model_configuration", "model_repository", "statistics"]
 #: Unload parameter Triton clients may send; there are no ensembles here, so it changes nothing.
 IGNORED_UNLOAD_PARAMETERS = frozenset({"unload_dependents"})
 
@@ -50,21 +49,35 @@ def _dims(shape: Sequence[int], batched: bool) -> list[int]:
 
 
 def model_config(model: ModelVersion) -> config_pb.ModelConfig:
-    """A minimal, truthful Triton ``ModelConfig`` for one loaded model version.
+    """Triton's ``ModelConfig`` for one loaded model version: what was applied, from its
+    config.pbtxt / config.json and the server's settings.
 
-    As in Triton, ``dims`` leave out the batch axis when ``max_batch_size`` > 0; every loaded
-    version is served (version policy ``all``); one instance on the provider the session uses.
+    ``max_batch_size`` is the most rows one request may carry (0 when config.pbtxt turned
+    batching off with ``max_batch_size: 0``); as in Triton, ``dims`` then leave out the batch
+    axis. ``dynamic_batching`` is there when the batcher batches; ``instance_group`` counts the
+    batches that may run at once, on the provider the session uses; ``model_warmup`` repeats the
+    samples config.pbtxt had run at load.
     """
     spec = model.spec
-    batched = spec.max_rows > 0
+    settings = model.settings
+    batched = settings.batched
     gpu = "cuda" in model.provider.lower()
     kind = config_pb.ModelInstanceGroup.KIND_GPU if gpu else config_pb.ModelInstanceGroup.KIND_CPU
+    batcher = model.batcher
+    dynamic = None
+    if batcher.batching:
+        dynamic = config_pb.ModelDynamicBatching(
+            preferred_batch_size=list(batcher.config.preferred_batch_sizes),
+            max_queue_delay_microseconds=batcher.config.max_queue_delay_us,
+        )
     return config_pb.ModelConfig(
         name=spec.name,
         platform=PLATFORM,
         backend=BACKEND,
-        version_policy=config_pb.ModelVersionPolicy(all=config_pb.ModelVersionPolicy.All()),
-        max_batch_size=spec.max_rows,
+        version_policy=settings.version_policy.proto(),
+        max_batch_size=spec.max_rows if batched else 0,
+        dynamic_batching=dynamic,
+        model_warmup=list(settings.triton.model_warmup) if settings.triton is not None else [],
         input=[
             config_pb.ModelInput(name=s.name, data_type=_config_type(s.datatype), dims=_dims(s.shape, batched))
             for s in spec.inputs
@@ -73,7 +86,7 @@ def model_config(model: ModelVersion) -> config_pb.ModelConfig:
             config_pb.ModelOutput(name=s.name, data_type=_config_type(s.datatype), dims=_dims(s.shape, batched))
             for s in spec.outputs
         ],
-        instance_group=[config_pb.ModelInstanceGroup(name=spec.name, count=1, kind=kind)],
+        instance_group=[config_pb.ModelInstanceGroup(name=spec.name, count=batcher.max_in_flight, kind=kind)],
         default_model_filename="model.onnx",
     )
 
@@ -89,9 +102,30 @@ def model_config_json(model: ModelVersion) -> dict[str, Any]:
     return config
 
 
-def repository_index(registry: ModelRegistry) -> list[dict[str, str]]:
-    """Every loaded model version, READY (this server lists what it has loaded)."""
-    return [{"name": m.name, "version": str(m.version), "state": "READY", "reason": ""} for m in registry.models()]
+def repository_index(registry: ModelRegistry, ready_only: bool = False) -> list[dict[str, str]]:
+    """Triton's repository index: served versions READY; versions on disk that are not served,
+    failed versions and failed models (version "") UNAVAILABLE with the reason. ``ready_only``:
+    the READY ones only."""
+    return [
+        {"name": e.name, "version": e.version, "state": e.state, "reason": e.reason} for e in registry.index(ready_only)
+    ]
+
+
+def model_statistics(registry: ModelRegistry, name: str = "", version: str = "") -> dict[str, Any]:
+    """Triton's ``ModelStatisticsResponse`` as a dict: every served version (no name), every
+    served version of ``name`` (no version), or that one version. NotFound / Unavailable /
+    InvalidArgument as for any model lookup."""
+    if not name:
+        if version:
+            raise InvalidArgument("a model version needs a model name")
+        versions = [(m.name, m.version) for m in registry.models()]
+    elif version:
+        found = registry.get(name, version)
+        versions = [(found.name, found.version)]
+    else:
+        registry.get(name)  # NotFound with the reason when it is not served
+        versions = [(name, v) for v in registry.versions(name)]
+    return {"model_stats": registry.statistics.report(versions)}
 
 
 def one_repository(repository_name: str) -> None:

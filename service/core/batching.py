@@ -10,9 +10,12 @@ as one onnxruntime call, and split back by row offsets: every caller gets exactl
   make one huge allocation. (The per-request limit is the separate server setting
   ``max_request_rows``; over it a request is INVALID_ARGUMENT before it is queued.)
 * **When a batch runs.** As soon as a worker slot is free (at most ``inference_workers`` batches of
-  one model version run at once) and either the queue holds ``max_batch_rows`` rows or the oldest
-  request has waited ``max_queue_delay_us``. With the default delay 0 nothing waits on purpose: a
-  batch is whatever queued while the previous batches ran, which is where batching pays off.
+  one model version run at once, or the version's ``instance_group`` count) and either the queue
+  holds ``max_batch_rows`` rows (or a preferred batch size) or the oldest request has waited
+  ``max_queue_delay_us``. With the default delay 0 nothing waits on purpose: a batch is whatever
+  queued while the previous batches ran, which is where batching pays off. With Triton's
+  ``preferred_batch_size`` list, a batch is cut at the largest preferred size the waiting rows
+  reach (rows are split freely, so a preferred size is met exactly).
 * **Backpressure.** More than ``queue_capacity`` waiting requests → RESOURCE_EXHAUSTED at once.
   A request whose deadline passes while it waits is answered DEADLINE_EXCEEDED and dropped before
   compute; a caller that goes away (cancelled RPC) is dropped the same way. Both are counted.
@@ -53,6 +56,7 @@ from .context import RequestContext
 
 if TYPE_CHECKING:
     from ..observability.metrics import ModelMetrics
+    from ..observability.statistics import ModelStats
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +65,10 @@ CONFIG_FILE = "config.json"
 
 Arrays = dict[str, np.ndarray]
 RunFn = Callable[[Arrays, list[str]], Arrays]
-Outcome = tuple[Arrays, int, float]  # a batch's outputs, rows, seconds
+#: perf_counter() times of one batch: launched (left the queue), started (on its thread),
+#: running (onnxruntime called), computed (onnxruntime returned).
+Times = tuple[float, float, float, float]
+Outcome = tuple[Arrays, int, Times]  # a batch's outputs, rows, times
 
 
 @dataclass(frozen=True)
@@ -72,12 +79,23 @@ class BatchingConfig:
     max_batch_rows: int = 64
     max_queue_delay_us: int = 0
     queue_capacity: int = 512
+    #: Triton's ``dynamic_batching.preferred_batch_size`` (config.pbtxt only), ascending.
+    preferred_batch_sizes: tuple[int, ...] = ()
 
     @classmethod
-    def resolve(cls, settings: Settings, name: str, model_dir: Path | None = None) -> BatchingConfig:
-        """Server defaults, then ``<model_dir>/config.json`` "batching", then ``settings.batching``.
+    def resolve(
+        cls,
+        settings: Settings,
+        name: str,
+        model_dir: Path | None = None,
+        triton: dict[str, tuple[Any, str]] | None = None,
+    ) -> BatchingConfig:
+        """Server defaults, then the model's files — ``<model_dir>/config.json`` "batching" and
+        the batching fields ``triton`` derived from its config.pbtxt (field → (value, what the
+        file says)), which must agree — then ``settings.batching``, which wins.
 
-        Raises ValueError when the config file is not valid JSON or has unknown/invalid fields.
+        Raises ValueError when config.json is not valid JSON or has unknown/invalid fields, or
+        when it contradicts config.pbtxt.
         """
         values: dict[str, Any] = {
             "enabled": settings.dynamic_batching,
@@ -85,33 +103,54 @@ class BatchingConfig:
             "max_queue_delay_us": settings.batch_max_queue_delay_us,
             "queue_capacity": settings.batch_queue_capacity,
         }
-        overrides: list[BatchingOverride] = []
-        path = model_dir / CONFIG_FILE if model_dir is not None else None
-        if path is not None and path.is_file():
-            try:
-                data = json.loads(path.read_text())
-            except ValueError as exc:
-                raise ValueError(f"{path} is not valid JSON: {exc}") from None
-            unknown = sorted(set(data) - {"batching"}) if isinstance(data, dict) else None
-            if unknown is None or unknown:
-                raise ValueError(f'{path}: expected {{"batching": {{...}}}}, got keys {unknown}')
-            try:
-                overrides.append(BatchingOverride.model_validate(data.get("batching", {})))
-            except Exception as exc:  # pydantic.ValidationError: say which file
-                raise ValueError(f"{path}: {exc}") from None
+        from_json = config_json_batching(model_dir)
+        from_triton = {key: value for key, (value, _) in (triton or {}).items()}
+        for key, (value, said) in (triton or {}).items():
+            if key not in from_json or from_json[key] == value:
+                continue
+            if key == "max_batch_rows" and from_json[key] < value:
+                del from_triton[key]  # config.json may make executed batches smaller than max_batch_size
+                continue
+            raise ValueError(
+                f"{name}/{CONFIG_FILE} sets batching.{key} = {json.dumps(from_json[key])}, which contradicts "
+                f"{name}/config.pbtxt ({said}); say it in one file"
+            )
+        values.update(from_json)
+        values.update(from_triton)
         if name in settings.batching:
-            overrides.append(settings.batching[name])
-        for override in overrides:
-            values.update(override.model_dump(exclude_none=True))
+            values.update(settings.batching[name].model_dump(exclude_none=True))
         return cls(**values)
 
     def describe(self) -> dict[str, Any]:
-        return {
+        described: dict[str, Any] = {
             "enabled": self.enabled,
             "max_batch_rows": self.max_batch_rows,
             "max_queue_delay_us": self.max_queue_delay_us,
             "queue_capacity": self.queue_capacity,
         }
+        if self.preferred_batch_sizes:
+            described["preferred_batch_sizes"] = list(self.preferred_batch_sizes)
+        return described
+
+
+def config_json_batching(model_dir: Path | None) -> dict[str, Any]:
+    """The batching fields ``<model_dir>/config.json`` sets ({} without the file); ValueError when
+    it is not valid JSON or has unknown/invalid fields."""
+    path = model_dir / CONFIG_FILE if model_dir is not None else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    unknown = sorted(set(data) - {"batching"}) if isinstance(data, dict) else None
+    if unknown is None or unknown:
+        raise ValueError(f'{path}: expected {{"batching": {{...}}}}, got keys {unknown}')
+    try:
+        override = BatchingOverride.model_validate(data.get("batching", {}))
+    except Exception as exc:  # pydantic.ValidationError: say which file
+        raise ValueError(f"{path}: {exc}") from None
+    return override.model_dump(exclude_none=True)
 
 
 class _Item:
@@ -178,6 +217,7 @@ class Batcher:
         metrics: ModelMetrics | None = None,
         batchable: bool = True,
         inline_compute_us: int = 0,
+        stats: ModelStats | None = None,
     ) -> None:
         self.label = label
         self.config = config
@@ -186,6 +226,9 @@ class Batcher:
         self._executor = executor
         self._max_in_flight = max(1, max_in_flight)
         self._metrics = metrics
+        self._stats = stats
+        # Triton's preferred batch sizes, capped by max_batch_rows (only when batching).
+        self._preferred = tuple(s for s in config.preferred_batch_sizes if s <= config.max_batch_rows)
         self._delay = config.max_queue_delay_us / 1e6
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: deque[_Item] = deque()
@@ -224,6 +267,11 @@ class Batcher:
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    @property
+    def max_in_flight(self) -> int:
+        """Batches of this version that may run at once (its instances)."""
+        return self._max_in_flight
 
     @property
     def busy(self) -> bool:
@@ -382,7 +430,7 @@ class Batcher:
                 return
             if self.batching and self._delay > 0:
                 due = queue[0].enqueued + self._delay
-                if now < due and self._waiting_rows() < self.config.max_batch_rows:
+                if now < due and not self._full(self._waiting_rows()):
                     self._timer = loop.call_at(due, self._on_timer)
                     return
             parts = self._gather()
@@ -396,6 +444,25 @@ class Batcher:
             if total >= self.config.max_batch_rows:
                 break
         return total
+
+    def _full(self, rows: int) -> bool:
+        """Enough rows wait to start a batch before the delay: max_batch_rows, or a preferred size."""
+        return (
+            rows >= self.config.max_batch_rows
+            or rows in self._preferred
+            or bool(self._preferred and rows >= self._preferred[-1])
+        )
+
+    def _limit(self) -> int:
+        """Rows of the next batch: max_batch_rows, or the largest preferred size the waiting rows
+        reach (none reached: all of them, up to max_batch_rows)."""
+        limit = self.config.max_batch_rows
+        if self._preferred:
+            waiting = self._waiting_rows()
+            reached = [s for s in self._preferred if s <= waiting]
+            if reached:
+                return reached[-1]
+        return limit
 
     def _purge(self, now: float) -> None:
         """Drop answered (expired) or cancelled requests from the head of the queue."""
@@ -419,7 +486,7 @@ class Batcher:
             queue.popleft()
             item.taken = item.rows
             return [(item, 0, item.rows)]
-        limit = self.config.max_batch_rows
+        limit = self._limit() if self._preferred else self.config.max_batch_rows
         parts: list[Part] = []
         rows = 0
         key = item.key
@@ -442,6 +509,7 @@ class Batcher:
         return parts
 
     def _launch(self, parts: list[Part], now: float) -> None:
+        launched = time.perf_counter()
         observe = self._metrics.queue_wait.observe if self._metrics is not None else None
         for item, start, _ in parts:
             if start == 0:
@@ -452,7 +520,7 @@ class Batcher:
         names = parts[0][0].names
         if self._inline(sum(end - start for _, start, end in parts)):
             try:
-                outcome: Outcome | BaseException = self._compute(parts, names)
+                outcome: Outcome | BaseException = self._compute(parts, names, launched)
             except Exception as exc:
                 outcome = exc
             self._complete(parts, outcome)
@@ -464,7 +532,7 @@ class Batcher:
         if self._executor is None:  # a batcher made without one (tests): threads of its own
             self._executor = ThreadPoolExecutor(self._max_in_flight, thread_name_prefix="infer")
         try:
-            future = self._executor.submit(self._compute, parts, names)
+            future = self._executor.submit(self._compute, parts, names, launched)
         except RuntimeError as exc:  # executor shut down
             self._in_flight -= 1
             self._fail(parts, Unavailable(f"{self.label}: server is shutting down ({exc})"))
@@ -478,7 +546,7 @@ class Batcher:
 
         future.add_done_callback(wake)
 
-    def _compute(self, parts: list[Part], names: list[str]) -> Outcome:
+    def _compute(self, parts: list[Part], names: list[str], launched: float) -> Outcome:
         """Inference thread: build the batch, run it, check the outputs have one row per input row."""
         started = time.perf_counter()
         if len(parts) == 1:
@@ -490,7 +558,9 @@ class Batcher:
             first = parts[0][0].feeds
             feeds = {k: np.concatenate([item.feeds[k][start:end] for item, start, end in parts]) for k in first}
             rows = sum(end - start for _, start, end in parts)
+        running = time.perf_counter()
         outputs = self._run(feeds, names)
+        computed = time.perf_counter()
         if self.batching:
             bad = {k: list(v.shape) for k, v in outputs.items() if v.ndim == 0 or len(v) != rows}
             if bad:
@@ -498,7 +568,7 @@ class Batcher:
                     f"{self.label} returned {bad} for a batch of {rows} rows; "
                     "outputs must have one row per input row to be batched"
                 )
-        return outputs, rows, time.perf_counter() - started
+        return outputs, rows, (launched, started, running, computed)
 
     def _finished(self, parts: list[Part], loop: asyncio.AbstractEventLoop, future: Future[Outcome]) -> None:
         """Event loop, after an inference thread ran a batch: results out, next batch in."""
@@ -525,16 +595,19 @@ class Batcher:
             )
             self._fail(parts, err)
         else:
-            outputs, rows, seconds = outcome
+            outputs, rows, (launched, started, running, computed) = outcome
             if self._metrics is not None:
-                self._metrics.compute.observe(seconds)
+                self._metrics.compute.observe(computed - started)  # concatenation + onnxruntime
                 self._metrics.batch_size.observe(rows)
+            input_s, infer_s = running - launched, computed - running
             offset = 0
             for item, start, end in parts:
                 count = end - start
                 context = item.context
                 if context is not None:
-                    context.compute_seconds += seconds
+                    context.input_seconds += input_s
+                    context.compute_seconds += infer_s
+                    context.computed = computed
                     context.batch_rows = max(context.batch_rows, rows)
                 if not item.future.done():
                     mine = {k: v[offset : offset + count] for k, v in outputs.items()}
@@ -543,6 +616,8 @@ class Batcher:
                     else:
                         self._piece(item, start, count, mine)
                 offset += count
+            if self._stats is not None:  # Triton's per-batch-size statistics
+                self._stats.batch(rows, input_s, infer_s, time.perf_counter() - computed)
 
     @staticmethod
     def _piece(item: _Item, start: int, count: int, outputs: Arrays) -> None:

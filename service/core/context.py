@@ -21,12 +21,22 @@ class RequestContext:
         "request_id",
         "rows",
         "queue_seconds",
+        "input_seconds",
         "compute_seconds",
+        "computed",
         "batch_rows",
         "status",
         "error",
         "fields",
+        "end",
+        # Set only while tracing is on (service/observability/tracing.py): the request's headers
+        # or metadata, where a caller's W3C trace context is. Never initialised otherwise, so
+        # that tracing off costs the hot path nothing; read it with getattr(context, "carrier", None).
+        "carrier",
     )
+
+    #: The request's headers or metadata; only set while tracing is on (see __slots__).
+    carrier: Any
 
     def __init__(self, protocol: str, method: str, *, inference: bool = False, timeout: float | None = None) -> None:
         self.protocol = protocol
@@ -41,14 +51,21 @@ class RequestContext:
         self.rows = 0
         #: Time in the batch queue before the first batch with this request's rows started.
         self.queue_seconds = 0.0
+        #: From a batch's start to onnxruntime's start: hand-off to an inference thread and the
+        #: concatenation of the inputs (summed when the request was split across batches).
+        self.input_seconds = 0.0
         #: onnxruntime time of the batches this request's rows ran in (summed when split).
         self.compute_seconds = 0.0
+        #: ``perf_counter()`` when the (last) batch with this request's rows finished computing.
+        self.computed = 0.0
         #: Rows of the (largest) executed batch this request's rows ran in.
         self.batch_rows = 0
         #: The protocol's status for the outcome ("OK", "INVALID_ARGUMENT", "200", ...).
         self.status = ""
         self.error: str | None = None
         self.fields: dict[str, Any] | None = None
+        #: ``perf_counter()`` when the front end had answered (set by ``DataPlane.finish``).
+        self.end = 0.0
 
     def remaining(self) -> float | None:
         """Seconds left before the caller's deadline (None = no deadline)."""
@@ -67,5 +84,5 @@ class RequestContext:
             self.fields.update(fields)
 
     def seconds(self) -> float:
-        """Time since the request was opened."""
-        return time.perf_counter() - self.start
+        """Time from the request's opening to its answer (until then: to now)."""
+        return (self.end or time.perf_counter()) - self.start

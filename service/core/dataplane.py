@@ -18,8 +18,9 @@ observers (metrics, request log) when the front end has answered. Errors are pro
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -31,6 +32,9 @@ from .registry import ModelRegistry, ModelVersion, ReloadReport
 from .runner import Runner
 from .spec import ModelSpec, TensorSpec
 from .tensors import MAX_ELEMENTS, MAX_RANK, check_finite, check_shape
+
+if TYPE_CHECKING:
+    from ..observability.tracing import Tracing
 
 Arrays = dict[str, np.ndarray]
 
@@ -149,12 +153,22 @@ def predict(spec: ModelSpec, runner: Runner, arrays: Arrays, outputs: Sequence[s
 
 
 class DataPlane:
-    """Model lookup, admission, inference and model control over one :class:`ModelRegistry`."""
+    """Model lookup, admission, inference and model control over one :class:`ModelRegistry`.
 
-    def __init__(self, registry: ModelRegistry, settings: Settings, observers: Sequence[Observer] = ()) -> None:
+    ``tracing`` (only with the ``tracing`` setting) is also one of the observers; the front ends
+    check it once per request to hand it the request's trace context (headers, metadata)."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        settings: Settings,
+        observers: Sequence[Observer] = (),
+        tracing: Tracing | None = None,
+    ) -> None:
         self.registry = registry
         self.settings = settings
         self.observers = list(observers)
+        self.tracing = tracing
 
     # -- health and lookup ------------------------------------------------------------------------
 
@@ -202,9 +216,17 @@ class DataPlane:
         return await model.batcher.submit(feeds, names, context.remaining(), context)
 
     def finish(self, context: RequestContext) -> None:
-        """The front end has answered: let every observer read the context."""
+        """The front end has answered: stamp the end and let every observer read the context."""
+        context.end = time.perf_counter()
         for observer in self.observers:
             observer.finish(context)
+
+    def close(self) -> None:
+        """The server stopped: observers that hold resources (the trace exporter) let go."""
+        for observer in self.observers:
+            close = getattr(observer, "close", None)
+            if close is not None:
+                close()
 
     # -- model control ----------------------------------------------------------------------------
 

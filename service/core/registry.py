@@ -3,20 +3,30 @@
 One code path loads the repository at start-up, follows it on a poll, and serves the model
 control RPCs. A round (all models, or the named ones):
 
-1. **Scan** the repository (:mod:`.discovery`) off the event loop. A file is identified by its
-   (mtime, size, inode), so a new version folder, a removed one and a replaced ``model.onnx``
-   are all seen.
-2. **Load** every new or changed file into a new :class:`ModelVersion` (session, contract,
-   batcher, warm-up) before anything is published. A file that does not load (corrupt,
-   half-copied, unsupported types, metadata that disagrees with the graph), or whose tensors
-   differ from the version clients get today (*incompatible*), is **rejected**: one ERROR log
-   line ``"model rejected"`` with the reason, an entry in :attr:`ModelRegistry.failures`, and
-   whatever was serving keeps serving. The same file is not retried until it changes again.
+1. **Scan** the repository (:mod:`.discovery`) off the event loop, and read each model's
+   configuration (:mod:`.model_config`: ``config.pbtxt``, ``config.json``). A file is identified
+   by its (mtime, size, inode), so a new version folder, a removed one, a replaced
+   ``model.onnx`` and an edited configuration (which reloads the model's versions) are all seen.
+   A configuration that does not parse or contradicts itself is a model-level failure: nothing
+   new is loaded for that model, and what it serves keeps serving.
+2. **Choose and load** the versions the model's **version policy** selects (Triton's
+   ``latest { num_versions }`` — by default the latest version only —, ``all`` or ``specific``;
+   see :class:`~.model_config.VersionPolicy`): every new or changed file becomes a new
+   :class:`ModelVersion` (session, contract, batcher, warm-up, ``model_warmup`` samples) before
+   anything is published. A file that does not load (corrupt, half-copied, unsupported types,
+   metadata or config.pbtxt that disagrees with the graph, a failed warm-up sample), or whose
+   tensors differ from the version clients get today (*incompatible*), is **rejected**: one
+   ERROR log line ``"model rejected"`` with the reason, an entry in
+   :attr:`ModelRegistry.failures`, and whatever was serving keeps serving (with ``latest`` the
+   policy passes over it to the version below). The same file is not retried until it changes
+   again. Served versions the policy no longer selects (an older one, once a newer one loaded)
+   are retired.
 3. **Publish** on the event loop: a new name → version → model dict is swapped in with one
    assignment (never mutated under readers).
 4. **Drain** what left the set (a removed version, the old session of a replaced file, an
-   unloaded model): wait until its batcher has nothing queued or running, then close it
-   (``"model unloaded"`` log line). Requests that already hold the old version finish on it.
+   unloaded model, a version beyond the policy): wait until its batcher has nothing queued or
+   running, then close it (``"model unloaded"`` log line). Requests that already hold the old
+   version finish on it.
 5. **Listeners** (health) are told.
 
 Why draining is exact: a front end resolves the model and queues its request in the batcher
@@ -25,6 +35,8 @@ publish, so every request that got the old version is already counted in its bat
 
 A model unloaded by request stays unloaded (polls leave it alone) until it is loaded by request.
 If the repository root cannot be read, nothing is unloaded: that round is skipped and logged.
+:meth:`ModelRegistry.index` lists every version it knows (Triton's repository index): served
+ones READY, the others UNAVAILABLE with the reason (failed, unloaded, outside the policy).
 """
 
 from __future__ import annotations
@@ -38,10 +50,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from ..observability.statistics import Statistics
 from ..settings import Settings
-from .batching import Batcher, BatchingConfig
-from .discovery import Failure, Scan, Signature, file_signature, is_model_dir, scan
-from .runner import Runner, open_model
+from .batching import Batcher
+from .discovery import Failure, Scan, Signature, file_signature, is_model_dir, scan, version_number
+from .model_config import ModelSettings, config_signature, load_model_settings
+from .runner import Runner
 from .runtime import Runtime
 from .spec import ModelKey, ModelSpec
 
@@ -52,17 +66,41 @@ log = logging.getLogger(__name__)
 
 Listener = Callable[[], Awaitable[None]]
 Served = dict[str, dict[int, "ModelVersion"]]
+#: A version as loaded: its model.onnx and its model's configuration files.
+VersionSignature = tuple[Signature, tuple[Signature | None, Signature | None]]
+READY, UNAVAILABLE = "READY", "UNAVAILABLE"
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One row of the repository index (Triton's ``RepositoryIndexResponse.ModelIndex``)."""
+
+    name: str
+    version: str
+    state: str
+    reason: str = ""
 
 
 class ModelVersion:
     """One loaded model version: its contract, its session and its batch queue."""
 
-    def __init__(self, spec: ModelSpec, path: Path, runner: Runner, batcher: Batcher) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        path: Path,
+        runner: Runner,
+        batcher: Batcher,
+        settings: ModelSettings | None = None,
+        executor: ThreadPoolExecutor | None = None,
+    ) -> None:
         self.spec = spec
         self.path = path
         self.runner = runner
         #: Every inference goes through this queue (dynamic batching, or one request per batch).
         self.batcher = batcher
+        #: What its model's configuration files said (config.pbtxt, config.json, settings).
+        self.settings = settings if settings is not None else ModelSettings(spec.name)
+        self._executor = executor  # its own inference threads (instance_group), if any
 
     def __repr__(self) -> str:
         return str(self.spec)
@@ -89,6 +127,8 @@ class ModelVersion:
         self.batcher.close()
         if not self.batcher.busy:
             self.runner.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)  # running batches finish; then its threads end
 
 
 @dataclass
@@ -112,10 +152,20 @@ class _Plan:
     scope: set[str] | None
     add: list[ModelVersion] = field(default_factory=list)
     remove: list[ModelKey] = field(default_factory=list)
-    signatures: dict[ModelKey, Signature] = field(default_factory=dict)
-    rejected: dict[ModelKey, tuple[Signature | None, str]] = field(default_factory=dict)
+    signatures: dict[ModelKey, VersionSignature] = field(default_factory=dict)
+    rejected: dict[ModelKey, tuple[VersionSignature | None, str]] = field(default_factory=dict)
     scan: Scan = field(default_factory=Scan)
     skipped: bool = False
+    #: Whether ``scan`` is a real scan of the scope (not a bare unload).
+    scanned: bool = False
+    #: Why a removed version goes (default: removed from the repository).
+    reasons: dict[ModelKey, str] = field(default_factory=dict)
+    #: Model-level problems (configuration) and versions a specific policy names but lacks.
+    problems: dict[Failure, str] = field(default_factory=dict)
+    #: The versions each model's policy considered this round (its failures stay listed).
+    examined: dict[str, set[int]] = field(default_factory=dict)
+    #: Each model's configuration as read this round.
+    configs: dict[str, ModelSettings] = field(default_factory=dict)
 
 
 class ModelRegistry:
@@ -127,11 +177,14 @@ class ModelRegistry:
         settings: Settings,
         runtime: Runtime | None = None,
         metrics: Metrics | None = None,
+        statistics: Statistics | None = None,
     ) -> None:
         self.root = Path(root)
         self.settings = settings
         self.runtime = runtime if runtime is not None else Runtime(settings)
         self.metrics = metrics
+        #: Triton's per-version statistics (also an observer of the data plane).
+        self.statistics = statistics if statistics is not None else Statistics()
         self.listeners: list[Listener] = []
         #: What failed to load and why; a failed version whose predecessor serves is listed too.
         self.failures: dict[Failure, str] = {}
@@ -139,9 +192,15 @@ class ModelRegistry:
         self._loaded = False
         self._executor = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="infer")
         self._drain_timeout = max(settings.shutdown_grace_seconds, 1.0)
-        self._signatures: dict[ModelKey, Signature] = {}  # the files being served
-        self._rejected: dict[ModelKey, Signature | None] = {}  # files rejected, until they change
+        self._signatures: dict[ModelKey, VersionSignature] = {}  # the files being served
+        self._rejected: dict[ModelKey, VersionSignature | None] = {}  # files rejected, until they change
         self._unloaded: set[str] = set()  # models unloaded by request
+        # For the repository index: versions on disk per model (last scan), each model's policy,
+        # why a version was unloaded.
+        self._disk: dict[str, set[int]] = {}
+        self._configs: dict[str, ModelSettings] = {}
+        self._unload_reasons: dict[ModelKey, str] = {}
+        self._config_cache: dict[str, tuple[object, ModelSettings | str]] = {}
         self._lock: asyncio.Lock | None = None
         self._drains: set[asyncio.Task[None]] = set()
         self._retired: set[ModelVersion] = set()
@@ -208,6 +267,48 @@ class ModelRegistry:
             raise NotFound(f"version {version} of model '{name}' not found; available versions: {sorted(versions)}")
         return found
 
+    def index(self, ready_only: bool = False) -> list[IndexEntry]:
+        """Triton's repository index: every served version READY; every version on disk that is
+        not served, every failed version and every failed model (version "") UNAVAILABLE with
+        the reason."""
+        served = self._models
+        failures = self.failures
+        by_model: dict[str, set[str]] = {}
+        for name, versions in served.items():
+            by_model.setdefault(name, set()).update(str(v) for v in versions)
+        if not ready_only:
+            for name, on_disk in self._disk.items():
+                by_model.setdefault(name, set()).update(str(v) for v in on_disk)
+            for failure in failures:
+                by_model.setdefault(failure.model, set()).add(failure.version)
+        entries = []
+        for name in sorted(by_model):
+            model_failure = failures.get(Failure(name))
+            for version in sorted(by_model[name], key=lambda v: (version_number(v) or 0, v)):
+                number = version_number(version)
+                if number is not None and number in served.get(name, {}):
+                    entries.append(IndexEntry(name, version, READY))
+                    continue
+                if ready_only:
+                    continue
+                if not version:
+                    entries.append(IndexEntry(name, "", UNAVAILABLE, model_failure or ""))
+                    continue
+                why = failures.get(Failure(name, version))
+                if why is None and number is not None:
+                    key = ModelKey(name, number)
+                    if name in self._unloaded:
+                        why = "unloaded: unload requested"
+                    elif key in self._unload_reasons:
+                        why = f"unloaded: {self._unload_reasons[key]}"
+                    elif model_failure:
+                        why = f"not loaded: {model_failure}"
+                    else:
+                        policy = self._configs[name].version_policy if name in self._configs else None
+                        why = f"not served: outside the version policy {policy}" if policy else "not loaded"
+                entries.append(IndexEntry(name, version, UNAVAILABLE, why or ""))
+        return entries
+
     # -- lifecycle (event loop) -----------------------------------------------------------------
 
     def _guard(self) -> asyncio.Lock:
@@ -257,7 +358,7 @@ class ModelRegistry:
 
     async def load(self, name: str) -> ReloadReport:
         """(Re)load ``name`` from disk; FailedPrecondition unless it ends up served with every
-        version on disk loaded."""
+        version its policy selects loaded."""
         if not is_model_dir(self.root, name):
             raise NotFound(f"no model directory {name!r} in the repository; models: {self.names()}")
         report = await self.reload([name], explicit=True, trigger="request")
@@ -297,33 +398,70 @@ class ModelRegistry:
 
     # -- step 1-2: scan and load (worker thread) ------------------------------------------------
 
-    def load_version(self, key: ModelKey, path: Path) -> ModelVersion:
+    def load_version(self, key: ModelKey, path: Path, config: ModelSettings | None = None) -> ModelVersion:
         """Load one version: session, contract, batcher, warm-up (ValueError & co when unusable)."""
         settings = self.settings
-        batching = BatchingConfig.resolve(settings, key.name, path.parent.parent)
-        spec, runner = open_model(self.runtime, path, key, settings.max_request_rows)
+        if config is None:
+            config = load_model_settings(settings, path.parent.parent, self.runtime.providers)
+        runner = self.runtime.load(path, f"model '{key.name}' version {key.version}", config.providers)
+        try:
+            spec = runner.spec(key, config.max_request_rows(settings.max_request_rows))
+            config.check(spec)
+            warmup = config.warmup(spec)
+        except Exception:
+            runner.close()
+            raise
+        executor = None
+        if config.instances is not None:  # instance_group: inference threads of its own
+            executor = ThreadPoolExecutor(config.instances, thread_name_prefix=f"infer-{key.name}-{key.version}")
         batcher = Batcher(
             str(spec),
             runner.run,
-            self._executor,
-            batching,
-            settings.inference_workers,
+            executor or self._executor,
+            config.batching,
+            config.instances or settings.inference_workers,
             self.metrics.for_model(key.name, key.version) if self.metrics is not None else None,
             spec.batchable,
             settings.inline_compute_us,
+            self.statistics.for_model(key.name, key.version),
         )
-        rows = [1, 16] if batcher.batching and spec.max_rows >= 16 else [1]
-        timings = runner.warm_up(spec, rows)
-        if timings:  # the batcher's cost model: which batches are cheap enough to run inline
-            per_row = (timings[16] - timings[1]) / 15 if 16 in timings else 0.0
-            batcher.calibrate(timings[1] - per_row, per_row)
-        return ModelVersion(spec, path, runner, batcher)
+        model = ModelVersion(spec, path, runner, batcher, config, executor)
+        try:
+            rows = [1, 16] if batcher.batching and spec.max_rows >= 16 else [1]
+            timings = runner.warm_up(spec, rows)
+            if timings:  # the batcher's cost model: which batches are cheap enough to run inline
+                per_row = (timings[16] - timings[1]) / 15 if 16 in timings else 0.0
+                batcher.calibrate(timings[1] - per_row, per_row)
+            for name, feeds, runs in warmup:  # config.pbtxt model_warmup: a failure rejects the version
+                try:
+                    for _ in range(runs):
+                        runner.run(feeds, spec.output_names)
+                except Exception as exc:
+                    raise ValueError(f"model_warmup sample '{name}' failed: {exc}") from None
+        except Exception:
+            model.close()
+            raise
+        return model
+
+    def _model_config(self, name: str) -> ModelSettings | str:
+        """The model's configuration, or why it is unusable (cached until its files change)."""
+        model_dir = self.root / name
+        signature = config_signature(model_dir)
+        cached = self._config_cache.get(name)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        try:
+            result: ModelSettings | str = load_model_settings(self.settings, model_dir, self.runtime.providers)
+        except Exception as exc:  # a bad config.pbtxt / config.json: the whole model
+            result = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc)
+        self._config_cache[name] = (signature, result)
+        return result
 
     def _prepare(self, scope: set[str] | None) -> _Plan:
         found_scan = scan(self.root, scope)
         if found_scan is None:
             return _Plan(scope=scope, skipped=True)
-        plan = _Plan(scope=scope, scan=found_scan)
+        plan = _Plan(scope=scope, scan=found_scan, scanned=True)
         current = self._models
         names = set(found_scan.found) | {n for n in current if scope is None or n in scope}
         for name in sorted(names):
@@ -331,32 +469,75 @@ class ModelRegistry:
             disk = {} if name in self._unloaded else found_scan.found.get(name, {})
             for version in sorted(set(served) - set(disk)):
                 plan.remove.append(ModelKey(name, version))
-            # What clients get today and keep getting: the latest version that stays on disk.
-            staying = [v for v in served if v in disk]
-            reference = served[max(staying)] if staying else None
-            for version, path in sorted(disk.items()):
-                key = ModelKey(name, version)
-                signature = file_signature(path)
-                if signature is None:
-                    if version in served:  # the file went away: unload that version
-                        plan.remove.append(key)
-                    elif self._rejected.get(key, ()) is not None:
-                        plan.rejected[key] = (None, f"{key.name}/{key.version}/model.onnx is missing")
-                    continue
-                if version in served and self._signatures.get(key) == signature:
-                    continue  # unchanged
-                if key in self._rejected and self._rejected[key] == signature:
-                    continue  # rejected before and unchanged: no retry, no new log line
-                model = self._try_load(key, path, signature, served.get(version) or reference, plan)
-                if model is not None:
-                    plan.add.append(model)
+            if not disk:
+                plan.examined[name] = set()
+                continue
+            config = self._model_config(name)
+            if isinstance(config, str):  # nothing new loads; what serves keeps serving
+                plan.problems[Failure(name)] = config
+                continue
+            plan.configs[name] = config
+            self._plan_versions(plan, name, served, disk, config)
         return plan
 
+    def _plan_versions(
+        self, plan: _Plan, name: str, served: dict[int, ModelVersion], disk: dict[int, Path], config: ModelSettings
+    ) -> None:
+        """Apply the model's version policy: load what it selects, retire what it no longer does."""
+        policy = config.version_policy
+        for version in policy.missing(list(disk)):
+            plan.problems[Failure(name, str(version))] = (
+                f"version_policy {policy} names version {version}, which is not in the repository"
+            )
+        # What clients get today and keep getting: the latest version that stays on disk.
+        staying = [v for v in served if v in disk]
+        reference = served[max(staying)] if staying else None
+        chosen: list[int] = []  # served after this round
+        examined: set[int] = set()
+        for version in policy.order(list(disk)):
+            if policy.limit is not None and len(chosen) >= policy.limit:
+                break
+            examined.add(version)
+            path = disk[version]
+            key = ModelKey(name, version)
+            file = file_signature(path)
+            if file is None:
+                if version in served:  # the file went away: unload that version
+                    plan.remove.append(key)
+                elif self._rejected.get(key, ()) is not None:
+                    plan.rejected[key] = (None, f"{key.name}/{key.version}/model.onnx is missing")
+                continue
+            signature: VersionSignature = (file, config.signature)
+            if version in served and self._signatures.get(key) == signature:
+                chosen.append(version)  # unchanged
+                continue
+            if key in self._rejected and self._rejected[key] == signature:
+                if version in served:  # rejected before and unchanged: no retry; the old file serves on
+                    chosen.append(version)
+                continue
+            model = self._try_load(key, path, signature, served.get(version) or reference, plan, config)
+            if model is not None:
+                plan.add.append(model)
+            if model is not None or version in served:
+                chosen.append(version)
+        plan.examined[name] = examined
+        for version in sorted(served):
+            if version in disk and version not in chosen and ModelKey(name, version) not in plan.remove:
+                key = ModelKey(name, version)
+                plan.remove.append(key)
+                plan.reasons[key] = f"version policy {policy} serves versions {sorted(chosen)}"
+
     def _try_load(
-        self, key: ModelKey, path: Path, signature: Signature, reference: ModelVersion | None, plan: _Plan
+        self,
+        key: ModelKey,
+        path: Path,
+        signature: VersionSignature,
+        reference: ModelVersion | None,
+        plan: _Plan,
+        config: ModelSettings | None = None,
     ) -> ModelVersion | None:
         try:
-            model = self.load_version(key, path)
+            model = self.load_version(key, path, config)
         except Exception as exc:  # any broken file: reject it, serve on
             plan.rejected[key] = (signature, f"{type(exc).__name__}: {exc}")
             return None
@@ -389,16 +570,19 @@ class ModelRegistry:
                 del models[key.name]
             self._signatures.pop(key, None)
             report.unloaded.append(key)
-            retired.append((model, reason or "removed from the repository"))
+            why = plan.reasons.get(key, reason or "removed from the repository")
+            self._unload_reasons[key] = why
+            retired.append((model, why))
         for model in plan.add:
             key = model.key
             old = models.setdefault(key.name, {}).get(key.version)
             models[key.name][key.version] = model
             self._signatures[key] = plan.signatures[key]
             self._rejected.pop(key, None)
+            self._unload_reasons.pop(key, None)
             report.loaded.append(key)
             if old is not None:
-                retired.append((old, "replaced by a new model.onnx"))
+                retired.append((old, "reloaded: its model.onnx or its model's configuration changed"))
             inputs, outputs = model.spec.signature()
             log.info(
                 "model loaded",
@@ -409,14 +593,32 @@ class ModelRegistry:
                     "inputs": inputs,
                     "outputs": outputs,
                     "batching": {**model.batcher.config.describe(), "enabled": model.batcher.batching},
+                    "max_request_rows": model.spec.max_rows,
+                    "instances": model.batcher.max_in_flight,
+                    "version_policy": str(model.settings.version_policy),
                     "replaced": old is not None,
                     "trigger": trigger,
                 },
             )
         on_disk = plan.scan.on_disk
-        for key in list(self._rejected):  # forget rejections of folders that are gone
-            if (plan.scope is None or key.name in plan.scope) and str(key.version) not in on_disk.get(key.name, ()):
+        for key in list(self._rejected):  # forget rejections of folders that are gone or out of the policy
+            if (plan.scope is None or key.name in plan.scope) and (
+                str(key.version) not in on_disk.get(key.name, ())
+                or (key.name in plan.examined and key.version not in plan.examined[key.name])
+            ):
                 del self._rejected[key]
+        if plan.scanned:  # what the repository index lists besides served versions
+            in_scope = [n for n in {*self._disk, *plan.scan.found} if plan.scope is None or n in plan.scope]
+            for name in in_scope:
+                if name in plan.scan.found:
+                    self._disk[name] = set(plan.scan.found[name])
+                else:
+                    self._disk.pop(name, None)
+                if name in plan.configs:
+                    self._configs[name] = plan.configs[name]
+            for key in list(self._unload_reasons):
+                if key.name in in_scope and key.version not in self._disk.get(key.name, ()):
+                    del self._unload_reasons[key]
         failures = self._failures_after(plan)
         for key, (signature, why) in plan.rejected.items():
             serving = models.get(key.name, {})
@@ -431,7 +633,7 @@ class ModelRegistry:
             why = self._public(why)  # what clients see: no paths of this machine
             failures[Failure(key.name, str(key.version))] = why
             report.rejected[key] = why
-        for failure, why in plan.scan.problems.items():
+        for failure, why in {**plan.scan.problems, **plan.problems}.items():
             if failure not in self.failures:
                 log.error("model rejected", extra={"model": str(failure), "error": why, "trigger": trigger})
         self.failures = failures
@@ -469,10 +671,12 @@ class ModelRegistry:
                 version
                 and name not in self._unloaded
                 and version in on_disk.get(name, ())
-                and ModelKey(name, int(version)) in self._rejected
+                and (number := version_number(version)) is not None
+                and ModelKey(name, number) in self._rejected
             ):
                 failures[failure] = why
-        failures.update({k: v for k, v in plan.scan.problems.items() if k.model not in self._unloaded})
+        for problems in (plan.scan.problems, plan.problems):
+            failures.update({k: self._public(v) for k, v in problems.items() if k.model not in self._unloaded})
         return failures
 
     # -- step 4: drain (event loop) -------------------------------------------------------------

@@ -65,22 +65,22 @@ class Runtime:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return options
 
-    def load(self, path: Path, label: str = "the model") -> Runner:
-        """A :class:`Runner` over ``path`` on the provider that actually runs it."""
-        session, active = self.session(path)
+    def load(self, path: Path, label: str = "the model", providers: Sequence[str] | None = None) -> Runner:
+        """A :class:`Runner` over ``path`` on the provider that actually runs it (``providers``:
+        this model's own, e.g. CPU for a config.pbtxt instance_group of KIND_CPU)."""
+        session, active = self.session(path, providers)
         return Runner(session, active, label)
 
-    def session(self, path: Path) -> tuple[ort.InferenceSession, str]:
+    def session(self, path: Path, providers: Sequence[str] | None = None) -> tuple[ort.InferenceSession, str]:
         """Load ``path``; return the session and the provider that actually runs it."""
-        session = ort.InferenceSession(str(path), self._options(), providers=self.providers)
+        wanted = list(providers) if providers else self.providers
+        session = ort.InferenceSession(str(path), self._options(), providers=wanted)
         active = session.get_providers()[0]
-        if active != self.providers[0]:
+        if active != wanted[0]:
             if self.choice == "cuda":
                 raise ProviderUnavailable(
-                    f"{path}: onnxruntime could not initialise {self.providers[0]} "
+                    f"{path}: onnxruntime could not initialise {wanted[0]} "
                     f"(session runs on {active}); refusing a silent fallback"
                 )
-            log.warning(
-                "provider fallback", extra={"model_path": str(path), "wanted": self.providers[0], "active": active}
-            )
+            log.warning("provider fallback", extra={"model_path": str(path), "wanted": wanted[0], "active": active})
         return session, active

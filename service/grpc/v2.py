@@ -1,9 +1,9 @@
 """KServe V2 / Open Inference Protocol over gRPC (Triton's ``inference.GRPCInferenceService``).
 
 Implemented: the KServe core (ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata,
-ModelInfer) and, from Triton's extensions, ModelConfig, ModelStreamInfer, RepositoryIndex and
-RepositoryModelLoad/Unload (only with the ``allow_model_control`` setting, else
-FAILED_PRECONDITION). The other Triton RPCs (statistics, shared memory, trace, logging) answer
+ModelInfer) and, from Triton's extensions, ModelConfig, ModelStatistics, ModelStreamInfer,
+RepositoryIndex and RepositoryModelLoad/Unload (only with the ``allow_model_control`` setting,
+else FAILED_PRECONDITION). The other Triton RPCs (shared memory, trace settings, logging) answer
 UNIMPLEMENTED with a message naming what is supported.
 """
 
@@ -29,10 +29,9 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SUPPORTED_RPCS = (
     "ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer, "
-    "ModelStreamInfer, ModelConfig, RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload"
+    "ModelStreamInfer, ModelConfig, ModelStatistics, RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload"
 )
 _UNIMPLEMENTED_RPCS = (
-    "ModelStatistics",
     "SystemSharedMemoryStatus",
     "SystemSharedMemoryRegister",
     "SystemSharedMemoryUnregister",
@@ -108,6 +107,16 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         model = self.plane.model(context, request.name, request.version)
         return pb.ModelConfigResponse(config=common.model_config(model))
 
+    @rpc.unary()
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: RequestContext
+    ) -> pb.ModelStatisticsResponse:
+        """Triton's statistics of every served version (no name), of a model's served versions
+        (no version), or of one version."""
+        stats = common.model_statistics(self.plane.registry, request.name, request.version)
+        response: pb.ModelStatisticsResponse = json_format.ParseDict(stats, pb.ModelStatisticsResponse())
+        return response
+
     # --- inference ----------------------------------------------------------------------------
 
     async def _infer(self, request: pb.ModelInferRequest, context: RequestContext) -> pb.ModelInferResponse:
@@ -133,10 +142,11 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: RequestContext
     ) -> pb.RepositoryIndexResponse:
-        """Every loaded model version, all READY (this server only lists what it has loaded)."""
+        """Every model version the repository has: READY when served, else UNAVAILABLE with the
+        reason (failed, unloaded, outside the version policy); ``ready``: the READY ones only."""
         common.one_repository(request.repository_name)
         index: pb.RepositoryIndexResponse = json_format.ParseDict(
-            {"models": common.repository_index(self.plane.registry)}, pb.RepositoryIndexResponse()
+            {"models": common.repository_index(self.plane.registry, request.ready)}, pb.RepositoryIndexResponse()
         )
         return index
 

@@ -74,14 +74,35 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("GET", re.compile(r"/v2/health/live"), "live"),
     ("GET", re.compile(r"/v2/health/ready"), "ready"),
     ("GET", re.compile(r"/v2/openapi\.json"), "openapi"),
+    ("GET", re.compile(r"/v2/models/stats"), "statistics"),  # before the model routes, as in Triton
     ("GET", re.compile(_MODEL), "model_metadata"),
     ("GET", re.compile(_MODEL + r"/ready"), "model_ready"),
     ("GET", re.compile(_MODEL + r"/config"), "model_config"),
+    ("GET", re.compile(_MODEL + r"/stats"), "statistics"),
     ("POST", re.compile(_MODEL + r"/infer"), "infer"),
     ("POST", re.compile(r"/v2/repository/index"), "repository_index"),
     ("POST", re.compile(r"/v2/repository/models/(?P<model>[^/]+)/load"), "load"),
     ("POST", re.compile(r"/v2/repository/models/(?P<model>[^/]+)/unload"), "unload"),
 ]
+_GROUPS = (
+    (re.compile(r"\(\?:/versions/\(\?P<version>\[\^/\]\+\)\)\?"), "/versions/{version}"),
+    (re.compile(r"\(\?P<(\w+)>\[\^/\]\+\)"), r"{\1}"),
+)
+
+
+def route_template(method: str, path: str) -> str:
+    """The route ``path`` matched, as a template (``/v2/models/{model}/versions/{version}/infer``):
+    the ``http.route`` of its trace span. "" when no route matches."""
+    for verb, pattern, _ in ROUTES:
+        match = pattern.fullmatch(path)
+        if match is None or not (verb == method or (verb == "GET" and method == "HEAD")):
+            continue
+        versions, names = _GROUPS
+        template = versions[0].sub(versions[1] if match.groupdict().get("version") else "", pattern.pattern)
+        return names[0].sub(names[1], template).replace("\\.", ".").replace("/?", "")
+    return ""
+
+
 #: No token needed (probes, load balancers, and the API description).
 OPEN = frozenset({"live", "ready", "openapi"})
 #: Not counted by the call gate, never refused while busy or draining.
@@ -160,6 +181,9 @@ class HttpApi:
     ) -> Response:
         """Run one endpoint under its request context; errors become their status."""
         context = RequestContext("http", f"{request.method} {request.path}", inference=inference)
+        tracing = self.plane.tracing
+        if tracing is not None:
+            tracing.http(context, request.headers)
         try:
             response = await work(context)
         except ServingError as err:
@@ -210,6 +234,12 @@ class HttpApi:
     async def model_config(self, request: Request, model: str, version: str = "") -> Response:
         async def work(context: RequestContext) -> Response:
             return json_response(200, common.model_config_json(self.plane.model(context, model, version)))
+
+        return await self._call(request, False, work)
+
+    async def statistics(self, request: Request, model: str = "", version: str = "") -> Response:
+        async def work(context: RequestContext) -> Response:
+            return json_response(200, common.model_statistics(self.plane.registry, model, version))
 
         return await self._call(request, False, work)
 
@@ -265,10 +295,10 @@ class HttpApi:
     async def repository_index(self, request: Request) -> Response:
         async def work(context: RequestContext) -> Response:
             body = await self._json_body(request)
-            index = common.repository_index(self.plane.registry)
-            if body.get("ready"):
-                index = [entry for entry in index if entry["state"] == "READY"]
-            return json_response(200, index)
+            ready = body.get("ready", False)
+            if not isinstance(ready, bool):
+                raise InvalidArgument(f"'ready' must be true or false, got {codec.dumps(ready).decode()[:40]}")
+            return json_response(200, common.repository_index(self.plane.registry, ready))
 
         return await self._call(request, False, work)
 

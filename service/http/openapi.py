@@ -1,5 +1,6 @@
 """The OpenAPI 3.0 document of what the HTTP front end serves (``GET /v2/openapi.json``): the Open
-Inference Protocol REST endpoints, Triton's binary tensor data and model repository extensions."""
+Inference Protocol REST endpoints, Triton's binary tensor data, model repository and statistics
+extensions."""
 
 from __future__ import annotations
 
@@ -65,6 +66,17 @@ def openapi_document() -> dict[str, Any]:
             "404": ERROR,
             "413": ERROR,
             "415": ERROR,
+            **AUTH_ERRORS,
+        },
+    }
+    duration = _ref("statistic_duration")
+    statistics = {
+        "operationId": "statistics",
+        "summary": "Triton's statistics extension: every served version, a model's, or one version's",
+        "responses": {
+            "200": {"description": "per model version", "content": _json(_ref("model_statistics_response"))},
+            "400": ERROR,
+            "404": ERROR,
             **AUTH_ERRORS,
         },
     }
@@ -147,6 +159,8 @@ def openapi_document() -> dict[str, Any]:
             },
         ),
         **_model_paths("/infer", infer, verb="post"),
+        "/v2/models/stats": {"get": {**statistics, "operationId": "statistics-all"}},
+        **_model_paths("/stats", statistics),
         "/v2/repository/index": {
             "post": {
                 "operationId": "repository-index",
@@ -269,6 +283,59 @@ def openapi_document() -> dict[str, Any]:
                 "datatype": {"type": "string"},
                 "parameters": parameters,
                 "data": tensor_data,
+            },
+        },
+        "statistic_duration": {
+            "type": "object",
+            "properties": {"count": {"type": "integer"}, "ns": {"type": "integer"}},
+        },
+        "model_statistics_response": {
+            "type": "object",
+            "required": ["model_stats"],
+            "properties": {
+                "model_stats": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "version"],
+                        "properties": {
+                            "name": {"type": "string"},
+                            "version": {"type": "string"},
+                            "last_inference": {"type": "integer", "description": "ms since the epoch"},
+                            "inference_count": {"type": "integer"},
+                            "execution_count": {"type": "integer"},
+                            "inference_stats": {
+                                "type": "object",
+                                "properties": {
+                                    k: duration
+                                    for k in (
+                                        "success",
+                                        "fail",
+                                        "queue",
+                                        "compute_input",
+                                        "compute_infer",
+                                        "compute_output",
+                                        "cache_hit",
+                                        "cache_miss",
+                                    )
+                                },
+                            },
+                            "batch_stats": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "properties": {
+                                        "batch_size": {"type": "integer"},
+                                        "compute_input": duration,
+                                        "compute_infer": duration,
+                                        "compute_output": duration,
+                                    },
+                                },
+                            },
+                            "memory_usage": {"type": "array", "items": {"type": "object"}},
+                        },
+                    },
+                }
             },
         },
         "repository_index_entry": {

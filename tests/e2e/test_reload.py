@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 import onnx
 import pytest
-from fixtures.onnx_models import linear, save
+from fixtures.onnx_models import linear, save, serve_all_versions
 from fixtures.servers import ServerProcess, start_server
 from grpc_health.v1 import health_pb2
 
@@ -139,6 +139,9 @@ class Load:
 def test_polling_follows_the_repository_under_load(tmp_path: Path) -> None:
     repo = tmp_path / "models"
     publish(repo, "m", 1, model(1.0))
+    # Every version on disk is served (Triton's default policy serves only the latest: see
+    # tests/e2e/test_operations.py), so that versions come and go side by side here.
+    serve_all_versions(repo, "m")
     args = ["--model-repository", str(repo), "--reload-interval-seconds", "0.1", "--provider", "cpu"]
     with start_server(tmp_path, *args) as proc, proc.channel() as channel, Load(channel) as load:
         stub = pb_grpc.ModelServiceStub(channel)
@@ -231,19 +234,25 @@ def test_v2_model_load_and_unload(tmp_path: Path) -> None:
 
         unload = lambda name: stub.RepositoryModelUnload(v2.RepositoryModelUnloadRequest(model_name=name), timeout=30)  # noqa: E731
 
+        def index(ready: bool = False) -> set[tuple[str, str, str]]:
+            models = stub.RepositoryIndex(v2.RepositoryIndexRequest(ready=ready), timeout=10).models
+            return {(m.name, m.version, m.state) for m in models}
+
         publish(repo, "m", 2, model(2.0))
         time.sleep(0.3)
         assert versions() == ["1"]  # no polling: nothing changes by itself
         load("m")
-        assert versions() == ["1", "2"]
+        assert versions() == ["2"]  # Triton's default version policy: the latest replaces version 1
+        assert index() == {("m", "1", "UNAVAILABLE"), ("m", "2", "READY")}
 
         unload("m")
         assert versions() == [] and not stub.ModelReady(v2.ModelReadyRequest(name="m"), timeout=10).ready
         assert proc.health("m") == NOT_SERVING
-        assert "m" not in {m.name for m in stub.RepositoryIndex(v2.RepositoryIndexRequest(), timeout=10).models}
+        # As in Triton, an unloaded model stays in the index: UNAVAILABLE (and out of ready ones).
+        assert index() == {("m", "1", "UNAVAILABLE"), ("m", "2", "UNAVAILABLE")} and index(ready=True) == set()
         unload("m")  # idempotent
         load("m")
-        assert versions() == ["1", "2"] and proc.health("m") == SERVING
+        assert versions() == ["2"] and proc.health("m") == SERVING
 
         for name in ("nope", "../models/m", "..", ".", "m/../m", "m\x00", "é" * 300, ".staging"):
             assert error(lambda: load(name))[0] == grpc.StatusCode.NOT_FOUND, name  # noqa: B023
@@ -256,9 +265,7 @@ def test_v2_model_load_and_unload(tmp_path: Path) -> None:
         (repo / "m" / "3" / "model.onnx").write_bytes(b"not onnx")
         code, details = error(lambda: load("m"))
         assert (
-            code == grpc.StatusCode.FAILED_PRECONDITION
-            and "m/3" in details
-            and "still serving versions [1, 2]" in details
+            code == grpc.StatusCode.FAILED_PRECONDITION and "m/3" in details and "still serving versions [2]" in details
         )
-        assert versions() == ["1", "2"]
+        assert versions() == ["2"]
     assert len(log_lines(proc, "model rejected")) == 1

@@ -101,13 +101,13 @@ def test_health(client: tc.InferenceServerClient) -> None:
 def test_server_metadata(client: tc.InferenceServerClient) -> None:
     meta = client.get_server_metadata()
     assert meta.name == "model-serving" and meta.version
-    assert list(meta.extensions) == ["model_configuration", "model_repository"]
+    assert list(meta.extensions) == ["model_configuration", "model_repository", "statistics"]
 
 
 @pytest.mark.parametrize("name", ["profit", "house_price", "fashion_softmax", "two_outputs"])
 def test_model_metadata_matches_the_onnx_model(client: tc.InferenceServerClient, repo: Path, name: str) -> None:
     meta = client.get_model_metadata(name)
-    versions = sorted(int(p.name) for p in (repo / name).iterdir())
+    versions = sorted(int(p.name) for p in (repo / name).iterdir() if p.is_dir())
     assert meta.name == name and meta.platform == "onnxruntime_onnx"
     assert list(meta.versions) == [str(v) for v in versions]
     session = ort.InferenceSession(str(repo / name / str(versions[-1]) / "model.onnx"))
@@ -152,7 +152,23 @@ def test_repository_index(client: tc.InferenceServerClient) -> None:
     index = client.get_model_repository_index(as_json=True)["models"]
     listed = [(m["name"], m["version"], m["state"]) for m in index]
     assert ("fashion_softmax", "1", "READY") in listed and ("fashion_softmax", "2", "READY") in listed
-    assert all(name != "broken" for name, _, _ in listed)
+    # As in Triton, a model that failed to load is listed, UNAVAILABLE with the reason.
+    broken = [m for m in index if m["name"] == "broken"]
+    assert [(m["version"], m["state"]) for m in broken] == [("1", "UNAVAILABLE")]
+    assert "Protobuf parsing failed" in broken[0]["reason"]
+
+
+def test_repository_index_ready_only(tiny: ServerProcess) -> None:
+    """``ready`` (not a tritonclient argument): the READY versions only."""
+    from service.generated.inference import grpc_service_pb2 as v2
+    from service.generated.inference import grpc_service_pb2_grpc as v2_grpc
+
+    with tiny.channel() as channel:
+        stub = v2_grpc.GRPCInferenceServiceStub(channel)
+        ready = stub.RepositoryIndex(v2.RepositoryIndexRequest(ready=True), timeout=10).models
+        everything = stub.RepositoryIndex(v2.RepositoryIndexRequest(), timeout=10).models
+    assert {m.state for m in ready} == {"READY"} and "broken" not in {m.name for m in ready}
+    assert [m for m in everything if m.state == "READY"] == list(ready)
 
 
 # --- inference ---------------------------------------------------------------------------------
@@ -292,7 +308,8 @@ ERRORS: dict[str, tuple[Call, str, str]] = {
     "metadata, unknown version": (lambda t: t.get_model_metadata("profit", "9"), NOT_FOUND, "version 9"),
     "config, unknown model": (lambda t: t.get_model_config("no_such_model"), NOT_FOUND, "no_such_model"),
     "ready, bad version": (lambda t: t.is_model_ready("profit", "x"), INVALID, "integer"),
-    "statistics": (lambda t: t.get_inference_statistics("profit"), UNIMPLEMENTED, "ModelStatistics"),
+    "statistics, unknown model": (lambda t: t.get_inference_statistics("no_such_model"), NOT_FOUND, "no_such_model"),
+    "statistics, unknown version": (lambda t: t.get_inference_statistics("profit", "9"), NOT_FOUND, "version 9"),
     # Model control is off unless --allow-model-control (tests/e2e/test_reload.py turns it on).
     "load": (lambda t: t.load_model("profit"), "StatusCode.FAILED_PRECONDITION", "--allow-model-control"),
     "unload": (lambda t: t.unload_model("profit"), "StatusCode.FAILED_PRECONDITION", "--allow-model-control"),

@@ -147,7 +147,7 @@ def test_per_model_config_file_and_setting(tmp_path: Path) -> None:
         assert registry.get("b").batcher.config == BatchingConfig(False, 32, 0, 512)
         assert registry.get("c").batcher.config == BatchingConfig(True, 4, 0, 512)
         assert not registry.get("b").batcher.batching
-        assert "max_batch_sise" in registry.failed["bad/1"]
+        assert "max_batch_sise" in registry.failed["bad"]  # a model-level failure: its config file
         assert registry.get("a").batcher.expected_seconds(1) is not None  # timed at load
     finally:
         registry.close()

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import pytest
 from fixtures.inprocess import ainfer, open_registry
-from fixtures.onnx_models import declared, image_classifier, linear, save, slow
+from fixtures.onnx_models import declared, image_classifier, linear, save, serve_all_versions, slow
 
 from service.core.discovery import Failure
 from service.core.registry import ModelRegistry, RepositoryPoller
@@ -151,6 +151,7 @@ def test_a_removed_version_drains_before_it_unloads(tmp_path: Path) -> None:
     repo = tmp_path / "models"
     publish(repo, "slow", 1, slow())
     publish(repo, "slow", 2, slow())
+    serve_all_versions(repo, "slow")  # version 1 is served too (Triton's default: only the latest)
     rows = 6000  # ~0.6 s of CPU
 
     async def scenario() -> tuple[list[str], object, object]:
@@ -204,10 +205,11 @@ def test_rejections_are_not_retried_until_the_file_changes(tmp_path: Path) -> No
         return [*reports, failed_after, versions]
 
     first, second, fixed, vanished, failed_after, versions = asyncio.run(scenario())
-    assert list(first.rejected) == [ModelKey("m", 2)] and not first.changed
+    assert list(first.rejected) == [ModelKey("m", 2)] and not first.changed  # version 1 serves on
     assert not second.rejected and not second.changed  # same bad file: no retry, no log line
-    assert fixed.loaded == [ModelKey("m", 2)] and failed_after == {}
-    assert vanished.skipped and versions == [1, 2]  # nothing unloaded when the root is unreadable
+    # Fixed, version 2 serves; the version policy (Triton's default, latest 1) retires version 1.
+    assert fixed.loaded == [ModelKey("m", 2)] and fixed.unloaded == [ModelKey("m", 1)] and failed_after == {}
+    assert vanished.skipped and versions == [2]  # nothing unloaded when the root is unreadable
 
 
 def test_unload_and_load_by_request(tmp_path: Path) -> None:
@@ -248,7 +250,7 @@ def test_the_poller_follows_the_repository(tmp_path: Path) -> None:
         poller.start()
         publish(repo, "m", 2, model(2.0))
         for _ in range(250):
-            if registry.versions("m") == [1, 2]:
+            if registry.versions("m") == [2]:  # the default policy: the new version replaces the old
                 break
             await asyncio.sleep(0.02)
         found = registry.versions("m")
@@ -258,4 +260,4 @@ def test_the_poller_follows_the_repository(tmp_path: Path) -> None:
         return found, idle._task, poller._task
 
     found, idle_task, stopped = asyncio.run(scenario())
-    assert found == [1, 2] and idle_task is None and stopped is None
+    assert found == [2] and idle_task is None and stopped is None
