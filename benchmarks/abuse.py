@@ -366,7 +366,8 @@ async def attack_v2_idle_streams(target: Target) -> Outcome:
         calls = [stub.ModelStreamInfer(metadata=bearer(), timeout=30) for _ in range(8)]
         try:
             for call in calls:  # one answer each: every stream is open and admitted, then idle
-                await call.write(request)
+                with contextlib.suppress(asyncio.InvalidStateError):  # refused before the write
+                    await call.write(request)
                 await call.read()
             ok = await served(target)
             try:
@@ -878,6 +879,14 @@ class Row:
         return self.p99_ms / self.p99_base_ms
 
 
+async def _attempt(attack_: Attack, target: Target) -> Outcome:
+    """Run the attack; an exception on the attacker's side is a result, not the end of the run."""
+    try:
+        return await attack_.run(target)
+    except Exception as exc:
+        return Outcome(f"attacker error: {type(exc).__name__}", str(exc)[:300])
+
+
 async def _measure(attack_: Attack, target: Target, pid: int, probe: Probe, min_seconds: float) -> Row:
     row = Row(attack_)
     await asyncio.sleep(1.0)  # the quiet second: the probe's baseline
@@ -886,10 +895,10 @@ async def _measure(attack_: Attack, target: Target, pid: int, probe: Probe, min_
     reset_peak(pid)
     before = rss_kib(pid)
     start = time.monotonic()
-    outcome = await attack_.run(target)
+    outcome = await _attempt(attack_, target)
     row.seconds = time.monotonic() - start
     while attack_.repeat and time.monotonic() - start < min_seconds:
-        await attack_.run(target)
+        await _attempt(attack_, target)
     end = time.monotonic()
     await asyncio.sleep(0.2)  # calls started during the attack report back
     row.rss_mib = peak_growth_mib(pid, before)
