@@ -190,7 +190,11 @@ class Settings(BaseSettings):
         60.0, gt=0, description="an inference stream that sends no message for this long is ended (DEADLINE_EXCEEDED)"
     )
     max_streams_per_connection: int = Field(
-        100, ge=1, description="concurrent gRPC calls on one HTTP/2 connection (SETTINGS_MAX_CONCURRENT_STREAMS)"
+        1000,
+        ge=1,
+        description="concurrent gRPC calls on one HTTP/2 connection (SETTINGS_MAX_CONCURRENT_STREAMS); keep it "
+        "above max_concurrent_requests + max_inference_streams: a new connection's calls beyond it are reset "
+        "(REFUSED_STREAM), which gRPC clients report as UNAVAILABLE instead of retrying",
     )
     max_connection_age_seconds: float = Field(
         1800.0,

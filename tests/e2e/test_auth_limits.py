@@ -274,3 +274,19 @@ def test_an_exposed_server_says_so(tmp_path: Path) -> None:
     assert "listening on a non-loopback address without TLS and bearer tokens" in log
     with start_server(tmp_path, "--model-repository", str(_repo(tmp_path))) as quiet:
         assert "non-loopback" not in quiet.log()
+
+
+def test_many_calls_at_once_on_one_new_connection(tmp_path: Path) -> None:
+    """200 calls sent at once on a fresh channel, under max_concurrent_requests: each is answered.
+    (With --max-streams-per-connection 100, the calls the client sent before it read the server's
+    SETTINGS were reset, REFUSED_STREAM → UNAVAILABLE, which gRPC clients do not retry.)"""
+    with start_server(tmp_path, "--model-repository", str(_repo(tmp_path))) as proc, proc.channel() as channel:
+        request = v2.ModelInferRequest(
+            model_name="profit",
+            inputs=[v2.ModelInferRequest.InferInputTensor(name="population", datatype="FP32", shape=[1, 1])],
+            raw_input_contents=[np.float32(3).tobytes()],
+        )
+        stub = v2_grpc.GRPCInferenceServiceStub(channel)
+        calls = [stub.ModelInfer.future(request, timeout=60) for _ in range(200)]
+        assert [call.code() for call in calls] == [grpc.StatusCode.OK] * 200
+        assert {float(np.frombuffer(c.result().raw_output_contents[0], "<f4")[0]) for c in calls} == {7.0}
