@@ -1,21 +1,20 @@
-"""Server-level behaviour through real processes: reflection, graceful shutdown, TLS.
+"""Server-level behaviour through real processes: reflection, a port in use, TLS. (Shutdown:
+test_shutdown.py.)
 (The assembled app in process: tests/unit/test_app.py.)"""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
 import pytest
-from fixtures.onnx_models import linear, save, slow
+from fixtures.onnx_models import linear, save
 from fixtures.servers import MODELS, REPO_ROOT, ServerProcess, start_server
 from fixtures.tls import tls_files
 from google.protobuf import descriptor_pool, message_factory
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
@@ -76,31 +75,6 @@ def test_port_in_use_is_refused(server: ServerProcess) -> None:
     last = f"model-serving: error: cannot serve gRPC on 127.0.0.1:{server.port}: Address already in use"
     assert result.stderr.splitlines()[-1] == last
     assert server.health() == SERVING  # the running server is untouched
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_graceful_shutdown_with_a_call_in_flight(tmp_path: Path, sig: signal.Signals) -> None:
-    rows = 15_000  # ~1.5 s of CPU for the slow model on an idle core
-    repo = tmp_path / "models"
-    save(slow(), repo, "slow")
-    args = ["--model-repository", str(repo), "--max-request-rows", str(rows), "--shutdown-grace-seconds", "60"]
-    with start_server(tmp_path, *args) as proc, proc.channel() as channel:
-        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
-        assert next(watch).status == SERVING
-        stub = pb_grpc.ModelServiceStub(channel)
-        request = pb.PredictProfitRequest(model=pb.ModelRef(name="slow"), population=[0.5] * rows)
-        future = stub.PredictProfit.future(request, timeout=120)
-        time.sleep(0.5)
-        assert not future.done(), "the call finished before the signal; make the slow model slower"
-
-        proc.process.send_signal(sig)
-        assert next(watch).status == NOT_SERVING  # health flips first
-        watch.cancel()
-        response = future.result()  # the in-flight call still completes
-        assert future.done() and len(response.profit_usd) == rows
-        assert proc.process.wait(60) == 0
-    log = proc.log()
-    assert '"shutting down"' in log and '"server stopped"' in log
 
 
 def test_mutual_tls(tmp_path: Path) -> None:
