@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -86,3 +87,23 @@ def test_terminate_ends_a_run_in_progress(tmp_path: Path) -> None:
     assert "terminate" in str(outcome[0])
     with pytest.raises(Internal, match="was stopped"):
         runner.run({"x": np.zeros((1, 1), np.float32)}, ["y"])
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_intra_op_threads_is_the_session_thread_pool(tmp_path: Path) -> None:
+    """onnxruntime starts intra_op_threads - 1 threads of its own per session (the calling thread
+    is the last one): counted in /proc, and read back from the session the server would run."""
+    path = save(slow(layers=1), tmp_path, "m")
+    added = {}
+    runners = []  # kept alive: a freed session takes its threads with it
+    for threads in (1, 4):
+        before = _threads()
+        runner = Runtime(Settings(provider="cpu", intra_op_threads=threads)).load(path)
+        runners.append(runner)
+        added[threads] = _threads() - before
+        assert runner._live().get_session_options().intra_op_num_threads == threads
+    assert added == {1: 0, 4: 3}
