@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from fixtures.onnx_models import linear, save
+from fixtures.providers import AUTO_PROVIDER, CPU, close_to_cpu
 from fixtures.servers import MODELS, ServerProcess, sample, scrape, start_server, v2_request, wait_for
 
 from service.generated.inference import grpc_service_pb2_grpc as v2_grpc
@@ -62,7 +63,7 @@ def test_many_concurrent_clients_each_get_exactly_their_own_rows(batching_server
     answers = asyncio.run(run())
     for i, (got, want) in enumerate(zip(answers, expected)):
         assert got.shape == want.shape, f"request {i}"
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"request {i} got other rows")
+        np.testing.assert_allclose(got, want, err_msg=f"request {i} got other rows", **close_to_cpu())
 
     after = scrape(batching_server.metrics_port)
     labels = {"model": model, "version": "1"}
@@ -165,7 +166,9 @@ def test_batching_off_runs_each_request_alone(tmp_path: Path) -> None:
         samples = scrape(proc.metrics_port)
     for xi, raw in zip(x, outputs):
         np.testing.assert_allclose(
-            np.frombuffer(raw, np.float32).reshape(5, 10), session.run(None, {"image": xi})[0], rtol=1e-6
+            np.frombuffer(raw, np.float32).reshape(5, 10),
+            session.run(None, {"image": xi})[0],
+            **({"rtol": 1e-6} if AUTO_PROVIDER == CPU else close_to_cpu()),  # the server: --provider auto
         )
     labels = {"model": "fashion_softmax", "version": "1"}
     assert sample(samples, "serving_batch_size_count", **labels) == 20  # one batch per request...
