@@ -322,9 +322,9 @@ def test_the_poller_follows_the_repository(tmp_path: Path) -> None:
         poller = RepositoryPoller(registry, 0.02)
         poller.start()
         publish(repo, "m", 2, model(2.0))
-        for _ in range(250):
-            if registry.versions("m") == [1, 2]:
-                break
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60  # (a guard against a poller that never sees it)
+        while registry.versions("m") != [1, 2] and loop.time() < deadline:
             await asyncio.sleep(0.02)
         found = registry.versions("m")
         await poller.stop()
