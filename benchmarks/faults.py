@@ -74,8 +74,11 @@ async def _caller(
     stop: asyncio.Event,
     odd: list[str],
     mode: str,
+    exited: asyncio.Event | None = None,
 ) -> None:
-    """Calls back to back, each with a unique id; reacts to UNAVAILABLE as ``mode`` says."""
+    """Calls back to back, each with a unique id; reacts to UNAVAILABLE as ``mode`` says. Ends
+    with ``stop``, or at its first failed call once ``exited`` is set (the server is gone: the
+    caller has met the closed port)."""
     policy = RetryPolicy()
     refusals = 0
     async with grpc.aio.insecure_channel(address) as channel:
@@ -110,6 +113,8 @@ async def _caller(
                 outcomes[rid] = err.code().name
                 if err.code() not in (OK, UNAVAILABLE) and len(odd) < 5:
                     odd.append(f"{rid}: {err.code().name}: {err.details()}")
+                if exited is not None and exited.is_set():
+                    return
                 if err.code() == UNAVAILABLE:
                     if mode == "failover":
                         return
@@ -128,24 +133,29 @@ async def sigterm_under_load(
     images: int,
     mode: str = "failover",
 ) -> dict[str, Any]:
-    """Run one SIGTERM-under-load round against a server started with ``--log-level debug``."""
+    """Run one SIGTERM-under-load round against a server started with ``--log-level debug``:
+    ``seconds`` of load (0: none beyond the next condition), and until ``2 * clients`` calls
+    have completed; then SIGTERM; the callers go on until each has met the closed port."""
     outcomes: dict[str, str] = {}
     odd: list[str] = []
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(_caller(address, i, model, images, outcomes, stop, odd, mode)) for i in range(clients)]
+    stop, exited = asyncio.Event(), asyncio.Event()
+    tasks = [
+        asyncio.create_task(_caller(address, i, model, images, outcomes, stop, odd, mode, exited))
+        for i in range(clients)
+    ]
     await asyncio.sleep(seconds)
-    for _ in range(600):  # and until every caller is past its first call (a slow machine)
-        if sum(code == "OK" for code in outcomes.values()) >= 2 * clients:
-            break
-        await asyncio.sleep(0.05)
+    deadline = time.monotonic() + 120  # (a guard against a server that never answers)
+    while sum(code == "OK" for code in outcomes.values()) < 2 * clients:  # every caller is busy
+        if time.monotonic() > deadline or all(task.done() for task in tasks):
+            raise RuntimeError(f"the load never got going: {dict(Counter(outcomes.values()))} {odd}")
+        await asyncio.sleep(0.01)
     before = sum(code == "OK" for code in outcomes.values())
     process.send_signal(signal.SIGTERM)
     sent = time.monotonic()
     exit_code = await asyncio.get_running_loop().run_in_executor(None, process.wait, 120)
     exit_s = time.monotonic() - sent
-    await asyncio.sleep(0.5)  # the callers now meet a closed port
-    stop.set()
-    await asyncio.gather(*tasks)
+    exited.set()  # each caller ends at its next failure: the port is closed
+    await asyncio.wait_for(asyncio.gather(*tasks), 60)
 
     text = log()
     drained = next((json.loads(line) for line in text.splitlines() if '"msg": "drained: stopping gRPC"' in line), {})

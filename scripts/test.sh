@@ -4,7 +4,10 @@
 #    (re-installs only when pyproject.toml changed);
 #  - finds Fashion-MNIST: $FASHION_DATA_DIR, else ../shared/data, else data/fashion-mnist, else
 #    downloads it once (upstream URLs, then Debian's dataset-fashion-mnist) and verifies checksums;
-#  - runs ruff (lint + format check) and mypy, then pytest. No network is used by the tests themselves.
+#  - runs ruff (lint + format check) and mypy, then pytest, in a random order (pytest-randomly; the
+#    seed is printed at the end: rerun an order with --randomly-seed=N, or keep file order with
+#    -p no:randomly).
+#    No network is used by the tests themselves.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -24,6 +27,8 @@ if [ -z "${FASHION_DATA_DIR:-}" ] && [ -d ../shared/data/fashion-mnist ]; then
   FASHION_DATA_DIR=$(cd ../shared/data && pwd)
 fi
 export FASHION_DATA_DIR=${FASHION_DATA_DIR:-}
+# From here on a missing data set fails the tests that need it instead of skipping them.
+export FASHION_DATA_REQUIRED=1
 if ! .venv/bin/python -c 'from training.data import locate_fashion as l; l(None)' 2>/dev/null; then
   echo "Fashion-MNIST not found locally: fetching it once into data/fashion-mnist" >&2
   .venv/bin/python -m training fetch

@@ -192,7 +192,9 @@ class Authenticator:
         token = self._token(values)
         if isinstance(token, Refusal):
             return token
+        # Both lists, always: no early exit across them either.
         is_admin = self.admins is not None and self.admins.accepts(token)
+        is_user = self.tokens is not None and self.tokens.accepts(token)
         if control:
             if is_admin:
                 return None
@@ -201,14 +203,10 @@ class Authenticator:
                     PERMISSION_DENIED,
                     "model control needs an admin token, and none is configured (--admin-tokens or --admin-token-file)",
                 )
-            if self.tokens is not None and self.tokens.accepts(token):
+            if is_user:
                 return Refusal(PERMISSION_DENIED, "this token may run inference but not load or unload models")
             return Refusal(UNAUTHENTICATED, INVALID)
-        return (
-            None
-            if is_admin or (self.tokens is not None and self.tokens.accepts(token))
-            else Refusal(UNAUTHENTICATED, INVALID)
-        )
+        return None if is_admin or is_user else Refusal(UNAUTHENTICATED, INVALID)
 
     def refused(self, method: str, refusal: Refusal) -> None:
         """Count (and now and then log) a refused call."""

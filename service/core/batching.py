@@ -52,7 +52,7 @@ import numpy as np
 
 from ..errors import DeadlineExceeded, Internal, ResourceExhausted, ServingError, Unavailable
 from ..settings import BatchingOverride, Settings
-from .context import RequestContext
+from .context import DEADLINE_SLACK_SECONDS, RequestContext
 
 if TYPE_CHECKING:
     from ..observability.metrics import ModelMetrics
@@ -399,9 +399,9 @@ class Batcher:
                 reason == "cancelled"
                 and item.deadline is not None
                 and loop is not None
-                and loop.time() >= item.deadline
+                and loop.time() >= item.deadline - DEADLINE_SLACK_SECONDS
             ):
-                reason = "deadline"  # gRPC cancelled the call at its deadline
+                reason = "deadline"  # gRPC cancelled the call at its deadline (or its client's, just before)
             self._drop(reason)
         self._settle()
 

@@ -6,6 +6,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
+#: A gRPC call cancelled with less than this left of its deadline counts as cut by the deadline
+#: (DEADLINE_EXCEEDED, dropped "deadline"), not as cancelled by its caller: the client's own
+#: deadline passes first (by the request's transit time and gRPC's rounding of the timeout), and
+#: its cancel can reach the server just before the server's timer fires.
+DEADLINE_SLACK_SECONDS = 0.25
+
 
 class RequestContext:
     """What is known about one request. Times are ``time.perf_counter()`` seconds."""

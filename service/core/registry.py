@@ -374,12 +374,14 @@ class ModelRegistry:
         return report
 
     async def stop(self) -> None:
-        """Close everything (the server has stopped taking calls): running batches finish,
-        drains in progress end, the inference threads stop."""
+        """Close everything (the server has stopped taking calls and the grace is over): drains
+        in progress end, onnxruntime runs still in progress are terminated (a run longer than the
+        grace would otherwise hold the exit until it ends), the inference threads stop."""
         for task in list(self._drains):
             task.cancel()
         for model in [*self._retired, *self.models()]:
             model.close()
+            model.runner.terminate()
         self._retired.clear()
         self._executor.shutdown(wait=True, cancel_futures=True)
 

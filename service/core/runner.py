@@ -29,6 +29,9 @@ class Runner:
         self._session: ort.InferenceSession | None = session
         self.provider = provider
         self.label = label
+        #: The options of the runs in progress (any thread), so :meth:`terminate` can end them.
+        self._running: set[ort.RunOptions] = set()
+        self._terminated = False
 
     def spec(self, key: ModelKey, max_request_rows: int) -> ModelSpec:
         """The contract read from the session's graph and metadata (ValueError when unusable)."""
@@ -44,11 +47,26 @@ class Runner:
     def run(self, feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> Arrays:
         """Run the session synchronously; onnxruntime's failures become Internal."""
         session = self._live()
+        options = ort.RunOptions()
+        self._running.add(options)  # (set.add/discard are atomic under the GIL)
         try:
-            results = session.run(list(names), dict(feeds))
+            if self._terminated:
+                raise Internal(f"{self.label} was stopped")
+            results = session.run(list(names), dict(feeds), options)
+        except Internal:
+            raise
         except Exception as exc:  # onnxruntime raises its own exception types
             raise Internal(f"inference failed in {self.label}: {exc}") from exc
+        finally:
+            self._running.discard(options)
         return dict(zip(names, results))
+
+    def terminate(self) -> None:
+        """End the runs in progress (onnxruntime stops between two operators and raises) and
+        refuse new ones: the server is stopping and nobody waits for their answers any more."""
+        self._terminated = True
+        for options in list(self._running):
+            options.terminate = True
 
     def warm_up(self, spec: ModelSpec, rows: Sequence[int] = (1, 16)) -> dict[int, float]:
         """Run zeros of each row count three times (onnxruntime's first call is slow); return the

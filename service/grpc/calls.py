@@ -15,7 +15,7 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from ..core.context import RequestContext
+from ..core.context import DEADLINE_SLACK_SECONDS, RequestContext
 from ..core.dataplane import DataPlane
 from ..errors import ServingError, clip
 from .status import status_of
@@ -46,7 +46,7 @@ def failure_status(grpc_context: grpc.aio.ServicerContext, exc: BaseException) -
             remaining = grpc_context.time_remaining()
         except Exception:
             remaining = None
-        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= DEADLINE_SLACK_SECONDS else "CANCELLED"
     return "UNKNOWN"
 
 

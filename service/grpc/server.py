@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,19 +29,41 @@ FLUSH_SECONDS = 2.0
 
 
 def credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    """The TLS credentials, or None; RuntimeError naming the file when one cannot be read."""
+    """The TLS credentials, or None; RuntimeError naming the file when one cannot be read or is
+    not a usable PEM certificate / key (gRPC would only log its own error and fail to bind)."""
     if settings.tls_cert is None or settings.tls_key is None:
         return None
 
-    def read(path: Path) -> bytes:
+    def read(path: Path, what: str, marker: bytes) -> bytes:
         try:
-            return path.read_bytes()
+            data = path.read_bytes()
         except OSError as exc:
             raise RuntimeError(f"cannot read TLS file {path}: {exc.strerror or exc}") from None
+        if marker not in data:
+            raise RuntimeError(f"TLS file {path} holds no PEM {what} (no '{marker.decode()}' line)")
+        return data
 
-    client_ca = read(settings.tls_client_ca) if settings.tls_client_ca else None
+    key = read(settings.tls_key, "private key", b"PRIVATE KEY-----")
+    certificate = read(settings.tls_cert, "certificate", b"-----BEGIN CERTIFICATE-----")
+    client_ca = (
+        read(settings.tls_client_ca, "certificate", b"-----BEGIN CERTIFICATE-----") if settings.tls_client_ca else None
+    )
+    # The same check OpenSSL makes for gRPC, said plainly: parseable, unencrypted, a matching pair.
+    check = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        check.load_cert_chain(settings.tls_cert, settings.tls_key, password=lambda: b"")
+    except ssl.SSLError as exc:
+        raise RuntimeError(
+            f"TLS certificate {settings.tls_cert} and key {settings.tls_key} cannot be used: {exc.reason or exc} "
+            "(expected a PEM certificate chain and the unencrypted PEM private key that goes with it)"
+        ) from None
+    if settings.tls_client_ca is not None:
+        try:
+            check.load_verify_locations(settings.tls_client_ca)
+        except ssl.SSLError as exc:
+            raise RuntimeError(f"TLS client CA {settings.tls_client_ca} cannot be used: {exc.reason or exc}") from None
     return grpc.ssl_server_credentials(
-        [(read(settings.tls_key), read(settings.tls_cert))],
+        [(key, certificate)],
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )

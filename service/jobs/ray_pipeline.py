@@ -521,6 +521,11 @@ def _check_config(cfg: PipelineConfig) -> None:
         raise PipelineError(f"--max-actors ({cfg.max_actors}) is below --actors ({cfg.actors})")
     if cfg.cpus_per_actor < 0 or cfg.gpus_per_actor < 0:
         raise PipelineError("--cpus-per-actor and --gpus-per-actor cannot be negative")
+    for flag, value in (("--cpus-per-actor", cfg.cpus_per_actor), ("--gpus-per-actor", cfg.gpus_per_actor)):
+        if value > 1 and value != int(value):  # Ray's rule for resource amounts
+            raise PipelineError(
+                f"{flag} must be a whole number when above 1 (a fraction of one is fine), got {value:g}"
+            )
     if cfg.batch_size < 1:
         raise PipelineError(f"--batch-size must be at least 1, got {cfg.batch_size}")
     if cfg.rows_per_read < cfg.batch_size or cfg.rows_per_read % cfg.batch_size:
@@ -622,6 +627,14 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         resources = ray.cluster_resources()
+        gpus_needed = cfg.gpus_per_actor * cfg.actors
+        if gpus_needed and ours and address == "local" and resources.get("GPU", 0) < gpus_needed:
+            # The local instance this job started never grows: Ray would wait for the GPUs forever.
+            raise PipelineError(
+                f"--gpus-per-actor {cfg.gpus_per_actor:g} x {cfg.actors} actor(s) needs {gpus_needed:g} GPU, and the "
+                f"local Ray instance has {resources.get('GPU', 0):g}; run on a machine (or --address a cluster) "
+                "with GPUs, or leave --gpus-per-actor out"
+            )
         cfg.log(
             f"ray {ray.__version__}: {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU; "
             f"model '{model.name}' version {model.version} on {provider}; {source.rows:,} rows in "

@@ -1,22 +1,27 @@
-"""Security settings through real server processes: bearer tokens (list, file, rotation), TLS
-together with tokens, a plaintext client against TLS, and the concurrent-request limit.
-(Mutual TLS: test_server.py; message and metadata size limits: test_bad_requests.py; tokens and
-the call gate in process: tests/unit/test_security.py, tests/unit/test_limits.py.)"""
+"""Security settings and limits through real server processes: bearer tokens (list, file,
+rotation, a file deleted at run time, duplicate entries, unary calls and streams of both
+protocols), TLS together with tokens, a plaintext client against TLS, and the concurrency limits
+(max_concurrent_requests per call and per stream message, max_inference_streams). (Mutual TLS:
+test_server.py; message and metadata size limits: test_bad_requests.py; tokens and the call gate
+in process: tests/unit/test_security.py, tests/unit/test_limits.py.)"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import queue
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from fixtures.onnx_models import linear, save, slow
-from fixtures.servers import REPO_ROOT, start_server
+from fixtures.onnx_models import image_classifier, linear, save
+from fixtures.servers import REPO_ROOT, ServerProcess, start_server, wait_for
 from fixtures.tls import tls_files
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -56,6 +61,16 @@ def _v2_profit(channel: grpc.Channel, token: str | None = None) -> float:
     return float(np.frombuffer(response.raw_output_contents[0], "<f4")[0])
 
 
+def _accepted(channel: grpc.Channel, token: str) -> bool:
+    """Whether ``token`` is accepted now (False: UNAUTHENTICATED, any other failure raises)."""
+    try:
+        return _profit(channel, token) == 7.0
+    except grpc.RpcError as err:
+        if err.code() != UNAUTHENTICATED:
+            raise
+        return False
+
+
 def _code(call) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as info:
         call()
@@ -88,6 +103,18 @@ def test_bearer_tokens(tmp_path: Path) -> None:
         assert _code(lambda: _profit(channel, header="Bearer "))[0] == UNAUTHENTICATED
         stream = pb_grpc.ModelServiceStub(channel).ClassifyStream(iter([pb.ClassifyRequest()]), timeout=10)
         assert _code(lambda: list(stream))[0] == UNAUTHENTICATED
+        v2_stream = v2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer
+        assert _code(lambda: list(v2_stream(iter([_v2_request()]), timeout=10)))[0] == UNAUTHENTICATED
+        wrong = [("authorization", "Bearer wrong")]
+        assert _code(lambda: list(v2_stream(iter([_v2_request()]), timeout=10, metadata=wrong))) == (
+            UNAUTHENTICATED,
+            "invalid bearer token",
+        )
+        # Two authorization entries, even if one is valid: which one counts would be a guess.
+        two = [("authorization", f"Bearer {ENV_TOKEN}"), ("authorization", "Bearer wrong")]
+        stub = pb_grpc.ModelServiceStub(channel)
+        duplicate = lambda: stub.PredictProfit(pb.PredictProfitRequest(population=[3]), timeout=10, metadata=two)  # noqa: E731
+        assert _code(duplicate) == (UNAUTHENTICATED, "more than one authorization metadata entry")
         meta = v2_grpc.GRPCInferenceServiceStub(channel).ServerLive
         assert _code(lambda: meta(v2.ServerLiveRequest(), timeout=10))[0] == UNAUTHENTICATED
 
@@ -95,6 +122,9 @@ def test_bearer_tokens(tmp_path: Path) -> None:
         assert _profit(channel, FILE_TOKEN) == 7.0
         assert _profit(channel, header=f"bearer {FILE_TOKEN}") == 7.0  # the scheme is case-insensitive
         assert _v2_profit(channel, ENV_TOKEN) == 7.0
+        good = [("authorization", f"Bearer {FILE_TOKEN}")]
+        answer = next(v2_stream(iter([_v2_request()]), timeout=10, metadata=good))
+        assert answer.error_message == "" and np.frombuffer(answer.infer_response.raw_output_contents[0], "<f4")[0] == 7
         with ServingClient(proc.address, token=FILE_TOKEN, insecure_token=True) as client:
             assert client.predict_profit([3]).tolist() == [7.0]
 
@@ -102,32 +132,43 @@ def test_bearer_tokens(tmp_path: Path) -> None:
         new = tmp_path / "tokens.new"
         new.write_text("rotated-token\n")
         new.replace(token_file)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if _profit(channel, "rotated-token") == 7.0:
-                    break
-            except grpc.RpcError:
-                time.sleep(0.1)
-        assert _profit(channel, "rotated-token") == 7.0
+        wait_for(lambda: _accepted(channel, "rotated-token"), "the rotated token accepted", server=proc)
         assert _code(lambda: _profit(channel, FILE_TOKEN))[0] == UNAUTHENTICATED
         assert _profit(channel, ENV_TOKEN) == 7.0  # tokens from the settings stay
 
         # An emptied file fails closed: its tokens stop working (those from the settings stay).
         token_file.write_text("\n# nothing\n")
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                _profit(channel, "rotated-token")
-            except grpc.RpcError as exc:
-                assert exc.code() == UNAUTHENTICATED
-                break
-            assert time.monotonic() < deadline, "the emptied token file still lets its old token in"
+        wait_for(lambda: not _accepted(channel, "rotated-token"), "the emptied file's token refused", server=proc)
         assert _profit(channel, ENV_TOKEN) == 7.0
     log = proc.log()
     assert '"call refused: UNAUTHENTICATED"' in log and '"auth token file reloaded"' in log
     assert log.count('"auth token file unusable: its tokens are refused until it is fixed"') == 1
     assert ENV_TOKEN not in log and FILE_TOKEN not in log and "rotated-token" not in log
+
+
+def test_a_token_file_deleted_at_run_time(tmp_path: Path) -> None:
+    """Fail closed: the file's tokens are refused once it is gone (checked at most once a second),
+    one ERROR line says so however many calls come in meanwhile (it was once logged every
+    second), and the tokens work again once the file is back."""
+    token_file = tmp_path / "tokens"
+    token_file.write_text(f"{FILE_TOKEN}\n")
+    args = ["--model-repository", str(_repo(tmp_path)), "--auth-token-file", str(token_file)]
+    with start_server(tmp_path, *args) as proc, proc.channel() as channel:
+        assert _profit(channel, FILE_TOKEN) == 7.0
+        token_file.unlink()
+
+        def refused() -> bool:
+            return not _accepted(channel, FILE_TOKEN)
+
+        wait_for(refused, "the deleted file's token refused", server=proc)
+        (unusable,) = proc.wait_log("auth token file unusable: its tokens are refused until it is fixed")
+        assert unusable["level"] == "ERROR" and "No such file or directory" in unusable["error"]
+        assert all(refused() for _ in range(20))  # more calls, more rechecks of the missing file...
+        token_file.write_text(f"{FILE_TOKEN}\n")  # ...then it is back
+        wait_for(lambda: not refused(), "the restored file's token accepted", server=proc)
+        proc.wait_log("auth token file reloaded")
+    assert len(proc.log_lines("auth token file unusable: its tokens are refused until it is fixed")) == 1
+    assert FILE_TOKEN not in proc.log()
 
 
 def test_tls_with_a_token_and_a_plaintext_client(tmp_path: Path) -> None:
@@ -147,10 +188,9 @@ def test_tls_with_a_token_and_a_plaintext_client(tmp_path: Path) -> None:
         with proc.channel() as channel:
             assert _profit(channel, "s3cret-token") == 7.0
             assert _code(lambda: _profit(channel))[0] == UNAUTHENTICATED
-        start = time.monotonic()
         with grpc.insecure_channel(proc.address) as plain:
             code, _ = _code(lambda: _profit(plain, "s3cret-token"))
-        assert code == grpc.StatusCode.UNAVAILABLE and time.monotonic() - start < 10  # fails cleanly, no hang
+        assert code == grpc.StatusCode.UNAVAILABLE  # fails cleanly: a hang would be DEADLINE_EXCEEDED
         with ServingClient(proc.address, root_certificates=files["ca.crt"], token="s3cret-token") as client:
             assert client.predict_profit([3]).tolist() == [7.0]
         assert proc.health() == SERVING  # the plaintext attempt did not hurt
@@ -187,25 +227,149 @@ def test_bad_inline_tokens_are_a_settings_error(tmp_path: Path) -> None:
     assert result.returncode == 2 and "printable ASCII without spaces" in result.stderr
 
 
-def test_max_concurrent_requests(tmp_path: Path) -> None:
+# -- the concurrency limits -------------------------------------------------------------------------
+#
+# A model whose batches gather for 60 s ("held") keeps a call running for as long as the test
+# wants, whatever the machine's speed: the queue-depth gauge says when it is in, and cancelling
+# the call frees its place. "profit" answers at once.
+
+
+def _limits_repo(tmp_path: Path) -> list[str]:
     repo = tmp_path / "models"
-    save(slow(), repo, "slow")
-    rows = 4000  # ~0.4 s per call on an idle core
-    args = ["--model-repository", str(repo), "--max-concurrent-requests", "2", "--max-request-rows", str(rows)]
-    with start_server(tmp_path, *args) as proc, proc.channel() as channel:
-        stub = pb_grpc.ModelServiceStub(channel)
-        request = pb.PredictProfitRequest(model=pb.ModelRef(name="slow"), population=[0.5] * rows)
-        # gRPC frees a slot when the server task ends, a moment after the client got its answer
-        # (here: the start-up health checks).
-        time.sleep(0.5)
-        running = [stub.PredictProfit.future(request, timeout=60) for _ in range(2)]
-        time.sleep(0.2)
-        assert not any(f.done() for f in running)
-        assert proc.health() == SERVING  # health checks are never counted nor refused
-        code, details = _code(lambda: stub.PredictProfit(request, timeout=60))
+    for name in ("held", "profit"):
+        save(linear(1, [2.0], 1.0, "population", "profit"), repo, name)
+    labels = json.dumps([f"class{i}" for i in range(10)])
+    save(image_classifier(0), repo, "fashion_softmax", class_names=labels)
+    batching = json.dumps({"held": {"max_queue_delay_us": 60_000_000}})
+    return ["--model-repository", str(repo), "--batching", batching]
+
+
+@contextlib.contextmanager
+def _held_call(proc: ServerProcess, channel: grpc.Channel, count: int = 1) -> Iterator[list[grpc.Future]]:
+    """``count`` calls to "held", in the server and queued (each holds a place) until the block ends."""
+    stub = pb_grpc.ModelServiceStub(channel)
+    request = pb.PredictProfitRequest(model=pb.ModelRef(name="held"), population=[1.0])
+    futures = [stub.PredictProfit.future(request, timeout=300) for _ in range(count)]
+    try:
+        wait_for(
+            lambda: proc.metric("serving_queue_depth", model="held", version="1") == count, "held calls", server=proc
+        )
+        yield futures
+    finally:
+        for future in futures:
+            future.cancel()
+
+
+def _classify_request() -> pb.ClassifyRequest:
+    images = np.zeros((1, 1, 28, 28), np.uint8)
+    return pb.ClassifyRequest(
+        model=pb.ModelRef(name="fashion_softmax"),
+        images=pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=images.shape, data=images.tobytes()),
+    )
+
+
+def _v2_request() -> v2.ModelInferRequest:
+    return v2.ModelInferRequest(
+        model_name="profit",
+        inputs=[v2.ModelInferRequest.InferInputTensor(name="population", datatype="FP32", shape=[1, 1])],
+        raw_input_contents=[np.float32(3).tobytes()],
+    )
+
+
+class _Stream:
+    """A client stream the test feeds message by message (typed ClassifyStream or V2 ModelStreamInfer)."""
+
+    def __init__(self, channel: grpc.Channel, kind: str, metadata: list[tuple[str, str]] | None = None) -> None:
+        self._queue: queue.Queue[object] = queue.Queue()
+        requests = iter(self._queue.get, None)
+        if kind == "typed":
+            self.message: object = _classify_request()
+            self.responses = pb_grpc.ModelServiceStub(channel).ClassifyStream(requests, timeout=120, metadata=metadata)
+        else:
+            self.message = _v2_request()
+            self.responses = v2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(
+                requests, timeout=120, metadata=metadata
+            )
+
+    def ask(self) -> object:
+        """Send one message, return its answer (raises the stream's error)."""
+        self._queue.put(self.message)
+        return next(self.responses)
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+
+@pytest.fixture
+def streams() -> Iterator[list[_Stream]]:
+    opened: list[_Stream] = []
+    yield opened
+    for stream in opened:
+        stream.close()
+
+
+def test_calls_over_max_concurrent_requests_are_refused_on_both_protocols(tmp_path: Path) -> None:
+    args = _limits_repo(tmp_path)
+    with start_server(tmp_path, *args, "--max-concurrent-requests", "2", metrics=True) as proc:
+        with proc.channel() as channel, _held_call(proc, channel, 2) as held:
+            assert proc.health() == SERVING  # health checks are never counted nor refused
+            code, details = _code(lambda: _profit(channel))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+            assert "2 calls in progress, its max_concurrent_requests limit" in details
+            assert _code(lambda: _v2_profit(channel))[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert not any(f.done() for f in held)  # the admitted ones still wait their turn
+        with proc.channel() as channel:  # their places are free again
+            wait_for(lambda: proc.metric("serving_queue_depth", model="held", version="1") == 0, "cancelled")
+            assert _profit(channel) == 7.0 and _v2_profit(channel) == 7.0
+
+
+@pytest.mark.parametrize("kind", ["typed", "v2"])
+def test_an_idle_stream_takes_no_place_but_each_message_takes_one(
+    tmp_path: Path, kind: str, streams: list[_Stream]
+) -> None:
+    """max_concurrent_requests 1: an open stream waiting for its next message leaves the one place
+    to other callers; a message that arrives while the place is taken ends its stream with
+    RESOURCE_EXHAUSTED."""
+    args = _limits_repo(tmp_path)
+    with start_server(tmp_path, *args, "--max-concurrent-requests", "1", metrics=True) as proc:
+        with proc.channel() as channel:
+            idle = _Stream(channel, kind)
+            streams.append(idle)
+            assert idle.ask() is not None  # answered; now idle
+            assert _profit(channel) == 7.0  # the idle stream held nothing
+            with _held_call(proc, channel):
+                code, details = _code(idle.ask)
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+            assert "max_concurrent_requests" in details
+
+
+@pytest.mark.parametrize("kind", ["typed", "v2"])
+def test_streams_over_max_inference_streams_are_refused(tmp_path: Path, kind: str, streams: list[_Stream]) -> None:
+    args = _limits_repo(tmp_path)
+    with start_server(tmp_path, *args, "--max-inference-streams", "1") as proc, proc.channel() as channel:
+        first = _Stream(channel, kind)
+        streams.append(first)
+        assert first.ask() is not None  # open (and idle)
+        second = _Stream(channel, "v2" if kind == "typed" else "typed")  # the cap is for both kinds
+        streams.append(second)
+        code, details = _code(second.ask)
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
-        assert all(len(f.result().profit_usd) == rows for f in running)  # the admitted ones finish
-        assert len(stub.PredictProfit(request, timeout=60).profit_usd) == rows  # and room is back
+        assert "too many inference streams: 1 open, the max_inference_streams limit" in details
+        assert _profit(channel) == 7.0  # unary calls are not streams
+        first.close()
+        wait_for(lambda: _stream_answers(channel, kind), "the closed stream's place back", server=proc)
+
+
+def _stream_answers(channel: grpc.Channel, kind: str) -> bool:
+    stream = _Stream(channel, kind)
+    try:
+        stream.ask()
+        return True
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+        return False
+    finally:
+        stream.close()
 
 
 ADMIN_TOKEN = "admin-token-0123456789"

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures.servers import MODELS, REPO_ROOT, ServerProcess
+from fixtures.providers import ACCURACY_SLACK, AUTO_PROVIDER, CPU, close_to_cpu
+from fixtures.proxy import HoldingProxy
+from fixtures.servers import MODELS, REPO_ROOT, ServerProcess, wait_for
 
 from service.client import connect
 from service.generated.serving.v1 import serving_pb2 as pb
@@ -27,6 +29,29 @@ from service.jobs.job import LOCK, _exclusive
 
 CHUNK = 32
 DATA_FILES = ["probabilities.npy", "predictions.npy", "predictions.csv", "confusion_matrix.csv"]
+
+
+def assert_same_results(got: Path, want: Path) -> None:
+    """Two runs of the same job: byte for byte on the CPU. On a GPU host (the session server and
+    --local run on --provider auto: CUDA) batches of other sizes may take other kernels: the
+    probabilities agree to within TF32 rounding and nearly every prediction is the same."""
+    if AUTO_PROVIDER == CPU:
+        for name in DATA_FILES:
+            assert (got / name).read_bytes() == (want / name).read_bytes(), name
+        return
+    np.testing.assert_allclose(
+        np.load(got / "probabilities.npy"), np.load(want / "probabilities.npy"), **close_to_cpu()
+    )
+    same = np.load(got / "predictions.npy") == np.load(want / "predictions.npy")
+    assert same.mean() >= 1 - ACCURACY_SLACK
+
+
+def closed_form_profit(populations: list[float]) -> list[float]:
+    """US dollars from the normal equations on data/profit/ex1data1.txt (population and profit in
+    10,000s): an expectation computed without the model or the service."""
+    data = np.loadtxt(REPO_ROOT / "data" / "profit" / "ex1data1.txt", delimiter=",")
+    (intercept, slope), *_ = np.linalg.lstsq(np.c_[np.ones(len(data)), data[:, 0]], data[:, 1], rcond=None)
+    return [(intercept + slope * p / 1e4) * 1e4 for p in populations]
 
 
 def run(*args: str | Path) -> int:
@@ -96,8 +121,7 @@ def test_remote_and_local_give_identical_outputs(
         == 0
     )
     err = capsys.readouterr().err
-    for name in DATA_FILES:
-        assert (local / name).read_bytes() == (reference / name).read_bytes(), name
+    assert_same_results(local, reference)
     probabilities = np.load(reference / "probabilities.npy")
     predictions = np.load(reference / "predictions.npy")
     assert probabilities.shape == (10_000, 10) and probabilities.dtype == np.float32
@@ -108,8 +132,8 @@ def test_remote_and_local_give_identical_outputs(
     assert local_summary["runs"][0]["mode"] == "local"
     # The accuracy the job reports is the model card's test accuracy.
     card = json.loads((MODELS / "fashion_softmax" / "1" / "card.json").read_text())
-    assert remote_summary["accuracy"] == local_summary["accuracy"]
-    assert remote_summary["accuracy"] == pytest.approx(card["metrics"]["test_accuracy"], abs=1e-4)
+    assert remote_summary["accuracy"] == pytest.approx(local_summary["accuracy"], abs=ACCURACY_SLACK)
+    assert remote_summary["accuracy"] == pytest.approx(card["metrics"]["test_accuracy"], abs=1e-4 + ACCURACY_SLACK)
     assert f"accuracy {remote_summary['accuracy']:.4f}" in err and "rows/s" in err and "ETA" in err
     assert (reference / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = (reference / "predictions.csv").read_text().splitlines()
@@ -173,21 +197,27 @@ def _rows_done(out: Path) -> int:
         return 0
 
 
-def _kill_when(process: subprocess.Popen, out: Path, rows: int) -> int:
-    """SIGKILL ``process`` once its journal shows at least ``rows`` rows; return rows_done then."""
-    deadline = time.monotonic() + 120
-    while _rows_done(out) < rows:
-        assert process.poll() is None, f"job ended (rc {process.returncode}) before reaching row {rows}"
-        assert time.monotonic() < deadline
-        time.sleep(0.003)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    return _rows_done(out)
+def _stop_at(process: subprocess.Popen, proxy: HoldingProxy, out: Path, sig: signal.Signals, start: int) -> int:
+    """Wait until the job (resumed at row ``start``) has written every chunk the proxy let
+    through (it then waits for the next answer, which the proxy holds), send ``sig``, wait for the
+    exit; the rows written."""
+    assert proxy.hold_after is not None
+    rows = start + proxy.hold_after * CHUNK
+    wait_for(lambda: _rows_done(out) == rows or process.poll() is not None, f"the journal at row {rows}")
+    assert process.poll() is None, f"job ended (rc {process.returncode}) at row {_rows_done(out)}, before {rows}"
+    process.send_signal(sig)
+    process.wait(120)
+    assert _rows_done(out) == rows  # not a row further: the answers after them never came
+    return rows
 
 
-def test_kill_mid_run_then_resume_gives_exactly_the_full_result(
+def test_kill_and_sigterm_mid_run_then_resume_give_exactly_the_full_result(
     reference: Path, server: ServerProcess, fashion: dict[str, Path], tmp_path: Path
 ) -> None:
+    """The job talks to the server through a proxy that holds the stream's answers after a set
+    number of chunks, so each interruption comes at an exact row: SIGKILL (nothing runs after
+    it), then SIGTERM (the job stops like Ctrl-C: exit 130, a message, the journal intact), then
+    the rest in-process. The result is exactly the uninterrupted run's."""
     out = tmp_path / "job"
     job = [
         "classify",
@@ -202,25 +232,95 @@ def test_kill_mid_run_then_resume_gives_exactly_the_full_result(
         "none",
     ]
     base = [sys.executable, "-m", "service.jobs", *job]
-    remote = [*base, "--server", server.address]
-    local = [*base, "--local", "--model-repository", str(MODELS)]
-    popen = lambda cmd: subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # noqa: E731
 
-    # The first run under the job's old module name, which must keep working.
-    old_name = [sys.executable, "-m", "service.batch", *job, "--server", server.address]
-    first = _kill_when(popen(old_name), out, 1000)  # killed mid-stream...
-    assert 1000 <= first < 10_000 and first % CHUNK == 0
+    def popen(command: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    # The first run under the job's old module name, which must keep working: SIGKILL at row 1,280.
+    with HoldingProxy(server.address, hold_after=40) as proxy:
+        first = popen([sys.executable, "-m", "service.batch", *job, "--server", proxy.address])
+        killed_at = _stop_at(first, proxy, out, signal.SIGKILL, start=0)
+        first.communicate()
+    assert first.returncode == -signal.SIGKILL and killed_at == 40 * CHUNK
     assert not (out / "summary.json").exists() and not (out / "probabilities.npy").exists()
-    second = _kill_when(popen(local), out, 5000)  # ...resumed in-process and killed again...
-    assert second >= 5000 and not (out / "summary.json").exists()
-    finish = subprocess.run(remote, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)  # ...finished remotely.
+    # Resumed, 100 chunks more, then SIGTERM.
+    with HoldingProxy(server.address, hold_after=100) as proxy:
+        second = popen([*base, "--server", proxy.address])
+        stopped_at = _stop_at(second, proxy, out, signal.SIGTERM, start=killed_at)
+        _, stderr = second.communicate()
+    assert second.returncode == 130, stderr
+    assert f"resuming at row {killed_at:,}" in stderr
+    assert "interrupted; re-run the same command to resume where it stopped" in stderr
+    assert "Traceback" not in stderr and not (out / "summary.json").exists()
+    # Finished in-process.
+    finish = subprocess.run(
+        [*base, "--local", "--model-repository", str(MODELS)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert finish.returncode == 0, finish.stderr
-    assert f"resuming at row {second:,}" in finish.stderr
-    for name in DATA_FILES:
-        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    assert f"resuming at row {stopped_at:,}" in finish.stderr
+    assert_same_results(out, reference)
     summary = json.loads((out / "summary.json").read_text())
-    assert [r["mode"] for r in summary["runs"]] == ["remote", "local", "remote"]
-    assert summary["runs"][-1]["start_row"] == second and not (out / ".partial").exists()
+    assert [(r["mode"], r["start_row"]) for r in summary["runs"]] == [
+        ("remote", 0),
+        ("remote", killed_at),
+        ("local", stopped_at),
+    ]
+    assert not (out / ".partial").exists()
+
+
+def test_restart_throws_away_a_finished_and_an_unfinished_job(server: ServerProcess, tmp_path: Path) -> None:
+    """--restart: the folder's earlier result (finished, of another job) or partial run (with
+    other settings) is discarded and the job runs from row 0; without it, both are refused."""
+    np.save(tmp_path / "x.npy", SMALL)
+    out = tmp_path / "out"
+    common = ["classify", tmp_path / "x.npy", "-o", out, "--server", server.address, "--progress", "none"]
+    assert run(*common, "--chunk-size", 20) == 0
+    assert run(*common, "--chunk-size", 25) == 1  # another job's finished result is there
+    assert run(*common, "--chunk-size", 25, "--restart") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["spec"]["chunk_size"] == 25 and [r["start_row"] for r in summary["runs"]] == [0]
+    clean = tmp_path / "clean"
+    assert run("classify", tmp_path / "x.npy", "-o", clean, "--server", server.address, "--chunk-size", 25) == 0
+    for name in ("probabilities.npy", "predictions.csv"):
+        assert (out / name).read_bytes() == (clean / name).read_bytes()
+    # An unfinished job (a journal at row 40) with other settings: refused, then restarted.
+    with connect(server.address) as client:
+        backend = RemoteBackend(client, "classify", None)
+        with pytest.raises(InputError):
+            Job("classify", FailingSource(NpyImages(tmp_path / "x.npy"), good=2), backend, quiet(tmp_path / "p")).run()
+    assert _rows_done(tmp_path / "p") == 40
+    again = ["classify", tmp_path / "x.npy", "-o", tmp_path / "p", "--server", server.address, "--progress", "none"]
+    assert run(*again, "--chunk-size", 25) == 1
+    assert run(*again, "--chunk-size", 25, "--restart") == 0
+    restarted = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert [r["start_row"] for r in restarted["runs"]] == [0]
+    assert (tmp_path / "p" / "probabilities.npy").read_bytes() == (clean / "probabilities.npy").read_bytes()
+
+
+@pytest.mark.parametrize("where", ["under a file", "an existing file", "in /proc"])
+def test_an_output_folder_that_cannot_be_written_is_one_clear_line(
+    tmp_path: Path, where: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(The tests run as root, so permissions cannot make a folder unwritable: these are places
+    nobody can write to.)"""
+    np.save(tmp_path / "x.npy", SMALL[:10])
+    (tmp_path / "a-file").write_text("not a folder\n")
+    out = {
+        "under a file": tmp_path / "a-file" / "out",
+        "an existing file": tmp_path / "a-file",
+        "in /proc": Path("/proc") / f"no-such-output-{os.getpid()}",
+    }[where]
+    status = run("classify", tmp_path / "x.npy", "-o", out, "--local", "--model-repository", MODELS)
+    err = capsys.readouterr().err
+    assert status == 1, err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("model-batch: error: ") and str(out) in lines[-1], err
+    assert "Traceback" not in err
+    assert (tmp_path / "a-file").read_text() == "not a folder\n"  # nothing written over
 
 
 # -- corrupt inputs ------------------------------------------------------------------------------
@@ -433,11 +533,14 @@ def test_profit_csv_remote_and_local(server: ServerProcess, tmp_path: Path) -> N
     profits = np.load(remote / "profits.npy")
     assert profits.shape == (50,)
     assert run("profit", tmp_path / "one.csv", "-o", tmp_path / "one", "--server", server.address) == 0
-    assert (tmp_path / "one" / "profits.csv").read_text().splitlines() == [
-        "row,population,profit_usd",
-        "0,35000,2798.38",
-        "1,70000,44554.55",
-    ]
+    header, *rows = (tmp_path / "one" / "profits.csv").read_text().splitlines()
+    assert header == "row,population,profit_usd"
+    assert [row.split(",")[:2] for row in rows] == [["0", "35000"], ["1", "70000"]]  # the blank line skipped
+    # The expectation, derived apart from the model: the least-squares line through the course
+    # data (what the bundled model was trained to); the model is float32, the CSV has cents.
+    expected = closed_form_profit([35_000, 70_000])
+    assert [float(row.split(",")[2]) for row in rows] == pytest.approx(expected, abs=1.0)
+    assert all(len(row.split(",")[2].split(".")[1]) == 2 for row in rows)  # written to the cent
 
 
 # -- one definition of the default models ---------------------------------------------------------

@@ -25,7 +25,7 @@ AFTERMATH = ("Traceback", "Exception ignored", "never awaited", "Event loop is c
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    """``python -m service`` on loopback, gRPC on a free port, HTTP and metrics off (later flags
+    """``python -m service`` on loopback, gRPC on a port the system picks, HTTP and metrics off (later flags
     win), inherited SERVING_* variables dropped; output captured (not a terminal: JSON logs)."""
     command = [
         sys.executable,
@@ -34,7 +34,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) 
         "--host",
         "127.0.0.1",
         "--port",
-        str(free_port()),
+        "0",
         "--http-port",
         "0",
         "--metrics-port",
@@ -125,6 +125,54 @@ def test_unreadable_tls_file_is_one_line_exit_1(tmp_path: Path) -> None:
         "--log-format", "text", "--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem")
     )
     assert_refused(result, f"cannot read TLS file {tmp_path / 'key.pem'}: No such file or directory")
+    (tmp_path / "folder").mkdir()  # (the tests run as root: permissions cannot make a file unreadable)
+    result = run_cli(
+        "--log-format", "text", "--tls-cert", str(tmp_path / "folder"), "--tls-key", str(tmp_path / "folder")
+    )
+    assert_refused(result, f"cannot read TLS file {tmp_path / 'folder'}: Is a directory")
+
+
+def _tls_args(files: dict[str, Path], cert: Path, key: Path, client_ca: Path | None = None) -> list[str]:
+    args = ["--log-format", "text", "--model-repository", str(MODELS), "--tls-cert", str(cert), "--tls-key", str(key)]
+    return args + (["--tls-client-ca", str(client_ca)] if client_ca else [])
+
+
+def test_malformed_tls_files_are_one_line_exit_1(tmp_path: Path) -> None:
+    """Not a PEM file, a truncated certificate, a key that is not the certificate's, an encrypted
+    key, a client CA that is no certificate: each says which file and what is wrong (gRPC itself
+    only logged an error of its own and the server said the address could not be bound)."""
+    from fixtures.tls import tls_files
+
+    files = tls_files(tmp_path)
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("this is not PEM\n")
+    truncated = tmp_path / "truncated.crt"
+    truncated.write_text(files["server.crt"].read_text()[:200])
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_text(
+        "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIBvTBXBgkqhkiG9w0BBQ0wSjApBgkqhkiG9w0BBQwwHAQI\n"
+        "-----END ENCRYPTED PRIVATE KEY-----\n"
+    )
+    server_crt, server_key = files["server.crt"], files["server.key"]
+    unusable = "(expected a PEM certificate chain and the unencrypted PEM private key that goes with it)"
+    cases = [
+        (_tls_args(files, garbage, server_key), f"TLS file {garbage} holds no PEM certificate"),
+        (_tls_args(files, server_crt, garbage), f"TLS file {garbage} holds no PEM private key"),
+        (_tls_args(files, server_key, server_crt), f"TLS file {server_crt} holds no PEM private key"),
+        (_tls_args(files, truncated, server_key), f"TLS certificate {truncated} and key {server_key} cannot be used"),
+        (_tls_args(files, server_crt, files["client.key"]), "KEY_VALUES_MISMATCH"),
+        (_tls_args(files, server_crt, encrypted), f"and key {encrypted} cannot be used"),
+        (_tls_args(files, server_crt, server_key, garbage), f"TLS file {garbage} holds no PEM certificate"),
+    ]
+    for args, message in cases:
+        result = run_cli(*args)
+        assert result.returncode == 1, (args, result.stderr[-2000:])
+        last = result.stderr.splitlines()[-1]
+        assert last.startswith("model-serving: error: ") and message in last, (message, result.stderr[-2000:])
+        if "cannot be used" in message and "KEY_VALUES" not in message:
+            assert last.endswith(unusable)
+        assert_refused(result, last.removeprefix("model-serving: error: "))  # nothing after it, no traceback
+        assert "address cannot be bound" not in result.stderr and "Handshaker" not in result.stderr
 
 
 def test_without_onnxruntime_says_which_extra_to_install(tmp_path: Path) -> None:

@@ -1,20 +1,28 @@
 """service.client against the real server (``server`` subprocess): numpy in, numpy out; errors
-carry the gRPC status; the container health probe's exit status. (Retries, deadlines, TLS and the
-token against an in-process fake: tests/unit/test_client.py.)"""
+carry the gRPC status; a client certificate and a token over mutual TLS; the container health
+probe's exit status. (Retries, deadlines and the stream window against an in-process fake:
+tests/unit/test_client.py; retries across a draining replica: tests/e2e/test_deploy_commands.py.)"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from fixtures.servers import ServerProcess, free_port
+from fixtures.onnx_models import linear, save
+from fixtures.servers import ServerProcess, closed_port, start_server
+from fixtures.tls import tls_files
 
 from service import healthcheck
 from service.client import (
+    NO_RETRY,
     Classification,
     InvalidArgumentError,
     NotFoundError,
+    RpcError,
     ServingClient,
+    UnavailableError,
     as_images,
     connect,
 )
@@ -93,5 +101,37 @@ def test_healthcheck_exit_status(server: ServerProcess, capsys: pytest.CaptureFi
     assert "SERVING" in capsys.readouterr().out
     assert healthcheck.main(["--address", server.address, "--service", "fashion_softmax"]) == 0
     assert healthcheck.main(["--address", server.address, "--service", "no_such_model"]) == 1
-    assert healthcheck.main(["--address", f"127.0.0.1:{free_port()}", "--timeout", "1"]) == 1
+    with closed_port() as port:  # nobody listens there
+        assert healthcheck.main(["--address", f"127.0.0.1:{port}", "--timeout", "1"]) == 1
     assert "unhealthy" in capsys.readouterr().out
+
+
+def test_client_certificate_and_token_against_the_real_server(tmp_path: Path) -> None:
+    """Mutual TLS plus a bearer token, as connect() sets them up: the server's CA, the client's
+    certificate and key, the token. Without the certificate the handshake fails (UNAVAILABLE, not
+    retried into a hang); with a wrong token the call is UNAUTHENTICATED."""
+    files = tls_files(tmp_path)
+    repo = tmp_path / "models"
+    save(linear(1, [2.0], 1.0, "population", "profit"), repo, "profit")
+    args = ["--model-repository", str(repo), "--auth-tokens", "client-token"]
+    args += ["--tls-cert", str(files["server.crt"]), "--tls-key", str(files["server.key"])]
+    args += ["--tls-client-ca", str(files["ca.crt"])]
+    mtls = {
+        "root_certificates": files["ca.crt"],
+        "certificate_chain": files["client.crt"],
+        "private_key": files["client.key"],
+    }
+    probe = grpc.ssl_channel_credentials(*(files[k].read_bytes() for k in ("ca.crt", "client.key", "client.crt")))
+    with start_server(tmp_path, *args, credentials=probe) as proc:
+        with connect(proc.address, token="client-token", timeout=20, **mtls) as client:
+            np.testing.assert_array_equal(client.predict_profit([3.0, 4.0]), [7.0, 9.0])
+            assert client.health() == "SERVING"
+        with connect(proc.address, token="wrong", timeout=20, **mtls) as client:
+            with pytest.raises(RpcError) as wrong:
+                client.predict_profit([3.0])
+        assert wrong.value.code == grpc.StatusCode.UNAUTHENTICATED
+        without = {"root_certificates": files["ca.crt"]}
+        with connect(proc.address, token="client-token", timeout=20, retry=NO_RETRY, **without) as client:
+            with pytest.raises(UnavailableError):
+                client.predict_profit([3.0])
+        assert proc.health() == 1  # SERVING: the refused handshake did not hurt it

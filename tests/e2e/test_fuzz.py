@@ -58,40 +58,53 @@ SERVER_FUZZ = settings(
     max_examples=max(EXAMPLES * 3 // 8, 1),
     deadline=None,
     database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    suppress_health_check=[HealthCheck.too_slow],
 )
 
 
-@SERVER_FUZZ
-@given(request=infer_requests())
-def test_server_v2_requests(fuzz_channel: grpc.Channel, request: v2.ModelInferRequest) -> None:
-    _send(fuzz_channel, METHODS[0][0], request.SerializeToString())
+def _still_healthy(server: ServerProcess) -> None:
+    """After a property: the server is up, SERVING, and logged no traceback (each test checks its
+    own aftermath; none relies on running after the others)."""
+    assert server.process.poll() is None
+    assert server.health() == health_pb2.HealthCheckResponse.SERVING
+    assert "Traceback" not in server.log()
 
 
-@SERVER_FUZZ
-@given(
-    tensor=image_tensors(),
-    top_k=st.integers(0, 12),
-    population=st.lists(st.floats(width=32), max_size=MAX_BATCH + 2),
-    version=st.integers(-2, 3),
-)
-def test_server_typed_requests(
-    fuzz_channel: grpc.Channel, tensor: pb.Tensor, top_k: int, population: list[float], version: int
-) -> None:
-    ref = pb.ModelRef(name="fashion_softmax", version=version)
-    _send(fuzz_channel, METHODS[1][0], pb.ClassifyRequest(model=ref, images=tensor, top_k=top_k).SerializeToString())
-    _send(fuzz_channel, METHODS[2][0], pb.PredictProfitRequest(population=population).SerializeToString())
-    houses = [pb.House(size_sqft=p, bedrooms=-p) for p in population]
-    _send(fuzz_channel, METHODS[3][0], pb.PredictHousePriceRequest(houses=houses).SerializeToString())
+def test_server_v2_requests(fuzz_server: ServerProcess, fuzz_channel: grpc.Channel) -> None:
+    @SERVER_FUZZ
+    @given(request=infer_requests())
+    def prop(request: v2.ModelInferRequest) -> None:
+        _send(fuzz_channel, METHODS[0][0], request.SerializeToString())
+
+    prop()
+    _still_healthy(fuzz_server)
 
 
-@SERVER_FUZZ
-@given(data=st.binary(max_size=512), method=st.sampled_from([m for m, _ in METHODS]))
-def test_server_random_bytes(fuzz_channel: grpc.Channel, data: bytes, method: str) -> None:
-    _send(fuzz_channel, method, data)
+def test_server_typed_requests(fuzz_server: ServerProcess, fuzz_channel: grpc.Channel) -> None:
+    @SERVER_FUZZ
+    @given(
+        tensor=image_tensors(),
+        top_k=st.integers(0, 12),
+        population=st.lists(st.floats(width=32), max_size=MAX_BATCH + 2),
+        version=st.integers(-2, 3),
+    )
+    def prop(tensor: pb.Tensor, top_k: int, population: list[float], version: int) -> None:
+        ref = pb.ModelRef(name="fashion_softmax", version=version)
+        request = pb.ClassifyRequest(model=ref, images=tensor, top_k=top_k)
+        _send(fuzz_channel, METHODS[1][0], request.SerializeToString())
+        _send(fuzz_channel, METHODS[2][0], pb.PredictProfitRequest(population=population).SerializeToString())
+        houses = [pb.House(size_sqft=p, bedrooms=-p) for p in population]
+        _send(fuzz_channel, METHODS[3][0], pb.PredictHousePriceRequest(houses=houses).SerializeToString())
+
+    prop()
+    _still_healthy(fuzz_server)
 
 
-def test_the_fuzzed_server_is_still_healthy(fuzz_server: ServerProcess) -> None:
-    assert fuzz_server.process.poll() is None
-    assert fuzz_server.health() == health_pb2.HealthCheckResponse.SERVING
-    assert "Traceback" not in fuzz_server.log()
+def test_server_random_bytes(fuzz_server: ServerProcess, fuzz_channel: grpc.Channel) -> None:
+    @SERVER_FUZZ
+    @given(data=st.binary(max_size=512), method=st.sampled_from([m for m, _ in METHODS]))
+    def prop(data: bytes, method: str) -> None:
+        _send(fuzz_channel, method, data)
+
+    prop()
+    _still_healthy(fuzz_server)

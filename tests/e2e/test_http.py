@@ -24,6 +24,7 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 import tritonclient.http.aio as triton_aio
 from fixtures.onnx_models import linear, save, slow
+from fixtures.providers import ACCURACY_SLACK, assert_same_answers
 from fixtures.servers import MODELS, ServerProcess, sample, scrape, start_server
 
 CARDS = {
@@ -216,10 +217,11 @@ def test_ten_thousand_images_give_the_card_accuracy_and_grpc_answers(server: Ser
             parts.append(client.infer(model, [_input(x[start : start + 1000])]).as_numpy("probabilities"))
         probabilities = np.concatenate(parts)
         accuracy = float((probabilities.argmax(axis=1) == labels).mean())
-        assert accuracy == pytest.approx(card["metrics"]["test_accuracy"], abs=1e-4), model
+        # The card's accuracy was measured on the CPU; the server runs on --provider auto.
+        assert accuracy == pytest.approx(card["metrics"]["test_accuracy"], abs=1e-4 + ACCURACY_SLACK), model
         tensor = triton_grpc.InferInput("image", [500, 1, 28, 28], "UINT8")
         tensor.set_data_from_numpy(x[:500])
-        np.testing.assert_array_equal(grpc_client.infer(model, [tensor]).as_numpy("probabilities"), probabilities[:500])
+        assert_same_answers(grpc_client.infer(model, [tensor]).as_numpy("probabilities"), probabilities[:500])
 
 
 # -- malformed requests ---------------------------------------------------------------------------

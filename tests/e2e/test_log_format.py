@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import select
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from fixtures.servers import MODELS, REPO_ROOT, free_port, start_server
+from fixtures.servers import MODELS, REPO_ROOT, free_port, start_server, wait_for
 
 from service import installed_version
 
@@ -54,6 +55,24 @@ class PtyServer:
             self.output += chunk.decode(errors="replace").replace("\r\n", "\n")
         return self.output
 
+    def read_until_any(self, *texts: str) -> str:
+        """Read until one of ``texts`` has been written, or the process closed the terminal."""
+        deadline = time.monotonic() + TIMEOUT_S
+        while not any(text in self.output for text in texts):
+            left = deadline - time.monotonic()
+            assert left > 0, f"waited {TIMEOUT_S:.0f} s for {texts!r}:\n{self.output[-3000:]}"
+            ready, _, _ = select.select([self.primary], [], [], left)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(self.primary, 65536)
+            except OSError:  # EIO: every writer closed the terminal
+                chunk = b""
+            if not chunk:
+                break
+            self.output += chunk.decode(errors="replace").replace("\r\n", "\n")
+        return self.output
+
     def finish(self) -> int:
         """Everything it writes until it exits; its exit status."""
         self.read_until(None)
@@ -67,16 +86,27 @@ class PtyServer:
 
 
 def test_text_summary_on_a_terminal() -> None:
-    http, metrics = free_port(), free_port()
-    server = PtyServer(
-        "--model-repository", str(MODELS), "--provider", "cpu", "--http-port", str(http), "--metrics-port", str(metrics)
-    )
-    try:
-        server.read_until("    loading   ")  # the summary's last line
-        server.process.send_signal(signal.SIGINT)  # Ctrl-C
-        status = server.finish()
-    finally:
-        server.kill()
+    for attempt in range(5):  # a port picked free can be taken before the server binds it: again
+        http, metrics = free_port(), free_port()
+        server = PtyServer(
+            "--model-repository",
+            str(MODELS),
+            "--provider",
+            "cpu",
+            "--http-port",
+            str(http),
+            "--metrics-port",
+            str(metrics),
+        )
+        try:
+            started = server.read_until_any("    loading   ", "Address already in use")  # the summary's last line
+            if "    loading   " in started:
+                server.process.send_signal(signal.SIGINT)  # Ctrl-C
+            status = server.finish()
+        finally:
+            server.kill()
+        if "Address already in use" not in server.output or attempt == 4:
+            break
     out = server.output
     assert status == 0, out[-3000:]
     assert not [line for line in out.splitlines() if line.startswith("{")], out[:3000]  # no JSON line
@@ -131,3 +161,18 @@ def test_json_when_not_a_terminal(tmp_path: Path) -> None:
     assert started["version"] == installed_version() and started["ready"] is True
     assert started["models"] == {"fashion_cnn": [1], "fashion_softmax": [1], "house_price": [1], "profit": [1]}
     assert {"address", "http_port", "metrics_port", "tls", "auth", "providers", "failed", "services"} <= set(started)
+
+
+def test_log_format_text_wins_when_not_a_terminal(tmp_path: Path) -> None:
+    """--log-format text into a file (a container that wants plain lines): the same text lines
+    and start-up summary as on a terminal, no JSON line."""
+    args = ["--model-repository", str(MODELS), "--provider", "cpu", "--log-format", "text"]
+    with start_server(tmp_path, *args, http=False, listening=False) as proc:
+        wait_for(lambda: "    loading   " in proc.log(), "the start-up summary", server=proc)
+        assert proc.stop() == 0
+    lines = proc.log().splitlines()
+    assert lines and not [line for line in lines if line.startswith("{")], lines[:20]
+    started = lines.index(next(line for line in lines if "INFO service: server started" in line))
+    assert lines[started + 1].startswith("    gRPC      127.0.0.1:")
+    assert lines[started + 4] == "    models    fashion_cnn v1, fashion_softmax v1, house_price v1, profit v1"
+    assert re.fullmatch(r"\d\d:\d\d:\d\d INFO service: server stopped", lines[-1]), lines[-1]

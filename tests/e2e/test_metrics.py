@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from fixtures.servers import MODELS, REPO_ROOT, free_port, sample, scrape, start_server, v2_request
+from fixtures.servers import MODELS, REPO_ROOT, sample, scrape, start_server, v2_request
 
 from service.generated.inference import grpc_service_pb2_grpc as v2_grpc
 from service.generated.serving.v1 import serving_pb2 as pb
@@ -20,11 +20,12 @@ BUNDLED = ("fashion_cnn", "fashion_softmax", "house_price", "profit")
 
 
 def test_scrape_after_traffic_adds_up(tmp_path: Path) -> None:
-    metrics_port = free_port()
-    args = ["--model-repository", str(MODELS), "--metrics-port", str(metrics_port)]
+    args = ["--model-repository", str(MODELS)]
     images = np.random.default_rng(0).integers(0, 256, (3, 1, 28, 28), dtype=np.uint8)
     tensor = pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=images.shape, data=images.tobytes())
-    with start_server(tmp_path, *args) as proc, proc.channel() as channel:
+    with start_server(tmp_path, *args, metrics=True) as proc, proc.channel() as channel:
+        assert proc.metrics_port is not None
+        metrics_port = proc.metrics_port
         empty = scrape(metrics_port)
         typed, infer = pb_grpc.ModelServiceStub(channel), v2_grpc.GRPCInferenceServiceStub(channel)
         for _ in range(5):  # 5 typed OK, 3 rows each
@@ -93,7 +94,10 @@ def test_scrape_after_traffic_adds_up(tmp_path: Path) -> None:
 
 
 def test_metrics_port_in_use_is_refused(tmp_path: Path) -> None:
-    with start_server(tmp_path, "--model-repository", str(MODELS), "--metrics-port", str(port := free_port())):
+    """The metrics port of a running server: the second server says so and exits 1. Its gRPC port
+    is bound by the system (0) and HTTP is off, so the metrics port is the only one that can clash."""
+    with start_server(tmp_path, "--model-repository", str(MODELS), metrics=True, http=False) as running:
+        port = running.metrics_port
         command = [
             sys.executable,
             "-m",
@@ -101,7 +105,9 @@ def test_metrics_port_in_use_is_refused(tmp_path: Path) -> None:
             "--host",
             "127.0.0.1",
             "--port",
-            str(free_port()),
+            "0",
+            "--http-port",
+            "0",
             "--model-repository",
             str(MODELS),
             "--metrics-port",

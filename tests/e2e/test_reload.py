@@ -1,16 +1,15 @@
-"""Hot model reload through real servers: repository polling under load, V2
-RepositoryModelLoad/Unload — what clients see (0 failed requests while versions come and go,
-health following). (What only the process can show, drain order and sessions freed:
-tests/unit/core/test_registry.py.)
+"""Hot model reload through real servers: repository polling under load, a served file replaced
+by a valid new model under load, V2 RepositoryModelLoad/Unload (alone, and under traffic with
+the metrics that follow) — what clients see: no failed request that should not fail, answers
+from the right model, health and metrics following. (What only the process can show, drain order,
+a drain that times out, sessions freed: tests/unit/core/test_registry.py.)
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 import onnx
 import pytest
 from fixtures.onnx_models import linear, save, serve_all_versions
-from fixtures.servers import ServerProcess, start_server
+from fixtures.servers import ServerProcess, sample, scrape, start_server, wait_for
 from grpc_health.v1 import health_pb2
 
 from service.generated.inference import grpc_service_pb2 as v2
@@ -53,15 +52,6 @@ def replace_file(path: Path, content: bytes) -> None:
     os.replace(tmp, path)
 
 
-def wait_for(condition: Callable[[], object], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def health(proc: ServerProcess, name: str) -> int | None:
     """Health of ``name``, None while the health service does not know it."""
     try:
@@ -70,29 +60,28 @@ def health(proc: ServerProcess, name: str) -> int | None:
         return None
 
 
-def log_lines(proc: ServerProcess, msg: str) -> list[dict]:
-    lines = []
-    for line in proc.log().splitlines():
-        if f'"msg": "{msg}"' in line:
-            lines.append(json.loads(line))
-    return lines
-
-
 class Load:
-    """Threads calling model ``m`` (latest) over both protocols until stopped; every answer is
-    checked against the version it reports."""
+    """Threads calling ``model`` (latest version) over both protocols until stopped. Every answer
+    is checked against the weights its version may have (``expected``: version → weights); each
+    thread keeps its answers in order."""
 
-    def __init__(self, channel: grpc.Channel, threads: int = 4) -> None:
+    def __init__(
+        self, channel: grpc.Channel, model: str = "m", threads: int = 4, expected: dict[int, set[float]] | None = None
+    ) -> None:
+        self.model = model
+        self.expected = expected if expected is not None else {v: {w} for v, w in WEIGHT.items()}
         self.typed = pb_grpc.ModelServiceStub(channel)
         self.v2 = v2_grpc.GRPCInferenceServiceStub(channel)
         self.versions: Counter[int] = Counter()
         self.errors: list[str] = []
+        self.codes: Counter[grpc.StatusCode] = Counter()
         self.wrong: list[tuple[int, float]] = []
+        self.answers: list[list[tuple[int, float]]] = [[] for _ in range(threads)]
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, args=(i % 2 == 0,), daemon=True) for i in range(threads)]
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
         self._request = v2.ModelInferRequest(
-            model_name="m",
+            model_name=model,
             inputs=[v2.ModelInferRequest.InferInputTensor(name="population", datatype="FP32", shape=[1, 1])],
             raw_input_contents=[np.float32(X).tobytes()],
         )
@@ -100,23 +89,25 @@ class Load:
     def _call(self, typed: bool) -> tuple[int, float]:
         if typed:
             r = self.typed.PredictProfit(
-                pb.PredictProfitRequest(model=pb.ModelRef(name="m"), population=[X]), timeout=30
+                pb.PredictProfitRequest(model=pb.ModelRef(name=self.model), population=[X]), timeout=30
             )
             return r.model.version, r.profit_usd[0]
         r = self.v2.ModelInfer(self._request, timeout=30)
         return int(r.model_version), float(np.frombuffer(r.raw_output_contents[0], "<f4")[0])
 
-    def _run(self, typed: bool) -> None:
+    def _run(self, index: int) -> None:
         while not self._stop.is_set():
             try:
-                version, value = self._call(typed)
+                version, value = self._call(index % 2 == 0)
             except grpc.RpcError as err:
                 with self._lock:
                     self.errors.append(f"{err.code()}: {err.details()}")
+                    self.codes[err.code()] += 1
                 continue
             with self._lock:
                 self.versions[version] += 1
-                if value != WEIGHT.get(version, -1) * X:
+                self.answers[index].append((version, value))
+                if value not in {w * X for w in self.expected.get(version, set())}:
                     self.wrong.append((version, value))
 
     def __enter__(self) -> Load:
@@ -129,11 +120,20 @@ class Load:
         for thread in self._threads:
             thread.join(30)
 
-    def latest(self) -> int:
+    def count(self) -> int:
         with self._lock:
-            before = sum(self.versions.values())
-        wait_for(lambda: sum(self.versions.values()) > before + 4, "fresh answers")
-        return self.typed.GetModelMetadata(pb.GetModelMetadataRequest(model=pb.ModelRef(name="m")), timeout=10).version
+            return sum(self.versions.values())
+
+    def fresh(self, more: int = 4) -> None:
+        """Wait until ``more`` answers came after now."""
+        before = self.count()
+        wait_for(lambda: self.count() > before + more, "fresh answers")
+
+    def latest(self) -> int:
+        self.fresh()
+        return self.typed.GetModelMetadata(
+            pb.GetModelMetadataRequest(model=pb.ModelRef(name=self.model)), timeout=10
+        ).version
 
 
 def test_polling_follows_the_repository_under_load(tmp_path: Path) -> None:
@@ -153,9 +153,11 @@ def test_polling_follows_the_repository_under_load(tmp_path: Path) -> None:
             return dict(stub.ListModels(pb.ListModelsRequest(), timeout=10).failed)
 
         def rejected(key: str) -> list[dict]:
-            return [r for r in log_lines(proc, "model rejected") if f"{r['model']}/{r['version']}" == key]
+            return [r for r in proc.log_lines("model rejected") if f"{r['model']}/{r['version']}" == key]
 
-        # A new version directory becomes servable without a restart.
+        # A new version directory becomes servable without a restart (once version 1 has answered:
+        # the poll runs every 0.1 s, and the load must have seen version 1 first).
+        wait_for(lambda: load.versions[1] >= 4, "answers from version 1")
         publish(repo, "m", 2, model(2.0))
         wait_for(lambda: versions() == [1, 2], "version 2 loaded")
         assert load.latest() == 2
@@ -206,7 +208,7 @@ def test_polling_follows_the_repository_under_load(tmp_path: Path) -> None:
     assert load.errors == [], load.errors[:5]
     assert load.wrong == [], load.wrong[:5]
     assert load.versions[1] and load.versions[2] and load.versions[3], load.versions
-    unloaded = {(r["model"], r["version"]) for r in log_lines(proc, "model unloaded")}
+    unloaded = {(r["model"], r["version"]) for r in proc.log_lines("model unloaded")}
     assert {("m", 1), ("n", 1)} <= unloaded
     assert len(rejected("m/3")) == 1  # rejected once, not at every poll
 
@@ -239,8 +241,8 @@ def test_v2_model_load_and_unload(tmp_path: Path) -> None:
             return {(m.name, m.version, m.state) for m in models}
 
         publish(repo, "m", 2, model(2.0))
-        time.sleep(0.3)
-        assert versions() == ["1"]  # no polling: nothing changes by itself
+        assert versions() == ["1"]  # polling is off (no "watching the model repository" line): only a load request
+        assert not proc.log_lines("watching the model repository")
         load("m")
         assert versions() == ["2"]  # Triton's default version policy: the latest replaces version 1
         assert index() == {("m", "1", "UNAVAILABLE"), ("m", "2", "READY")}
@@ -268,4 +270,79 @@ def test_v2_model_load_and_unload(tmp_path: Path) -> None:
             code == grpc.StatusCode.FAILED_PRECONDITION and "m/3" in details and "still serving versions [2]" in details
         )
         assert versions() == ["2"]
-    assert len(log_lines(proc, "model rejected")) == 1
+    assert len(proc.log_lines("model rejected")) == 1
+
+
+def test_a_served_version_replaced_by_a_valid_file_under_load(tmp_path: Path) -> None:
+    """m/1/model.onnx replaced (atomically) by another valid model with the same tensors, while
+    four clients call it on both protocols: every client's answers switch from the old model's to
+    the new one's once and for good, no call fails, and the old session is drained and closed."""
+    repo = tmp_path / "models"
+    publish(repo, "m", 1, model(1.0))
+    args = ["--model-repository", str(repo), "--reload-interval-seconds", "0.1", "--provider", "cpu"]
+    with start_server(tmp_path, *args) as proc, proc.channel() as channel:
+        with Load(channel, expected={1: {1.0, 7.0}}) as load:
+            wait_for(lambda: all(len(a) >= 3 for a in load.answers), "old answers on every client")
+            replace_file(repo / "m" / "1" / "model.onnx", model(7.0).SerializeToString())
+            proc.wait_log("model unloaded")
+            wait_for(
+                lambda: all(a and a[-1][1] == 7.0 * X for a in load.answers), "new answers on every client", server=proc
+            )
+            load.fresh()
+    assert load.errors == [] and load.wrong == [], (load.errors[:5], load.wrong[:5])
+    for answers in load.answers:  # old ones, then new ones only: a client never goes back
+        values = [value for _, value in answers]
+        switch = values.index(7.0 * X)
+        assert set(values[:switch]) == {1.0 * X} and set(values[switch:]) == {7.0 * X}, values
+    (loaded,) = [line for line in proc.log_lines("model loaded") if line["replaced"]]
+    assert (loaded["model"], loaded["version"], loaded["trigger"]) == ("m", 1, "poll")
+    (unloaded,) = proc.log_lines("model unloaded")
+    assert (unloaded["model"], unloaded["version"]) == ("m", 1)
+    assert (
+        unloaded["reason"] == "reloaded: its model.onnx or its model's configuration changed"
+        and unloaded["drain_timed_out"] is False
+    )
+
+
+def _loaded_series(port: int) -> dict[tuple[str, str], float]:
+    """serving_model_loaded by (model, version), as scraped: a missing key is no series at all."""
+    return {
+        (dict(labels)["model"], dict(labels)["version"]): value
+        for (name, labels), value in scrape(port).items()
+        if name == "serving_model_loaded"
+    }
+
+
+def test_rpc_unload_and_load_under_traffic_with_metrics(tmp_path: Path) -> None:
+    """Clients call m and n; m is unloaded and loaded again by V2 RPC. n's clients never notice;
+    m's get NOT_FOUND while it is unloaded (UNAVAILABLE at most for a call caught in between) and
+    correct answers again after the load. Metrics: a failed model is reported loaded=0, an
+    unloaded one has no series at all (not a stale 1), and it comes back with the load."""
+    repo = tmp_path / "models"
+    publish(repo, "m", 1, model(1.0))
+    publish(repo, "n", 1, model(5.0))
+    (repo / "broken" / "1").mkdir(parents=True)
+    (repo / "broken" / "1" / "model.onnx").write_bytes(b"not onnx")
+    args = ["--model-repository", str(repo), "--allow-model-control", "true", "--provider", "cpu"]
+    with start_server(tmp_path, *args, metrics=True) as proc, proc.channel() as channel:
+        assert proc.metrics_port is not None
+        stub = v2_grpc.GRPCInferenceServiceStub(channel)
+        with Load(channel, "m", 2, {1: {1.0}}) as m_load, Load(channel, "n", 2, {1: {5.0}}) as n_load:
+            m_load.fresh()
+            n_load.fresh()
+            before = _loaded_series(proc.metrics_port)
+            stub.RepositoryModelUnload(v2.RepositoryModelUnloadRequest(model_name="m"), timeout=60)
+            wait_for(lambda: m_load.codes[grpc.StatusCode.NOT_FOUND] >= 4, "m refused while unloaded", server=proc)
+            unloaded = _loaded_series(proc.metrics_port)
+            depth = sample(scrape(proc.metrics_port), "serving_queue_depth", model="m", version="1")
+            answered = m_load.count()
+            stub.RepositoryModelLoad(v2.RepositoryModelLoadRequest(model_name="m"), timeout=60)
+            wait_for(lambda: m_load.count() > answered + 4, "m answering again", server=proc)
+            n_load.fresh()
+            reloaded = _loaded_series(proc.metrics_port)
+    assert before == {("m", "1"): 1, ("n", "1"): 1, ("broken", "1"): 0}
+    assert unloaded == {("n", "1"): 1, ("broken", "1"): 0} and depth == 0
+    assert reloaded == before
+    assert n_load.errors == [] and n_load.wrong == [] and m_load.wrong == []
+    assert set(m_load.codes) <= {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE}, m_load.errors[:5]
+    assert all("not found" in e or "unloaded" in e for e in m_load.errors), m_load.errors[:5]

@@ -1,20 +1,16 @@
-"""Server-level behaviour through real processes: reflection, graceful shutdown, TLS.
+"""Server-level behaviour through real processes: reflection, a port in use, TLS. (Shutdown:
+test_shutdown.py.)
 (The assembled app in process: tests/unit/test_app.py.)"""
 
 from __future__ import annotations
 
-import signal
-import struct
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from fixtures.onnx_models import linear, save, slow
+from fixtures.onnx_models import linear, save
 from fixtures.servers import MODELS, REPO_ROOT, ServerProcess, start_server
 from fixtures.tls import tls_files
 from google.protobuf import descriptor_pool, message_factory
@@ -81,31 +77,6 @@ def test_port_in_use_is_refused(server: ServerProcess) -> None:
     assert server.health() == SERVING  # the running server is untouched
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_graceful_shutdown_with_a_call_in_flight(tmp_path: Path, sig: signal.Signals) -> None:
-    rows = 15_000  # ~1.5 s of CPU for the slow model on an idle core
-    repo = tmp_path / "models"
-    save(slow(), repo, "slow")
-    args = ["--model-repository", str(repo), "--max-request-rows", str(rows), "--shutdown-grace-seconds", "60"]
-    with start_server(tmp_path, *args) as proc, proc.channel() as channel:
-        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
-        assert next(watch).status == SERVING
-        stub = pb_grpc.ModelServiceStub(channel)
-        request = pb.PredictProfitRequest(model=pb.ModelRef(name="slow"), population=[0.5] * rows)
-        future = stub.PredictProfit.future(request, timeout=120)
-        time.sleep(0.5)
-        assert not future.done(), "the call finished before the signal; make the slow model slower"
-
-        proc.process.send_signal(sig)
-        assert next(watch).status == NOT_SERVING  # health flips first
-        watch.cancel()
-        response = future.result()  # the in-flight call still completes
-        assert future.done() and len(response.profit_usd) == rows
-        assert proc.process.wait(60) == 0
-    log = proc.log()
-    assert '"shutting down"' in log and '"server stopped"' in log
-
-
 def test_every_health_watcher_is_told(tmp_path: Path) -> None:
     """Two Watch streams on one model; one is cancelled; the model is unloaded: the other still
     hears NOT_SERVING (grpcio-health-checking's aio servicer dropped the shared wait object)."""
@@ -126,39 +97,6 @@ def test_every_health_watcher_is_told(tmp_path: Path) -> None:
         )
         assert next(second).status == NOT_SERVING  # a deadline (60 s), not a hang, if it never comes
         second.cancel()
-
-
-def test_an_idle_stream_ends_unavailable_at_sigterm(tmp_path: Path) -> None:
-    """An inference stream waiting for its next message does not hold the shutdown: it is ended
-    UNAVAILABLE (retry elsewhere) as soon as the drain starts, and the server exits 0."""
-    from service.generated.inference import grpc_service_pb2 as v2
-    from service.generated.inference import grpc_service_pb2_grpc as v2_grpc
-
-    repo = tmp_path / "models"
-    save(linear(1, [2.0], 1.0, "population", "profit"), repo, "profit")
-    request = v2.ModelInferRequest(
-        model_name="profit",
-        inputs=[v2.ModelInferRequest.InferInputTensor(name="population", datatype="FP32", shape=[1, 1])],
-        raw_input_contents=[struct.pack("<f", 3.0)],
-    )
-    done = threading.Event()
-
-    def requests() -> Iterator[v2.ModelInferRequest]:  # one message, then idle until the test ends
-        yield request
-        done.wait(120)
-
-    with start_server(tmp_path, "--model-repository", str(repo), "--shutdown-grace-seconds", "60") as proc:
-        with proc.channel() as channel:
-            answers = v2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(requests(), timeout=120)
-            try:
-                assert not next(answers).error_message
-                proc.process.send_signal(signal.SIGTERM)
-                with pytest.raises(grpc.RpcError) as ended:
-                    next(answers)
-                assert ended.value.code() == grpc.StatusCode.UNAVAILABLE, ended.value.details()
-                assert proc.process.wait(60) == 0
-            finally:
-                done.set()
 
 
 def test_mutual_tls(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from fixtures.servers import MODELS, REPO_ROOT, START_TIMEOUT_S, ServerProcess, free_port, start_server
+from fixtures.servers import MODELS, REPO_ROOT, START_TIMEOUT_S, ServerProcess, start_server
 from grpc_health.v1 import health_pb2
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -57,7 +57,7 @@ def http_ready(proc: ServerProcess) -> int:
 
 
 def run_strict(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(free_port())]
+    command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", "0"]
     command += ["--http-port", "0", "--metrics-port", "0", "--log-format", "text", *args]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("SERVING_")}
     full_env.update(env or {})

@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 import urllib.request
 from importlib import metadata
 from pathlib import Path
 
 import tritonclient.grpc as triton_grpc
-from fixtures.servers import MODELS, REPO_ROOT, START_TIMEOUT_S, ServerProcess, free_port, start_server
+from fixtures.servers import MODELS, REPO_ROOT, ServerProcess, start_server
 
 from service import DISTRIBUTION
 
@@ -45,24 +42,8 @@ def test_the_version_comes_from_the_distributions_metadata(tmp_path: Path) -> No
     dist_info = site / f"{DISTRIBUTION.replace('-', '_')}-9.8.7.dist-info"
     dist_info.mkdir(parents=True)
     (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {DISTRIBUTION}\nVersion: 9.8.7\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SERVING_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(site), str(REPO_ROOT)])
-    log = tmp_path / "server.log"
-    command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
-    command += ["--http-port", str(free_port()), "--model-repository", str(MODELS)]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while '"server started"' not in log.read_text():
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.05)
-        listening = next(json.loads(line) for line in log.read_text().splitlines() if '"listening"' in line)
-        proc = ServerProcess(
-            f"127.0.0.1:{listening['grpc_port']}", listening["grpc_port"], process, log, None, listening["http_port"]
-        )
+    pythonpath = os.pathsep.join([str(site), str(REPO_ROOT)])
+    args = ["--model-repository", str(MODELS)]
+    with start_server(tmp_path, *args, env={"PYTHONPATH": pythonpath}, cwd=tmp_path) as proc:
         versions = reported(proc)
-    finally:
-        process.terminate()
-        process.wait(START_TIMEOUT_S)
     assert versions == ("9.8.7", "9.8.7", "9.8.7")

@@ -37,20 +37,22 @@ def test_draining_holds_calls_until_released_or_just_before_their_deadline() -> 
         gate.start_draining()
         assert gate.admit() == DRAINING
         held = [asyncio.ensure_future(gate.hold(None)) for _ in range(3)]  # the third is over the cap
-        await asyncio.sleep(0.02)
+        for _ in range(3):  # let each run up to its wait (or its return)
+            await asyncio.sleep(0)
         states = ([h.done() for h in held], gate.held)
         gate.release_held()
         await asyncio.gather(*held)
         other = CallGate(2)
         other.start_draining()
-        start = time.monotonic()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
         await other.hold(0.15)  # a caller with 0.15 s left is answered 0.1 s before its deadline
-        waited = time.monotonic() - start
+        waited = loop.time() - start
         return states, waited, gate.held, gate.refused
 
     (done, held_count), waited, held_after, refused = asyncio.run(scenario())
-    assert done == [False, False, True] and held_count == 2
-    assert 0.03 <= waited < 0.15
+    assert done == [False, False, True] and held_count == 2  # the third, over the cap, answered at once
+    assert waited >= 0.05  # never released: it waited for its own deadline less the margin
     assert held_after == 0 and refused == 3
 
 

@@ -68,6 +68,31 @@ def test_every_token_is_compared(monkeypatch: pytest.MonkeyPatch) -> None:
         assert len(compared) == 3 and len(set(compared)) == 3, token
 
 
+def test_every_configured_token_is_compared_on_every_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Across the settings' tokens, the file's tokens and the admin tokens: one comparison per
+    configured token for every call, whether the token presented is a user's, an admin's or
+    nobody's (an early exit would tell a caller how far down the lists its guess matched)."""
+    compared: list[bytes] = []
+    real = security.hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append(b)
+        return real(a, b)
+
+    monkeypatch.setattr(security.hmac, "compare_digest", spy)
+    path = tmp_path / "tokens"
+    path.write_text("file-1\nfile-2\n")
+    authenticator = Authenticator(TokenStore(["user-1", "user-2"], file=path), TokenStore(["admin-1"]))
+    for token, control in (("user-1", False), ("file-2", False), ("admin-1", False), ("nobody", False)):
+        compared.clear()
+        authenticator.check([f"Bearer {token}"], control=control)
+        assert len(compared) == 5 and len(set(compared)) == 5, token
+    for token in ("admin-1", "user-2", "nobody"):
+        compared.clear()
+        authenticator.check([f"Bearer {token}"], control=True)
+        assert len(compared) == 5 and len(set(compared)) == 5, token
+
+
 def test_from_settings() -> None:
     assert Authenticator.from_settings(Settings()) is None  # auth off
     authenticator = Authenticator.from_settings(Settings(auth_tokens=["a-token"]))
@@ -129,6 +154,23 @@ def test_refusals_are_logged_without_flooding(caplog: pytest.LogCaptureFixture) 
     assert len(lines) == 1  # one warning per 10 s at most
     assert lines[0].method == "/serving.v1.ModelService/Classify" and lines[0].reason == INVALID
     assert "good-token" not in caplog.text
+
+
+def test_refusal_warnings_are_one_per_ten_seconds_with_the_count_since(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By a clock the test moves: a flood of refusals is one warning now, the next one 10 s later
+    saying how many were refused meanwhile."""
+    now = [1000.0]
+    monkeypatch.setattr(security.time, "monotonic", lambda: now[0])
+    authenticator = Authenticator(TokenStore(["good-token"]))
+    refusal = Refusal(UNAUTHENTICATED, INVALID)
+    with caplog.at_level(logging.WARNING, logger="service.security"):
+        for step in range(100):  # 100 refusals, 0.15 s apart: 15 s
+            now[0] = 1000.0 + step * 0.15
+            authenticator.refused("/m", refusal)
+    lines = [r for r in caplog.records if r.getMessage() == "call refused: UNAUTHENTICATED"]
+    assert [r.refused_since_last_log for r in lines] == [1, 67]  # the first, then the 67 of the next 10.05 s
 
 
 def test_the_token_file_is_re_read_when_it_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from fixtures.inprocess import open_registry
 from fixtures.onnx_models import linear, save
-from fixtures.servers import MODELS
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -153,14 +152,6 @@ def test_per_model_config_file_and_setting(tmp_path: Path) -> None:
         registry.close()
 
 
-def test_bundled_batching_configs() -> None:
-    """The bundled per-model files: the tiny softmax runs whole 256-row requests in one call, the
-    CNN is split into 64-row batches (its per-row cost grows past that, and two workers share)."""
-    settings = Settings(provider="cpu")
-    assert BatchingConfig.resolve(settings, "fashion_softmax", MODELS / "fashion_softmax").max_batch_rows == 256
-    assert BatchingConfig.resolve(settings, "fashion_cnn", MODELS / "fashion_cnn").max_batch_rows == 64
-
-
 def test_busy_wait_idle_and_the_request_context() -> None:
     """What a drain relies on (busy, wait_idle) and what metrics and logs read (the context)."""
     model = GatedModel()
@@ -218,3 +209,35 @@ def test_batching_off_runs_each_request_alone_and_unsplit() -> None:
         results = asyncio.run(scenario())
     assert model.batches == [[1.0], [2.0, 3.0, 4.0], [5.0]]  # 3 rows > max_batch_rows 2: not split
     assert results[1]["y"].ravel().tolist() == [4.0, 6.0, 8.0]
+
+
+def test_a_cancel_just_before_the_deadline_counts_as_the_deadline() -> None:
+    """gRPC cancels a call when its client's deadline passes, which can reach the server a little
+    before the server's own timer (service.core.context.DEADLINE_SLACK_SECONDS): that is a
+    deadline drop. A caller that goes away with time left is a cancellation."""
+    metrics = Metrics()
+    model = GatedModel()  # never released: nothing runs
+    with ThreadPoolExecutor(1) as executor:
+        config = BatchingConfig(max_queue_delay_us=60_000_000)
+        b = Batcher("test model", model, executor, config, 1, metrics.for_model("m", 1))
+
+        async def scenario() -> None:
+            loop = asyncio.get_running_loop()
+            near = asyncio.ensure_future(b.submit(rows(1), ["y"], timeout=0.15))
+            loop.call_later(0.1, near.cancel)  # 0.05 s before its deadline
+            early = asyncio.ensure_future(b.submit(rows(2), ["y"], timeout=60))
+            loop.call_later(0.1, early.cancel)  # 59.9 s before its deadline
+            for task in (near, early):
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+
+        asyncio.run(scenario())
+        model.gate.set()
+    text = generate_latest(metrics.registry).decode()
+    dropped = {
+        s.labels["reason"]: s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "serving_dropped_requests_total"
+    }
+    assert dropped == {"deadline": 1.0, "cancelled": 1.0} and model.batches == []

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
 import os
 import shutil
+import threading
 import weakref
 from pathlib import Path
 
@@ -144,7 +146,7 @@ def replace_file(path: Path, content: bytes) -> None:
 
 
 def _settings(repo: Path, **kw: object) -> Settings:
-    return Settings(model_repository=repo, provider="cpu", shutdown_grace_seconds=30, **kw)
+    return Settings(**{"model_repository": repo, "provider": "cpu", "shutdown_grace_seconds": 30, **kw})
 
 
 def test_a_removed_version_drains_before_it_unloads(tmp_path: Path) -> None:
@@ -167,7 +169,8 @@ def test_a_removed_version_drains_before_it_unloads(tmp_path: Path) -> None:
             events.append("request finished")
 
         task = asyncio.create_task(request())
-        await asyncio.sleep(0.1)  # queued / running on version 1
+        while not old.batcher.busy:  # queued / running on version 1
+            await asyncio.sleep(0)
         shutil.rmtree(repo / "slow" / "1")
         report = await registry.reload()
         events.append("reload returned")
@@ -182,6 +185,79 @@ def test_a_removed_version_drains_before_it_unloads(tmp_path: Path) -> None:
     assert report.unloaded == [ModelKey("slow", 1)] and not report.loaded
     assert events == ["request finished", "reload returned"]  # the drain waited for it
     assert session is None  # and then the session was freed
+
+
+def test_a_valid_replacement_file_swaps_the_session_and_frees_the_old_one(tmp_path: Path) -> None:
+    """m/1/model.onnx replaced by another valid model with the same tensors: the next reload
+    loads it, requests get the new model's answers, and the old session is freed."""
+    repo = tmp_path / "models"
+    publish(repo, "m", 1, model(1.0))
+    x = {"population": np.array([[3.0]], np.float32)}
+
+    async def scenario() -> tuple:
+        registry = ModelRegistry(repo, _settings(repo))
+        await registry.start()
+        before = (await ainfer(registry, "m", x))["profit"]
+        old = registry.get("m", 1)
+        session = weakref.ref(old.runner._session)
+        replace_file(repo / "m" / "1" / "model.onnx", model(7.0).SerializeToString())
+        report = await registry.reload()
+        after = (await ainfer(registry, "m", x))["profit"]
+        closed = old.runner._session is None
+        old = None
+        gc.collect()
+        await registry.stop()
+        return before, after, report, closed, session()
+
+    before, after, report, closed, session = asyncio.run(scenario())
+    assert before.tolist() == [[3.0]] and after.tolist() == [[21.0]]
+    assert report.loaded == [ModelKey("m", 1)] and report.unloaded == []  # the same version, a new file
+    assert closed and session is None  # drained, closed, freed
+
+
+def test_a_drain_that_times_out_leaves_its_request_to_finish(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The drain of a removed version waits max(shutdown_grace_seconds, 1 s); a request that runs
+    longer is not cut: the reload returns, "model unloaded" says the drain timed out, the session
+    stays open until the request has its (correct) answer, and is freed after it."""
+    repo = tmp_path / "models"
+    publish(repo, "m", 1, model(1.0))
+    publish(repo, "m", 2, model(2.0))
+    serve_all_versions(repo, "m")  # version 1 is served too (the default: only the latest)
+    release = threading.Event()
+
+    async def scenario() -> tuple:
+        registry = ModelRegistry(repo, _settings(repo, inline_compute_us=0, shutdown_grace_seconds=0))
+        await registry.start()
+        old = registry.get("m", 1)
+        run = old.batcher._run
+
+        def held_run(feeds: dict, names: list) -> dict:  # the request runs until the test says
+            release.wait(60)
+            return run(feeds, names)
+
+        old.batcher._run = held_run  # (not monkeypatch: it would keep the old session alive to undo)
+        session = weakref.ref(old.runner._session)
+        task = asyncio.create_task(ainfer(registry, old, {"population": np.array([[3.0]], np.float32)}))
+        while not old.batcher.busy:
+            await asyncio.sleep(0)
+        shutil.rmtree(repo / "m" / "1")
+        report = await registry.reload()
+        still_running, still_open = not task.done(), old.runner._session is not None
+        release.set()
+        answer = await task
+        old = task = run = None
+        gc.collect()
+        await registry.stop()
+        return report, still_running, still_open, answer, session()
+
+    with caplog.at_level(logging.INFO, logger="service.core.registry"):
+        report, still_running, still_open, answer, session = asyncio.run(scenario())
+    assert report.unloaded == [ModelKey("m", 1)]
+    assert still_running and still_open  # the reload returned while the request ran on
+    assert answer["profit"].tolist() == [[3.0]]  # version 1's answer, from its own session
+    (unloaded,) = [r for r in caplog.records if r.getMessage() == "model unloaded"]
+    assert unloaded.drain_timed_out is True and unloaded.drained is True and unloaded.drain_seconds >= 1.0
+    assert session is None  # freed once the request let go of it
 
 
 def test_rejections_are_not_retried_until_the_file_changes(tmp_path: Path) -> None:
@@ -249,9 +325,10 @@ def test_the_poller_follows_the_repository(tmp_path: Path) -> None:
         poller = RepositoryPoller(registry, 0.02)
         poller.start()
         publish(repo, "m", 2, model(2.0))
-        for _ in range(250):
-            if registry.versions("m") == [2]:  # the default policy: the new version replaces the old
-                break
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60  # a guard against a poller that never sees it
+        # (the default version policy: the new version replaces the old)
+        while registry.versions("m") != [2] and loop.time() < deadline:
             await asyncio.sleep(0.02)
         found = registry.versions("m")
         await poller.stop()

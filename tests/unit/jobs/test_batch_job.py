@@ -6,15 +6,13 @@ stays bounded on the local path, the progress line, the CLI's argument check.
 from __future__ import annotations
 
 import io
-import os
-import time
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fixtures.fake_serving import FakeModelService, fake_probabilities, fake_server
-from fixtures.servers import MODELS, REPO_ROOT
+from fixtures.servers import MODELS
 
 from service.client import connect
 from service.jobs import Job, JobConfig, JobError, LocalBackend, RemoteBackend
@@ -82,7 +80,6 @@ def test_memory_stays_bounded(tmp_path: Path) -> None:
 def test_progress_line_has_rate_and_eta() -> None:
     stream = io.StringIO()
     progress = Progress(1000, initial=200, mode="log", stream=stream, interval=0.0)
-    time.sleep(0.01)
     progress.update(300)
     progress.close()
     line = stream.getvalue().splitlines()[0]
@@ -93,4 +90,4 @@ def test_cli_refuses_missing_mode(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["classify", "x.gz", "-o", "out"])
     assert "one of the arguments --server --local is required" in capsys.readouterr().err
-    assert os.path.exists(REPO_ROOT / "service" / "batch" / "__main__.py")  # the old name: python -m service.batch
+    # (The old name, python -m service.batch, is run for real: tests/e2e/test_batch_job.py.)

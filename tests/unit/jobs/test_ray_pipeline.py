@@ -56,6 +56,11 @@ def test_bad_inputs_and_settings_fail_before_ray(tmp_path: Path, fashion: dict[s
     np.save(labels, np.zeros(3, np.int64))
     with pytest.raises(InputError, match="3 labels for 10000 input rows"):
         run_pipeline(quiet(inputs=[fashion["images"]], labels=labels, output=tmp_path / "f"))
+    for gpus, message in ((-1.0, "cannot be negative"), (1.5, "--gpus-per-actor must be a whole number when above 1")):
+        with pytest.raises(PipelineError, match=message):
+            run_pipeline(quiet(inputs=[fashion["images"]], output=tmp_path / "g", gpus_per_actor=gpus))
+    with pytest.raises(PipelineError, match="--cpus-per-actor must be a whole number"):
+        run_pipeline(quiet(inputs=[fashion["images"]], output=tmp_path / "h", cpus_per_actor=2.5))
 
 
 def test_cli_exit_codes_and_help(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
