@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -159,6 +158,24 @@ async def unary(target: Target, method: str, payload: bytes, metadata: Any = Non
     return Outcome("OK")
 
 
+class EndedBeforeWrite(Exception):
+    """The server ended the call (a refusal) while the client's write was on its way, and grpc.aio
+    reported its own failed send (INTERNAL "Failed execute_batch") instead of the server's status."""
+
+
+async def write(call: Any, message: Any) -> None:
+    """Write ``message`` on a stream; a call the server already ended is left for ``read()`` to
+    report, except in the race above (:class:`EndedBeforeWrite`: try a fresh call)."""
+    try:
+        await call.write(message)
+    except asyncio.InvalidStateError:
+        pass  # ended before the write: read() raises the server's status
+    except grpc.aio.AioRpcError as err:
+        if err.code() == grpc.StatusCode.INTERNAL and "execute_batch" in (err.details() or ""):
+            raise EndedBeforeWrite from err
+        raise
+
+
 async def served(target: Target) -> bool:
     """Whether an authenticated Classify of one image is answered (over a connection of its own)."""
     async with channel(target) as ch:
@@ -274,9 +291,10 @@ async def attack_typed_streams_over_cap(target: Target) -> Outcome:
                 call = stub.ClassifyStream(metadata=bearer(), timeout=30)
                 calls.append(call)
                 try:
-                    with contextlib.suppress(asyncio.InvalidStateError):  # refused before the write
-                        await call.write(_one_image())
+                    await write(call, _one_image())
                     await call.read()
+                except EndedBeforeWrite:
+                    continue  # the refusal's status was lost: the next stream shows it
                 except grpc.aio.AioRpcError as err:
                     outcome = failed(err)
                     outcome.detail = f"after {opened} open: {outcome.detail}"
@@ -366,8 +384,7 @@ async def attack_v2_idle_streams(target: Target) -> Outcome:
         calls = [stub.ModelStreamInfer(metadata=bearer(), timeout=30) for _ in range(8)]
         try:
             for call in calls:  # one answer each: every stream is open and admitted, then idle
-                with contextlib.suppress(asyncio.InvalidStateError):  # refused before the write
-                    await call.write(request)
+                await write(call, request)
                 await call.read()
             ok = await served(target)
             try:
@@ -502,14 +519,19 @@ async def attack_reflection_idle_streams(target: Target) -> Outcome:
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
         calls = [stub.ServerReflectionInfo(timeout=30) for _ in range(16)]
         codes: dict[str, int] = {}
-        for call in calls:
-            try:
-                with contextlib.suppress(asyncio.InvalidStateError):  # refused before the write
-                    await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
-                await call.read()
-                code = "OK"
-            except grpc.aio.AioRpcError as err:
-                code = err.code().name
+        for index in range(len(calls)):
+            for _ in range(3):
+                try:
+                    await write(calls[index], reflection_pb2.ServerReflectionRequest(list_services=""))
+                    await calls[index].read()
+                    code = "OK"
+                except EndedBeforeWrite:  # the refusal's status was lost: ask on a fresh stream
+                    calls[index] = stub.ServerReflectionInfo(timeout=30)
+                    code = "ENDED_BEFORE_WRITE"
+                    continue
+                except grpc.aio.AioRpcError as err:
+                    code = err.code().name
+                break
             codes[code] = codes.get(code, 0) + 1
         ok = await served(target)
         for call in calls:
@@ -521,17 +543,21 @@ async def attack_reflection_idle_streams(target: Target) -> Outcome:
 @attack("reflection", "a reflection request naming a 1 MiB symbol, no token", "RESOURCE_EXHAUSTED", "NOT_FOUND")
 async def attack_reflection_huge_symbol(target: Target) -> Outcome:
     async with channel(target) as ch:
-        call = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(timeout=30)
-        try:
-            with contextlib.suppress(asyncio.InvalidStateError):  # refused before the write
-                await call.write(reflection_pb2.ServerReflectionRequest(file_containing_symbol="s" * MiB))
-            response = await call.read()
-            call.cancel()
-            if response is grpc.aio.EOF:
-                return Outcome(call.code().name)
-            return Outcome("NOT_FOUND" if response.HasField("error_response") else "OK")
-        except grpc.aio.AioRpcError as err:
-            return failed(err)
+        for attempt in range(3):
+            call = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(timeout=30)
+            try:
+                await write(call, reflection_pb2.ServerReflectionRequest(file_containing_symbol="s" * MiB))
+                response = await call.read()
+                call.cancel()
+                if response is grpc.aio.EOF:
+                    return Outcome(call.code().name)
+                return Outcome("NOT_FOUND" if response.HasField("error_response") else "OK")
+            except EndedBeforeWrite:
+                if attempt == 2:
+                    raise
+            except grpc.aio.AioRpcError as err:
+                return failed(err)
+    raise AssertionError("unreachable")
 
 
 # -- model control --------------------------------------------------------------------------------
