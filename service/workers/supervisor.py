@@ -42,6 +42,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .. import installed_version
+from ..app import _exposure_warnings
 from ..errors import FailedPrecondition, NotFound, ServingError, Unavailable
 from ..settings import Settings
 from .control import Channel, ChannelClosed, Message
@@ -129,6 +130,7 @@ class Supervisor:
             loop.add_signal_handler(sig, self._stop.set)
         self._go = loop.create_future()
         settings = self.settings
+        _exposure_warnings(settings)  # once here, not in every worker
         try:
             self._ports = reserve(settings.host, settings.port, settings.http_port)
             if settings.metrics_port:

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -45,8 +46,6 @@ def log_lines(proc: ServerProcess, msg: str) -> list[dict]:
 
 def wait_for(condition: Callable[[], object], what: str, proc: ServerProcess) -> None:
     """Until ``condition()`` holds (checked on each new look at the server), or the server died."""
-    import time
-
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
         if condition():
