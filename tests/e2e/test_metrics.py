@@ -102,6 +102,8 @@ def test_metrics_port_in_use_is_refused(tmp_path: Path) -> None:
             "127.0.0.1",
             "--port",
             str(free_port()),
+            "--http-port",
+            "0",  # not the default 8000, which another server on this machine may hold
             "--model-repository",
             str(MODELS),
             "--metrics-port",
