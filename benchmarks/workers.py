@@ -50,6 +50,16 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def own_cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` alone (the supervisor, without its workers)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK
+
+
 def tree_cpu(pid: int) -> float:
     """CPU seconds (user + system) of ``pid`` and all its descendants."""
     children: dict[int, list[int]] = {}
@@ -158,12 +168,13 @@ def measure(server: Server, args: argparse.Namespace, payload_file: Path) -> dic
         for spec in specs
     ]
     cpu: dict[str, float] = {}
+    pid = server.process.pid
 
     def sample_cpu() -> None:
         time.sleep(1.0 + args.warmup)  # process start + channels + warm-up (approximate)
-        cpu["start"], cpu["t0"] = tree_cpu(server.process.pid), time.monotonic()
+        cpu["own0"], cpu["start"], cpu["t0"] = own_cpu(pid), tree_cpu(pid), time.monotonic()
         time.sleep(args.duration * 0.9)
-        cpu["end"], cpu["t1"] = tree_cpu(server.process.pid), time.monotonic()
+        cpu["own1"], cpu["end"], cpu["t1"] = own_cpu(pid), tree_cpu(pid), time.monotonic()
 
     sampler = threading.Thread(target=sample_cpu, daemon=True)
     sampler.start()
@@ -193,6 +204,8 @@ def measure(server: Server, args: argparse.Namespace, payload_file: Path) -> dic
         "p99_ms": float(np.percentile(latencies, 99)) if len(latencies) else None,
         "server_cores": server_cores,
         "server_cpu_us_per_request": server_cores / rps * 1e6 if rps else None,
+        # with workers: the supervisor alone (it answers no call; it works when /metrics is read)
+        "supervisor_cores": (cpu["own1"] - cpu["own0"]) / (cpu["t1"] - cpu["t0"]) if "end" in cpu else None,
         "client_cores": sum(r["cpu_s"] for r in results) / wall if wall else None,
         "spread": {w: round(n / total, 3) for w, n in sorted(answered.items())},
         "errors": errors,
