@@ -36,7 +36,10 @@ async def _run(fd: int, index: int) -> int:
     from .worker import Aborted, WorkerLink
 
     channel = await Channel.open(socket.socket(fileno=fd))
-    config = await channel.receive()
+    try:
+        config = await channel.receive()
+    except (ConnectionError, ValueError):  # the supervisor went away before sending it
+        return 1
     settings = Settings(**config["settings"])
     link = WorkerLink(channel, index, list(config.get("unloaded", [])), settings.strict_model_loading)
     channel.start(link.handle)

@@ -70,6 +70,10 @@ def _describe_exit(code: int) -> str:
     return f"exit status {code}"
 
 
+class Interrupted(Exception):
+    """SIGTERM/SIGINT before every worker had started."""
+
+
 class Slot:
     """One worker place: the process in it now, and what outlives that process (its number,
     restarts, the metrics counted by its earlier processes)."""
@@ -127,7 +131,7 @@ class Supervisor:
         """Run until SIGTERM/SIGINT. RuntimeError (the reason) when start-up is refused."""
         loop = self._loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
+            loop.add_signal_handler(sig, self._signalled)
         self._go = loop.create_future()
         settings = self.settings
         _exposure_warnings(settings)  # once here, not in every worker
@@ -138,6 +142,12 @@ class Supervisor:
             for slot in self.slots:
                 await self._spawn(slot)
             await self._wait_started()
+        except Interrupted:  # stopped before serving: the workers stop too, exit 0 as one process would
+            server_log.info("shutting down", extra={"during": "start-up", "workers": len(self.slots)})
+            await self._abort("the server is stopping")
+            self._close()
+            server_log.info("server stopped")
+            return
         except BaseException as exc:
             reason = str(exc) if isinstance(exc, RuntimeError) else "start-up interrupted"
             await self._abort(reason)
@@ -202,6 +212,10 @@ class Supervisor:
     def _pulse(self) -> None:
         self._changed.set()
 
+    def _signalled(self) -> None:
+        self._stop.set()
+        self._pulse()
+
     # -- start-up ------------------------------------------------------------------------------------
 
     def _worker_settings(self) -> dict[str, Any]:
@@ -249,6 +263,8 @@ class Supervisor:
 
     async def _wait_started(self) -> None:
         while True:
+            if self._stop.is_set():
+                raise Interrupted()
             failed = [slot for slot in self.slots if slot.state == "gone"]
             if failed:
                 slot = failed[0]

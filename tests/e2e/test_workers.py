@@ -314,3 +314,27 @@ def test_start_up_fails_cleanly_when_a_worker_cannot_start(tmp_path: Path, case:
     assert result.returncode == 1, result.stderr
     assert result.stderr.splitlines()[-1].startswith(expected), result.stderr
     assert _processes_with(marker) == []
+
+
+def test_sigterm_during_start_up_stops_every_worker(tmp_path: Path) -> None:
+    """Stopped while the workers load: exit 0 as one process would, nothing left behind."""
+    marker = f"WORKERS_TEST_{uuid.uuid4().hex}"
+    log_path = tmp_path / "server.log"
+    command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", "0", "--http-port", "0"]
+    command += ["--metrics-port", "0", "--workers", "2", "--provider", "cpu", "--model-repository", str(MODELS)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SERVING_")} | {marker: "1"}
+    with open(log_path, "wb") as out:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while '"msg": "execution providers selected"' not in log_path.read_text(errors="replace"):
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)  # a worker is loading its models now
+        assert process.wait(WAIT_S) == 0, log_path.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert '"msg": "server stopped"' in log_path.read_text()
+    assert _processes_with(marker) == []
