@@ -102,6 +102,7 @@ class Server:
     """``python -m service --workers W`` on free ports, started once every worker serves."""
 
     def __init__(self, workers: int, provider: str, models: Path, workdir: Path, extra: list[str]) -> None:
+        self.workers = workers
         self.log_path = workdir / f"server-{workers}-{time.monotonic_ns()}.log"
         command = [
             *(PY, "-m", "service", "--host", "127.0.0.1", "--port", "0", "--http-port", "0"),
@@ -205,7 +206,9 @@ def measure(server: Server, args: argparse.Namespace, payload_file: Path) -> dic
         "server_cores": server_cores,
         "server_cpu_us_per_request": server_cores / rps * 1e6 if rps else None,
         # with workers: the supervisor alone (it answers no call; it works when /metrics is read)
-        "supervisor_cores": (cpu["own1"] - cpu["own0"]) / (cpu["t1"] - cpu["t0"]) if "end" in cpu else None,
+        "supervisor_cores": (cpu["own1"] - cpu["own0"]) / (cpu["t1"] - cpu["t0"])
+        if "end" in cpu and server.workers > 1
+        else None,
         "client_cores": sum(r["cpu_s"] for r in results) / wall if wall else None,
         "spread": {w: round(n / total, 3) for w, n in sorted(answered.items())},
         "errors": errors,
@@ -310,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if workers not in best or result["rps"] > best[workers]["rps"]:
                     best[workers] = {"workers": workers, "connections": args.connections, **result}
+                if args.out:  # as it goes: a run cut short by a time limit keeps what it measured
+                    write(args, info, [best[w] for w in counts if w in best])
     rows = [best[w] for w in counts]
     print(
         f"{args.model} batch {args.batch}, V2 gRPC, {args.concurrency} calls in flight over {args.connections} "
@@ -317,11 +322,13 @@ def main(argv: list[str] | None = None) -> int:
         f"rounds of {args.duration:g} s\n"
     )
     print(table(rows, args.batch))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        args.out.write_text(json.dumps({"machine": info, "settings": settings, "rows": rows}, indent=2) + "\n")
     return 0
+
+
+def write(args: argparse.Namespace, info: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    args.out.write_text(json.dumps({"machine": info, "settings": settings, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ say() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/steps.txt" >&2; }
 if [ "$INSTALL" = 1 ]; then
   say "install: carried wheels (and the joined onnxruntime-gpu) into /tmp/site"
   if [ "$PROVIDER" = cuda ]; then
-    timeout 120 "$PY" benchmarks/device/install.py > "$OUT/install.txt" 2>&1 || { say "install failed"; cat "$OUT/install.txt" >&2; exit 1; }
+    timeout 60 "$PY" benchmarks/device/install.py > "$OUT/install.txt" 2>&1 || { say "install failed"; cat "$OUT/install.txt" >&2; exit 1; }
   else
     timeout 60 "$PY" benchmarks/device/install.py --no-gpu > "$OUT/install.txt" 2>&1 || { say "install failed"; exit 1; }
   fi
@@ -68,17 +68,17 @@ cat "$OUT/versions.txt" >&2
 say "cores $CORES, load generators $LOADGENS, provider $PROVIDER"
 
 say "1-2. provider checks: parity, batch 256 served vs in process, batching on/off"
-timeout 240 "$PY" benchmarks/device/gpu_checks.py --provider "$PROVIDER" --duration "$DURATION" --out "$OUT" \
+timeout 180 "$PY" benchmarks/device/gpu_checks.py --provider "$PROVIDER" --duration "$DURATION" --out "$OUT" \
   > "$OUT/gpu-checks-stdout.md" 2> "$OUT/gpu-checks.log" || say "provider checks FAILED (see gpu-checks.log)"
 
 say "3. worker scaling, CPU provider: workers $WORKERS"
-timeout 200 "$PY" benchmarks/workers.py --provider cpu --workers "$WORKERS" --loadgens "$LOADGENS" \
+timeout 150 "$PY" benchmarks/workers.py --provider cpu --workers "$WORKERS" --loadgens "$LOADGENS" \
   --connections $(( LOADGENS * 8 )) --concurrency $(( LOADGENS * 32 )) --rounds 1 --duration "$DURATION" \
   --out "$OUT/workers-cpu.json" > "$OUT/workers-cpu.md" 2> "$OUT/workers-cpu.log" || say "CPU worker scaling FAILED"
 
 if [ "$PROVIDER" = cuda ]; then
   say "3b. worker scaling, CUDA provider (processes sharing the GPU): workers $CUDA_WORKERS, fashion_cnn"
-  timeout 150 "$PY" benchmarks/workers.py --provider cuda --model fashion_cnn --workers "$CUDA_WORKERS" \
+  timeout 90 "$PY" benchmarks/workers.py --provider cuda --model fashion_cnn --workers "$CUDA_WORKERS" \
     --loadgens "$LOADGENS" --connections $(( LOADGENS * 8 )) --concurrency $(( LOADGENS * 32 )) --rounds 1 \
     --duration "$DURATION" --out "$OUT/workers-cuda.json" > "$OUT/workers-cuda.md" 2> "$OUT/workers-cuda.log" \
     || say "CUDA worker scaling FAILED"
