@@ -60,7 +60,7 @@ def main() -> int:
     parser.add_argument("--no-gpu", action="store_true", help="only the small wheels (a dry run without the parts)")
     args = parser.parse_args()
     args.site.mkdir(parents=True, exist_ok=True)
-    wheels = sorted((HERE / "wheels").glob("*.whl"))
+    wheels = sorted((HERE / "wheels").glob("*.whl"))  # (PINNED.txt beside them: the versions)
     if not wheels:
         raise SystemExit(f"no wheels in {HERE / 'wheels'}: carry benchmarks/device/wheels")
     if not args.no_gpu:

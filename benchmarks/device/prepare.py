@@ -44,6 +44,26 @@ def download(args: list[str], dest: Path) -> None:
     )  # fmt: skip
 
 
+def pinned(requirements: Path) -> list[str]:
+    """Each requirement at the version installed where this runs (the project's venv, so the
+    device gets what the tests ran with: a merge that moves a pin needs no edit here), else at
+    the version the file names."""
+    from importlib import metadata
+
+    pins = []
+    for line in requirements.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, _, listed = line.partition("==")
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            version = listed
+        pins.append(f"{name}=={version}" if version else name)
+    return pins
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -88,7 +108,10 @@ def main() -> int:
     parser.add_argument("--skip-download", action="store_true", help="use the wheels already in wheels/ and big/")
     args = parser.parse_args()
     if not args.skip_download:
-        download(["-r", str(HERE / "requirements.txt")], HERE / "wheels")
+        shutil.rmtree(HERE / "wheels", ignore_errors=True)
+        pins = pinned(HERE / "requirements.txt")
+        download(pins, HERE / "wheels")
+        (HERE / "wheels" / "PINNED.txt").write_text("\n".join(pins) + "\n")
         download([GPU_WHEEL], HERE / "big")
     wheel = next((HERE / "big").glob("onnxruntime_gpu-*.whl"))
     manifest = split(wheel, HERE / "parts", args.part_mib)
