@@ -8,7 +8,8 @@ fails instead of silently sharing it. Workers must share, so the supervisor keep
    (``cannot serve gRPC on 127.0.0.1:8001: Address already in use``).
 2. **Reserve** the port with a socket of its own, bound with ``SO_REUSEPORT`` and never listening
    (so it is handed no connection): port 0 becomes a real port here, the same for every worker and
-   for every restarted worker, and workers bind it with ``SO_REUSEPORT`` too.
+   for every restarted worker, and workers bind it with ``SO_REUSEPORT`` too; while they load,
+   nobody else can bind it (:func:`reserve_one`).
 
 Afterwards a server that binds without ``SO_REUSEPORT`` (ours with one process, most others)
 fails on the port while any worker listens; a second supervisor fails its probe. What the kernel
@@ -18,6 +19,7 @@ cannot stop: a process of the same user that itself asks for ``SO_REUSEPORT`` jo
 
 from __future__ import annotations
 
+import errno
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -66,18 +68,29 @@ def probe(host: str, port: int, label: str) -> None:
 
 
 def reserve_one(host: str, port: int, label: str) -> socket.socket:
-    """A bound, non-listening ``SO_REUSEPORT`` socket on ``host:port`` (0: a free port)."""
+    """A bound, non-listening ``SO_REUSEPORT`` socket on ``host:port`` (0: a free port).
+
+    Bound without ``SO_REUSEADDR`` when it can be: then, while the workers load their models and
+    nothing listens yet, no other server can bind the port either (``SO_REUSEADDR`` lets sockets
+    share a port none of them listens on). That fails only when connections of an earlier server
+    without ``SO_REUSEPORT`` on this port linger in TIME_WAIT; the hold then takes
+    ``SO_REUSEADDR`` too, and until the first worker listens another server that sets it (gRPC and
+    uvicorn do) could take the port first: the workers then fail to bind it and the server
+    refuses to start, loudly rather than sharing."""
     family, kind, proto, address = _address(host, port)
-    sock = socket.socket(family, kind, proto)
-    try:
-        # SO_REUSEADDR too: a port whose connections of a previous run are in TIME_WAIT is free.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(address)
-    except OSError as exc:
-        sock.close()
-        raise RuntimeError(f"cannot serve {label} on {_where(host, port)}: {exc.strerror or exc}") from None
-    return sock
+    for reuse_address in (False, True):
+        sock = socket.socket(family, kind, proto)
+        try:
+            if reuse_address:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            if reuse_address or exc.errno != errno.EADDRINUSE or port == 0:
+                raise RuntimeError(f"cannot serve {label} on {_where(host, port)}: {exc.strerror or exc}") from None
+    raise AssertionError("unreachable")
 
 
 def reserve(host: str, grpc_port: int, http_port: int) -> Reserved:

@@ -92,6 +92,19 @@ def test_the_reserved_port_is_shared_by_workers_only() -> None:
         held.close()
 
 
+def test_while_the_workers_load_nobody_else_takes_the_port() -> None:
+    """Nothing listens yet (the workers load their models); a server binding with SO_REUSEADDR
+    (as gRPC and uvicorn do), which could share a port nobody listens on, is refused too."""
+    held = reserve("127.0.0.1", 0, 0)
+    try:
+        with pytest.raises(OSError) as info:
+            _listen(held.grpc_port, reuse_port=False)
+        assert info.value.errno == errno.EADDRINUSE
+        _listen(held.grpc_port, reuse_port=True).close()  # a worker can
+    finally:
+        held.close()
+
+
 def test_a_busy_port_is_refused_before_anything_is_held() -> None:
     with _listen(0, reuse_port=False) as other:
         port = other.getsockname()[1]
