@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from fixtures.onnx_models import linear, save, tiny_repository
 from fixtures.servers import MODELS, REPO_ROOT, ServerProcess, sample, scrape, start_server, v2_request
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.generated.inference import grpc_service_pb2 as v2
 from service.generated.inference import grpc_service_pb2_grpc as v2_grpc
@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import faults
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 CONNECTIONS = 64
 WAIT_S = 60.0
 
@@ -184,6 +185,10 @@ def test_model_control_reaches_every_worker(tmp_path: Path) -> None:
             with pytest.raises(grpc.RpcError) as info:
                 v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(profit_request(), timeout=30)
             assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            # health agrees on every connection, whichever worker it reached
+            health = health_pb2_grpc.HealthStub(channel)
+            assert health.Check(health_pb2.HealthCheckRequest(service="profit"), timeout=30).status == NOT_SERVING
+            assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=30).status == SERVING
         after = per_worker(proc)
         assert all(after[w] > before.get(w, 0.0) for w in ("0", "1")), (before, after)
         assert sample(scrape(proc.metrics_port), "serving_model_loaded", model="profit", version="1") == 0
