@@ -332,10 +332,18 @@ class Supervisor:
                 "reason": slot.refused,
             },
         )
-        await asyncio.sleep(delay)
-        if self.phase == "running":
+        while True:
+            await asyncio.sleep(delay)
+            if self.phase != "running":
+                return
+            try:
+                await self._spawn(slot)
+            except OSError as exc:  # no process could be started (out of memory, no PIDs): later
+                delay = BACKOFF_MAX_S
+                log.error("worker could not be started", extra={"worker": slot.index, "error": str(exc)})
+                continue
             slot.restarts += 1
-            await self._spawn(slot)
+            return
 
     async def _handle(self, slot: Slot, message: Message) -> Message | None:
         op = message.get("op")
