@@ -75,13 +75,16 @@ async def _caller(
     odd: list[str],
     mode: str,
     exited: asyncio.Event | None = None,
+    own_connection: bool = False,
 ) -> None:
     """Calls back to back, each with a unique id; reacts to UNAVAILABLE as ``mode`` says. Ends
     with ``stop``, or at its first failed call once ``exited`` is set (the server is gone: the
-    caller has met the closed port)."""
+    caller has met the closed port). ``own_connection``: a TCP connection of its own (else
+    callers share one)."""
     policy = RetryPolicy()
     refusals = 0
-    async with grpc.aio.insecure_channel(address) as channel:
+    options = [("grpc.use_local_subchannel_pool", 1)] if own_connection else []
+    async with grpc.aio.insecure_channel(address, options=options) as channel:
         typed = pb_grpc.ModelServiceStub(channel)
         infer = v2_grpc.GRPCInferenceServiceStub(channel)
         pixels = np.random.default_rng(index).integers(0, 256, (images, 1, 28, 28), dtype=np.uint8).tobytes()
@@ -132,15 +135,18 @@ async def sigterm_under_load(
     model: str,
     images: int,
     mode: str = "failover",
+    own_connections: bool = False,
 ) -> dict[str, Any]:
     """Run one SIGTERM-under-load round against a server started with ``--log-level debug``:
     ``seconds`` of load (0: none beyond the next condition), and until ``2 * clients`` calls
-    have completed; then SIGTERM; the callers go on until each has met the closed port."""
+    have completed; then SIGTERM; the callers go on until each has met the closed port.
+    ``own_connections``: each caller on a connection of its own (reaching every worker of a
+    ``--workers`` server; else they share one)."""
     outcomes: dict[str, str] = {}
     odd: list[str] = []
     stop, exited = asyncio.Event(), asyncio.Event()
     tasks = [
-        asyncio.create_task(_caller(address, i, model, images, outcomes, stop, odd, mode, exited))
+        asyncio.create_task(_caller(address, i, model, images, outcomes, stop, odd, mode, exited, own_connections))
         for i in range(clients)
     ]
     await asyncio.sleep(seconds)
@@ -158,7 +164,15 @@ async def sigterm_under_load(
     await asyncio.wait_for(asyncio.gather(*tasks), 60)
 
     text = log()
-    drained = next((json.loads(line) for line in text.splitlines() if '"msg": "drained: stopping gRPC"' in line), {})
+    drains = [json.loads(line) for line in text.splitlines() if '"msg": "drained: stopping gRPC"' in line]
+    drained = (
+        {  # one line per process (several with --workers)
+            "running_at_signal": sum(d.get("running_at_signal", 0) for d in drains),
+            "drain_seconds": max((d.get("drain_seconds", 0.0) for d in drains), default=None),
+        }
+        if drains
+        else {}
+    )
     served: dict[str, str] = {}
     after_signal = 0
     signalled = False

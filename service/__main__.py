@@ -122,10 +122,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             log_format,
         )
 
-    from .app import serve  # after logging is configured
-
     try:
-        asyncio.run(serve(settings))
+        if settings.workers > 1:  # a supervisor and its worker processes (service/workers)
+            from .workers.supervisor import supervise
+
+            supervise(settings, log_format)
+        else:
+            from .app import serve  # after logging is configured
+
+            asyncio.run(serve(settings))
     except (RuntimeError, OSError) as exc:  # incl. ProviderUnavailable, AuthConfigError, a busy port
         return refuse(str(exc), log_format)
     return 0

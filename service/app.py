@@ -7,7 +7,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import installed_version
 from .core.dataplane import DataPlane, Observer
@@ -103,9 +103,11 @@ async def build_app(
     registry: ModelRegistry | None = None,
     metrics: Metrics | None = None,
     limits: MessageLimits | None = None,
+    reuse_port: bool = False,
 ) -> ServingApp:
     """Everything created and bound (not yet started). Refuses to build on a provider that is
-    not available (ProviderUnavailable) or an unusable token file (AuthConfigError)."""
+    not available (ProviderUnavailable) or an unusable token file (AuthConfigError).
+    ``reuse_port``: a worker sharing its ports with its siblings (service/workers)."""
     metrics = metrics if metrics is not None else Metrics()
     if registry is None:
         registry = ModelRegistry(settings.model_repository, settings, metrics=metrics)  # provider check
@@ -120,9 +122,10 @@ async def build_app(
     plane = DataPlane(registry, settings, observers, tracing)
     gate = CallGate(settings.max_concurrent_requests)
     authenticator = Authenticator.from_settings(settings)
-    front = await build_grpc(settings, plane, gate, authenticator, limits)
+    front = await build_grpc(settings, plane, gate, authenticator, limits, reuse_port)
     try:
-        http = HttpFrontEnd(HttpApi(plane, gate, authenticator, limits), settings) if settings.http_port else None
+        api = HttpApi(plane, gate, authenticator, limits)
+        http = HttpFrontEnd(api, settings, reuse_port) if settings.http_port else None
     except BaseException:  # the HTTP port is taken: the bound gRPC server must not outlive the loop
         await front.server.stop(None)
         await registry.stop()
@@ -189,28 +192,55 @@ def _tracing(settings: Settings) -> Tracing | None:
     return Tracing(tls=settings.tls_cert is not None)
 
 
-async def serve(settings: Settings) -> None:
-    """Load the models, start the transports, run until SIGTERM/SIGINT, shut down gracefully."""
+class WorkerHooks(Protocol):
+    """A worker of a supervised server (``--workers N``; :mod:`service.workers`): its ports are
+    shared with its siblings, it serves once every worker has loaded, and it tells the supervisor
+    (which logs them once for all) what it would log as ``listening`` and ``server started``."""
+
+    def attach_stop(self, stop: asyncio.Event) -> None:
+        """``stop`` is to be set when the supervisor says so or goes away."""
+
+    async def loaded(self, registry: ModelRegistry) -> None:
+        """Returns once every worker has loaded; raises when start-up is called off."""
+
+    def attach(self, app: ServingApp) -> None:
+        """The app is built, not started: model control goes through the supervisor."""
+
+    def report(self, msg: str, *, extra: dict[str, Any]) -> None:
+        """``listening`` and ``server started``, to the supervisor instead of the log."""
+
+
+async def serve(settings: Settings, worker: WorkerHooks | None = None) -> None:
+    """Load the models, start the transports, run until SIGTERM/SIGINT, shut down gracefully.
+    ``worker``: this process is one of a supervisor's workers (:class:`WorkerHooks`)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    _exposure_warnings(settings)
+    if worker is None:
+        _exposure_warnings(settings)  # (the supervisor warns once for its workers)
+    else:
+        worker.attach_stop(stop)
+    say = log.info if worker is None else worker.report
     metrics = Metrics()
     registry = ModelRegistry(settings.model_repository, settings, metrics=metrics)  # provider check
     app: ServingApp | None = None
     try:
         # The models first: the transports' message limit follows the largest request they accept.
         await registry.start()
+        if worker is not None:  # no worker serves before every worker has loaded
+            await worker.loaded(registry)
         limits = MessageLimits(settings.max_message_bytes)
         limits.size_transport(registry.largest_request())
-        app = await build_app(settings, registry, metrics, limits)
+        app = await build_app(settings, registry, metrics, limits, reuse_port=worker is not None)
+        if worker is not None:
+            worker.attach(app)
         await app.start()
         metrics_port = None
         if settings.metrics_port:
             metrics_port = app.metrics.serve(settings.metrics_port, settings.host)
         # The bound ports (port 0 settings read back from here).
-        log.info(
+        say(
             "listening",
             extra={
                 "grpc_port": app.port,
@@ -228,7 +258,7 @@ async def serve(settings: Settings) -> None:
             await registry.stop()
             metrics.close()
         raise
-    log.info(
+    say(
         "server started",
         extra={
             "version": installed_version(),

@@ -66,6 +66,13 @@ class Settings(BaseSettings):
     inference_workers: int = Field(
         2, ge=1, description="threads running inference calls concurrently, off the event loop"
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        description="server processes sharing the gRPC and HTTP ports (SO_REUSEPORT) under one supervisor, "
+        "each with its own onnxruntime sessions and batchers, and one metrics endpoint summing them; "
+        "auto = one per usable core; 1 = one process, no supervisor",
+    )
     max_request_rows: int = Field(
         1024,
         ge=1,
@@ -265,6 +272,15 @@ class Settings(BaseSettings):
                 raise ValueError(f"batching must be a JSON object: {exc}") from None
         return value
 
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _auto_workers(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return usable_cores()
+        if isinstance(value, str) and not value.strip().isdigit():
+            raise ValueError("expected a whole number of processes or 'auto'")
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
@@ -283,6 +299,22 @@ class Settings(BaseSettings):
         """``host:port`` to bind (IPv6 hosts bracketed)."""
         host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
         return f"{host}:{self.port}"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity (taskset, cpusets), capped by a cgroup v2
+    CPU quota (a container's CPU limit), at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))  # rounded up
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
 
 
 class _RenamedEnvSource(PydanticBaseSettingsSource):

@@ -152,6 +152,14 @@ def predict(spec: ModelSpec, runner: Runner, arrays: Arrays, outputs: Sequence[s
     return runner.run({n: np.ascontiguousarray(a) for n, a in arrays.items()}, names)
 
 
+class ModelControl(Protocol):
+    """Loads and unloads models by request (:class:`ModelRegistry` does, in one process)."""
+
+    async def load(self, name: str) -> ReloadReport: ...
+
+    async def unload(self, name: str) -> ReloadReport: ...
+
+
 class DataPlane:
     """Model lookup, admission, inference and model control over one :class:`ModelRegistry`.
 
@@ -169,6 +177,9 @@ class DataPlane:
         self.settings = settings
         self.observers = list(observers)
         self.tracing = tracing
+        #: Who carries out model control requests: this process's registry, or in a worker of a
+        #: supervised server the supervisor, which has every worker do it (service/workers).
+        self.control: ModelControl = registry
 
     # -- health and lookup ------------------------------------------------------------------------
 
@@ -230,14 +241,14 @@ class DataPlane:
 
     # -- model control ----------------------------------------------------------------------------
 
-    def _control(self) -> ModelRegistry:
+    def _control(self) -> ModelControl:
         if not self.settings.allow_model_control:
             raise FailedPrecondition(
                 "model control is off on this server: start it with --allow-model-control true "
                 "(env SERVING_ALLOW_MODEL_CONTROL=true) to load/unload models by request, or with "
                 "--reload-interval-seconds N to follow the repository directory"
             )
-        return self.registry
+        return self.control
 
     async def load_model(self, name: str) -> ReloadReport:
         """(Re)load a model from its directory; FailedPrecondition when a version is rejected."""

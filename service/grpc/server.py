@@ -101,8 +101,10 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
-def server_options(settings: Settings, limits: MessageLimits) -> list[tuple[str, int]]:
-    """grpc.aio server options: message and metadata sizes, connection limits and keepalive."""
+def server_options(settings: Settings, limits: MessageLimits, reuse_port: bool = False) -> list[tuple[str, int]]:
+    """grpc.aio server options: message and metadata sizes, connection limits and keepalive.
+    ``reuse_port``: a worker of a supervised server (``--workers``), sharing the port with its
+    siblings; the supervisor has checked that nobody else listens there (service/workers)."""
     options = [
         ("grpc.max_receive_message_length", limits.transport),
         ("grpc.max_send_message_length", max(limits.transport, 64 * 1024 * 1024)),
@@ -118,8 +120,9 @@ def server_options(settings: Settings, limits: MessageLimits) -> list[tuple[str,
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_ping_strikes", 2),
-        # A port already in use is an error, not a second server silently sharing it.
-        ("grpc.so_reuseport", 0),
+        # A port already in use is an error, not a second server silently sharing it (a worker
+        # shares it with its siblings only: the supervisor checked the port before starting them).
+        ("grpc.so_reuseport", int(reuse_port)),
     ]
     if settings.max_connection_age_seconds:
         options += [
@@ -137,11 +140,14 @@ async def build_grpc(
     gate: CallGate,
     authenticator: Authenticator | None,
     limits: MessageLimits,
+    reuse_port: bool = False,
 ) -> GrpcFrontEnd:
     """The gRPC server with every service registered and its port bound (not yet started).
-    RuntimeError, with nothing left open, when a TLS file cannot be read or the port is taken."""
+    RuntimeError, with nothing left open, when a TLS file cannot be read or the port is taken.
+    ``reuse_port``: see :func:`server_options`."""
     server_credentials = credentials(settings)
-    check_port_free(settings)
+    if not reuse_port:
+        check_port_free(settings)
     guard = CallGuard(
         Gates(
             gate,
@@ -152,7 +158,7 @@ async def build_grpc(
         authenticator,
         limits,
     )
-    server = grpc.aio.server(interceptors=[guard], options=server_options(settings, limits))
+    server = grpc.aio.server(interceptors=[guard], options=server_options(settings, limits, reuse_port))
     # (generated registration functions carry no type hints)
     typed_grpc.add_ModelServiceServicer_to_server(typed.TypedModelService(plane), server)  # type: ignore[no-untyped-call]
     v2_grpc.add_GRPCInferenceServiceServicer_to_server(v2.V2Servicer(plane), server)  # type: ignore[no-untyped-call]

@@ -231,14 +231,17 @@ class AsgiApp:
         await send({"type": "http.response.body", "body": b"" if head else response.body})
 
 
-def bind(settings: Settings) -> socket.socket:
-    """The listening socket (port 0 = a free one); RuntimeError when the address is taken."""
+def bind(settings: Settings, reuse_port: bool = False) -> socket.socket:
+    """The listening socket (port 0 = a free one); RuntimeError when the address is taken.
+    ``reuse_port``: a worker sharing the port with its siblings (SO_REUSEPORT; service/workers)."""
     host = settings.host.strip("[]")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say so (a response is written
     # in two parts; with Nagle the second waits for the client's delayed ACK, ~40 ms)
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, settings.http_port))
     except OSError as exc:
@@ -265,9 +268,9 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
 class HttpFrontEnd:
     """The HTTP server: started and stopped with the process, on its own port."""
 
-    def __init__(self, api: HttpApi, settings: Settings) -> None:
+    def __init__(self, api: HttpApi, settings: Settings, reuse_port: bool = False) -> None:
         self.api = api
-        self.socket = bind(settings)
+        self.socket = bind(settings, reuse_port)
         self.port = int(self.socket.getsockname()[1])
         protocol = type(
             "Protocol",

@@ -50,14 +50,18 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         extras = _extras(record)
+        head = super().format(record)
+        worker = extras.pop("worker", None)
+        if worker is not None:  # a worker's line (--workers), or the supervisor's about one
+            head = head.replace(f" {record.name}: ", f" {record.name}[worker {worker}]: ", 1)
         render = TEXT_RENDERERS.get(record.getMessage())
         if render is not None:
             try:
-                return super().format(record) + render(extras)
+                return head + render(extras)
             except (KeyError, TypeError, ValueError, AttributeError):
                 pass  # fields not as expected: key=value below
         fields = " ".join(f"{k}={v}" for k, v in extras.items())
-        return super().format(record) + (" " + fields if fields else "")
+        return head + (" " + fields if fields else "")
 
 
 def _on_off(value: object, on: str = "on") -> str:
@@ -71,7 +75,8 @@ def _clip(text: str, limit: int = 200) -> str:
 
 def _listening(fields: Mapping[str, Any]) -> str:
     ports = {"gRPC": fields["grpc_port"], "HTTP": fields["http_port"], "metrics": fields["metrics_port"]}
-    return ": " + ", ".join(f"{name} {port if port else 'off'}" for name, port in ports.items())
+    workers = f" ({fields['workers']} workers)" if fields.get("workers") else ""
+    return ": " + ", ".join(f"{name} {port if port else 'off'}" for name, port in ports.items()) + workers
 
 
 def _model_loaded(fields: Mapping[str, Any]) -> str:
@@ -110,6 +115,9 @@ def _server_started(fields: Mapping[str, Any]) -> str:
         ),
         *(f"failed    {key}: {_clip(why)}" for key, why in failed.items()),
     ]
+    if fields.get("workers"):
+        pids = ", ".join(str(pid) for pid in fields.get("worker_pids") or [])
+        lines.insert(1, f"workers   {fields['workers']} processes on these ports (pids {pids})")
     return "\n    ".join(lines)
 
 

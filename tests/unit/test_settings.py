@@ -156,3 +156,19 @@ def test_every_setting_is_in_the_serving_docs() -> None:
     for name in Settings.model_fields:
         flag, env = f"`--{name.replace('_', '-')}`", f"`SERVING_{name.upper()}`"
         assert any(line.startswith(f"| {flag}") and env in line for line in rows), name
+
+
+def test_workers_auto_is_the_usable_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.settings import usable_cores
+
+    assert Settings().workers == 1  # one process, no supervisor
+    assert parse_settings(["--workers", "auto"]).workers == usable_cores() >= 1
+    assert usable_cores() <= len(os.sched_getaffinity(0))
+    monkeypatch.setenv("SERVING_WORKERS", "3")
+    assert parse_settings([]).workers == 3
+    assert invalid(["--workers", "many"]) == [
+        "model-serving: invalid --workers (SERVING_WORKERS) 'many': expected a whole number of processes or 'auto'"
+    ]
+    assert invalid(["--workers", "0"]) == [
+        "model-serving: invalid --workers (SERVING_WORKERS) '0': expected at least 1"
+    ]
