@@ -234,21 +234,35 @@ def start_stack(name: str, tmp: Path, **env: str) -> Stack:
     return stack
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, fashion_data_dir: Path) -> Iterator[Stack]:
+def _start_server_stack(project: str, tmp: Path, fashion_data_dir: Path) -> Stack:
     """docker-compose.yml's `server` with the bundled models, request logging on (the drain check
     counts the accepted requests in the server's own log), the batch output on a host folder."""
-    tmp = tmp_path_factory.mktemp("stack")
     output = tmp / "batch-output"
     output.mkdir()
     if os.geteuid() == 0:
         os.chown(output, 10001, 10001)  # the image's user
     else:
         output.chmod(0o777)
-    stack = start_stack(
-        PROJECT, tmp, SERVING_LOG_LEVEL="DEBUG", FASHION_DATA_DIR=str(fashion_data_dir), BATCH_OUTPUT=str(output)
+    return start_stack(
+        project, tmp, SERVING_LOG_LEVEL="DEBUG", FASHION_DATA_DIR=str(fashion_data_dir), BATCH_OUTPUT=str(output)
     )
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, fashion_data_dir: Path) -> Iterator[Stack]:
+    """The stack the checks share (tests run in any order; none stops it)."""
+    stack = _start_server_stack(PROJECT, tmp_path_factory.mktemp("stack"), fashion_data_dir)
     record("stack start", **stack.figures)
+    try:
+        yield stack
+    finally:
+        stack.down()
+
+
+@pytest.fixture
+def stack_to_stop(tmp_path: Path, fashion_data_dir: Path) -> Iterator[Stack]:
+    """A stack of its own for the test that stops it."""
+    stack = _start_server_stack(f"{PROJECT}-stop", tmp_path, fashion_data_dir)
     try:
         yield stack
     finally:
@@ -407,20 +421,35 @@ def test_v2_tritonclient_answers_with_the_model_cards_figures(stack: Stack, fash
     assert abs(got_profit - expected_profit) <= USD_TOLERANCE, (got_profit, expected_profit)
 
 
-def test_metrics_scrape_on_the_published_port(stack: Stack) -> None:
+def _scrape(stack: Stack) -> tuple[str, dict]:
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port}/metrics", timeout=30) as response:
         assert response.status == 200
         content_type = response.headers.get("Content-Type", "")
         text = response.read().decode()
-    assert content_type.startswith("text/plain"), content_type
-    families = {f.name: f for f in text_string_to_metric_families(text)}
+    return content_type, {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def _requests_total(families: dict) -> float:
     requests = families.get("serving_requests")
     assert requests is not None, f"no serving_requests_total family among {sorted(families)}"
-    total = sum(s.value for s in requests.samples if s.name == "serving_requests_total")
-    # The typed check sent 10 classify requests + 2, the V2 check 11: the scrape counts them.
-    assert total >= 20, total
+    return sum(s.value for s in requests.samples if s.name == "serving_requests_total")
+
+
+def test_metrics_scrape_on_the_published_port(stack: Stack) -> None:
+    import tritonclient.grpc as triton_grpc
+
+    before = _requests_total(_scrape(stack)[1])
+    client = triton_grpc.InferenceServerClient(stack.address)
+    population = triton_grpc.InferInput("population", [5, 1], "FP32")
+    population.set_data_from_numpy(np.full((5, 1), 3.5, np.float32))
+    for _ in range(7):
+        client.infer("profit", [population], client_timeout=CALL_S)
+    content_type, families = _scrape(stack)
+    assert content_type.startswith("text/plain"), content_type
+    total = _requests_total(families)
+    assert total - before >= 7, (before, total)  # the 7 calls just made are counted (others may run too)
     record("metrics", metrics_port=stack.metrics_port, families=len(families), requests_counted=int(total))
 
 
@@ -558,7 +587,7 @@ async def _load_until_stopped(stack: Stack, images: np.ndarray) -> dict:
     }
 
 
-def test_compose_stop_under_load_drains_and_loses_nothing(stack: Stack, fashion_test_set) -> None:
+def test_compose_stop_under_load_drains_and_loses_nothing(stack_to_stop: Stack, fashion_test_set) -> None:
     """Every call either completed (OK, with the right answer) or was refused before the server
     accepted it: the server's request log (one line per accepted call, with its request id) holds
     exactly the calls the host saw succeed, and no other ModelInfer line but OK; the stop exits 0
@@ -568,6 +597,7 @@ def test_compose_stop_under_load_drains_and_loses_nothing(stack: Stack, fashion_
     call that reaches gRPC after it has begun to stop, CANCELLED from gRPC itself (the window
     service/guards.py describes). Neither was accepted; both are counted apart. The in-process
     test (tests/test_load_faults.py) is the one that requires UNAVAILABLE only."""
+    stack = stack_to_stop
     images = fashion_test_set[0][:16]
     result = asyncio.run(_load_until_stopped(stack, images))
     outcomes, stop = result["outcomes"], result["stop"]
