@@ -160,7 +160,8 @@ async def unary(target: Target, method: str, payload: bytes, metadata: Any = Non
 
 class EndedBeforeWrite(Exception):
     """The server ended the call (a refusal) while the client's write was on its way, and grpc.aio
-    reported its own failed send (INTERNAL "Failed execute_batch") instead of the server's status."""
+    reported its own failed send (INTERNAL "Internal error from Core", debug string "Failed
+    execute_batch") instead of the server's status."""
 
 
 async def write(call: Any, message: Any) -> None:
@@ -171,7 +172,7 @@ async def write(call: Any, message: Any) -> None:
     except asyncio.InvalidStateError:
         pass  # ended before the write: read() raises the server's status
     except grpc.aio.AioRpcError as err:
-        if err.code() == grpc.StatusCode.INTERNAL and "execute_batch" in (err.details() or ""):
+        if err.code() == grpc.StatusCode.INTERNAL and "execute_batch" in (err.debug_error_string() or ""):
             raise EndedBeforeWrite from err
         raise
 
