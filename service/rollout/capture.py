@@ -72,7 +72,7 @@ class Record:
 class Capture:
     """The capture queue, its writer thread and its files (see the module docstring)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, start: bool = True) -> None:
         assert settings.capture_dir is not None
         self.dir = Path(settings.capture_dir)
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -98,6 +98,11 @@ class Capture:
         self._file_opened = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="capture-writer", daemon=True)
+        if start:
+            self._thread.start()
+
+    def start(self) -> None:
+        """Start the writer thread (made without it: ``start=False``)."""
         self._thread.start()
 
     # -- event loop ---------------------------------------------------------------------------
@@ -128,7 +133,8 @@ class Capture:
     def close(self) -> None:
         """Write what is queued, close the file, stop the thread."""
         self._stop.set()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
 
     # -- writer thread ------------------------------------------------------------------------
 
@@ -152,13 +158,14 @@ class Capture:
                 self.failed += 1
                 log.exception("capture record could not be encoded")
             written += record.nbytes
+        before = self.written
         try:
             if lines:
-                self._write(b"".join(lines), len(lines))
+                self._write(lines)
             elif self._file is not None and time.monotonic() - self._file_opened >= self.max_file_seconds:
                 self._rotate()
         except OSError as exc:
-            self.failed += len(lines)
+            self.failed += len(lines) - (self.written - before)
             log.error("capture file cannot be written", extra={"dir": str(self.dir), "error": str(exc)})
         self.written_bytes += written
 
@@ -187,18 +194,21 @@ class Capture:
             entry["outputs"] = [self._tensor(record.model, n, a) for n, a in record.outputs.items()]
         return orjson.dumps(entry) + b"\n"
 
-    def _write(self, data: bytes, records: int) -> None:
-        if self._file is not None and (
-            self._file_size >= self.max_file_bytes or time.monotonic() - self._file_opened >= self.max_file_seconds
-        ):
-            self._rotate()
-        if self._file is None:
-            self._open()
-        assert self._file is not None
-        self._file.write(data)
-        self._file.flush()
-        self._file_size += len(data)
-        self.written += records
+    def _write(self, lines: list[bytes]) -> None:
+        """Append ``lines``, rotating before a line once the file is past its size or age."""
+        for line in lines:
+            if self._file is not None and (
+                self._file_size >= self.max_file_bytes or time.monotonic() - self._file_opened >= self.max_file_seconds
+            ):
+                self._rotate()
+            if self._file is None:
+                self._open()
+            assert self._file is not None
+            self._file.write(line)
+            self._file_size += len(line)
+            self.written += 1
+        if self._file is not None:
+            self._file.flush()
 
     def _open(self) -> None:
         self.files_opened += 1

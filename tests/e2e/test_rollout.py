@@ -7,6 +7,9 @@ reach the expected counts (generous deadlines), never for a fixed time."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -17,8 +20,8 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.http as triton_http
-from fixtures.onnx_models import OPSET, image_classifier, save
-from fixtures.servers import ServerProcess, sample, scrape, start_server, v2_request
+from fixtures.onnx_models import OPSET, image_classifier, linear, save
+from fixtures.servers import REPO_ROOT, ServerProcess, sample, scrape, start_server, v2_request
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from service.generated.inference import grpc_service_pb2_grpc as v2_grpc
@@ -194,3 +197,76 @@ def test_failing_shadow_costs_clients_nothing(tmp_path: Path, clients_for: Calla
         codes = {k: v for k, v in samples.items() if k[0] == "serving_requests_total" and ("model", MODEL) in k[1]}
         assert codes and all(dict(labels)["code"] in ("OK", "200") for _, labels in codes), codes
         assert sum(codes.values()) == sent
+
+
+# -- capture and replay ---------------------------------------------------------------------------
+
+
+def run_replay(*args: str) -> tuple[int, dict[str, Any]]:
+    """``python -m service.rollout.replay *args``: exit status and its JSON report."""
+    done = subprocess.run(
+        [sys.executable, "-m", "service.rollout.replay", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if not k.startswith("SERVING_")},
+    )
+    assert done.stdout, done.stderr
+    return done.returncode, json.loads(done.stdout)
+
+
+def test_capture_every_front_end_then_replay_bit_for_bit(
+    tmp_path: Path, clients_for: Callable[[ServerProcess], Clients]
+) -> None:
+    """Requests of every front end are captured (redacted tensors without their values, files
+    rotated); replaying them in process and against the server reproduces every output bit for bit
+    on the captured version, and another version is reported as differing."""
+    repo = classifier_repository(tmp_path / "models", image_classifier(0), image_classifier(1))
+    save(linear(2, [139.2, -8738.0], 89597.9), repo, "house")
+    capture = tmp_path / "capture"
+    args = ["--model-repository", str(repo), "--provider", "cpu", "--capture-dir", str(capture)]
+    args += ["--capture-redact", "house/x", "--capture-max-file-bytes", "4096", "--capture-max-files", "1000"]
+    with start_server(tmp_path, *args, metrics=True) as server:
+        clients = clients_for(server)
+        sent = 0
+        for i, front_end in enumerate(FRONT_ENDS):
+            for n in (1, 2, 7):
+                getattr(clients, front_end)(images(n, seed=100 + 10 * i + n))
+                sent += 1
+        house = triton_http.InferInput("x", [2, 2], "FP32")
+        house.set_data_from_numpy(np.array([[1650, 3], [3000, 4]], np.float32))
+        clients.http.infer("house", [house])
+        figures = wait_for(server, lambda f: f["capture"]["written"] == sent + 1, "captured")
+        assert figures["capture"]["dropped"] == {"queue_full": 0, "queue_bytes": 0}
+        samples = scrape(server.metrics_port)
+        assert sample(samples, "serving_capture_records_total", outcome="written") == sent + 1
+        files = sorted(capture.glob("capture-*.jsonl"))
+        assert len(files) > 1  # rotated past 4096 bytes
+        records = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+        assert {r["protocol"] for r in records} == {"typed", "v2", "http"}
+        (house_record,) = [r for r in records if r["model"] == "house"]
+        assert house_record["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [2, 2], "redacted": True}]
+        assert "data" in house_record["outputs"][0]
+        assert all(r["version"] == "2" and r["status"] in ("OK", "200") for r in records if r["model"] == MODEL)
+
+        # Against the server, the captured version (2), bit for bit.
+        code, report = run_replay(str(capture), "--server", server.address, "--require-identical")
+        assert code == 0, report
+        assert report["replayed"] == sent and report["bit_identical"] == sent
+        assert report["skipped"]["redacted"] == 1
+
+    # The replayed requests were captured too (the server captures whoever calls it): 2 × sent.
+    # In process, on the CPU provider: the same bytes.
+    local = ["--local", "--model-repository", str(repo), "--provider", "cpu"]
+    code, report = run_replay(str(capture), *local, "--require-identical")
+    assert code == 0, report
+    assert report["records"] == 2 * sent + 1 and report["replayed"] == report["bit_identical"] == 2 * sent
+    (pair,) = report["agreement"]
+    assert pair["model"] == MODEL and pair["version"] == "2" and pair["agreement"] == 1.0
+    assert pair["max_abs_diff"] == 0.0 and pair["rows"] == 2 * 3 * (1 + 2 + 7)
+    # Another version: reported, and refused by --require-identical.
+    code, report = run_replay(str(capture), *local, "--version", "1", "--require-identical")
+    assert code == 1 and report["differing"] == 2 * sent
+    (pair,) = report["agreement"]
+    assert pair["version"] == "1" and pair["mean_abs_diff"] > 0
