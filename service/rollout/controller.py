@@ -291,7 +291,14 @@ class Rollout:
         return outputs
 
     def finish(self, context: RequestContext) -> None:
-        """Observer: the canary's windows and rules, then mirror and capture the answered request."""
+        """Observer: the canary's windows and rules, then mirror and capture the answered request.
+        Never raises: the client has its answer, whatever happens here."""
+        try:
+            self._finish(context)
+        except Exception:
+            log.exception("rollout: a finished request could not be processed", extra={"model": context.model})
+
+    def _finish(self, context: RequestContext) -> None:
         route: Route | None = getattr(context, "route", None)
         if route is not None:
             route.state.outcome(route, context.status, context.seconds())
@@ -382,7 +389,7 @@ class Rollout:
             why,
             rule=rule,
             figures=dict(figures),
-            canary=described,
+            canary_figures=described,
             **self._roles(state, served),
         )
         self.refresh()

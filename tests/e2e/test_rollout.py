@@ -11,7 +11,9 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from fixtures.onnx_models import OPSET, image_classifier, linear, save
 from fixtures.servers import REPO_ROOT, ServerProcess, sample, scrape, start_server, v2_request
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
+from service.generated.inference import grpc_service_pb2 as v2
 from service.generated.inference import grpc_service_pb2_grpc as v2_grpc
 from service.generated.serving.v1 import serving_pb2 as pb
 from service.generated.serving.v1 import serving_pb2_grpc as pb_grpc
@@ -96,20 +99,22 @@ class Clients:
         self.channel.close()
         self.http.close()
 
-    def typed_grpc(self, x: np.ndarray) -> tuple[str, np.ndarray]:
+    def typed_grpc(self, x: np.ndarray, caller: str | None = None) -> tuple[str, np.ndarray]:
         tensor = pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=list(x.shape), data=x.tobytes())
-        response = self.typed.Classify(pb.ClassifyRequest(images=tensor), timeout=30)
+        metadata = [("x-caller-id", caller)] if caller else None
+        response = self.typed.Classify(pb.ClassifyRequest(images=tensor), timeout=30, metadata=metadata)
         probabilities = np.array([list(r.probabilities) for r in response.results], np.float32)
         return str(response.model.version), probabilities
 
-    def v2_grpc(self, x: np.ndarray) -> tuple[str, np.ndarray]:
-        response = self.v2.ModelInfer(v2_request(MODEL, "image", x, "UINT8"), timeout=30)
+    def v2_grpc(self, x: np.ndarray, caller: str | None = None) -> tuple[str, np.ndarray]:
+        metadata = [("x-caller-id", caller)] if caller else None
+        response = self.v2.ModelInfer(v2_request(MODEL, "image", x, "UINT8"), timeout=30, metadata=metadata)
         return response.model_version, np.frombuffer(response.raw_output_contents[0], np.float32).reshape(len(x), -1)
 
-    def v2_http(self, x: np.ndarray) -> tuple[str, np.ndarray]:
+    def v2_http(self, x: np.ndarray, caller: str | None = None) -> tuple[str, np.ndarray]:
         tensor = triton_http.InferInput("image", list(x.shape), "UINT8")
         tensor.set_data_from_numpy(x)
-        result = self.http.infer(MODEL, [tensor])
+        result = self.http.infer(MODEL, [tensor], headers={"x-caller-id": caller} if caller else None)
         return result.get_response()["model_version"], result.as_numpy("probabilities")
 
 
@@ -270,3 +275,183 @@ def test_capture_every_front_end_then_replay_bit_for_bit(
     assert code == 1 and report["differing"] == 2 * sent
     (pair,) = report["agreement"]
     assert pair["version"] == "1" and pair["mean_abs_diff"] > 0
+
+
+# -- canary, rollback, promotion -----------------------------------------------------------------
+
+
+#: Windows of 10 make a p99 of one request: the latency rule is left out of the tests of the other
+#: rules (tests/unit/rollout/test_rules.py has it), so that a slow moment of a busy machine cannot
+#: roll a canary back first.
+CALM = {"max_latency_ratio": 1000.0}
+
+
+def http_load(server: ServerProcess, parameters: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """POST /v2/repository/models/{MODEL}/load with ``parameters``: status and JSON body."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.http_port}/v2/repository/models/{MODEL}/load",
+        data=json.dumps({"parameters": parameters}).encode(),
+        headers={"content-type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def audit_file(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_canary_share_is_sticky_per_caller_and_promotion_is_audited(
+    tmp_path: Path, clients_for: Callable[[ServerProcess], Clients]
+) -> None:
+    """Version 2 as a canary at a 50 % share: a caller id keeps its version on every front end (the
+    bucket is CRC-32 of the id), requests without one are spread; promoting by request (V2 gRPC
+    model control) sends every unversioned request to version 2 and writes an audit record."""
+    repo = classifier_repository(tmp_path / "models", image_classifier(0), image_classifier(1))
+    audit = tmp_path / "audit.jsonl"
+    rollout = json.dumps({MODEL: {"canary_version": 2, "canary_share": 0.5, "min_agreement": 0.0, **CALM}})
+    args = ["--model-repository", str(repo), "--rollout", rollout, "--rollout-audit-file", str(audit)]
+    with start_server(tmp_path, *args, "--allow-model-control", "true", metrics=True) as server:
+        clients = clients_for(server)
+        figures = status(server)
+        assert figures["primary"] == 1 and figures["canary"]["version"] == 2 and figures["canary"]["share"] == 0.5
+        x = images(1, seed=3)
+        seen: dict[str, set[str]] = {}
+        for caller in (f"caller-{i}" for i in range(16)):
+            expected = "2" if zlib.crc32(caller.encode()) / 2**32 < 0.5 else "1"
+            seen[caller] = {getattr(clients, f)(x, caller)[0] for f in FRONT_ENDS for _ in range(2)}
+            assert seen[caller] == {expected}, caller
+        assert set().union(*seen.values()) == {"1", "2"}
+        spread = {clients.v2_grpc(x)[0] for _ in range(40)}
+        assert spread == {"1", "2"}  # without a caller id: each request drawn (2^-39 to fail)
+        samples = scrape(server.metrics_port)
+        routed = "serving_rollout_routed_requests_total"
+        canary_ok = sample(samples, routed, model=MODEL, version="2", arm="canary", outcome="ok")
+        primary_ok = sample(samples, routed, model=MODEL, version="1", arm="primary", outcome="ok")
+        assert canary_ok + primary_ok == 16 * 6 + 40 and canary_ok > 0 and primary_ok > 0
+
+        load = v2.RepositoryModelLoadRequest(model_name=MODEL)
+        load.parameters["promote"].int64_param = 2
+        clients.v2.RepositoryModelLoad(load, timeout=60)
+        assert {clients.v2_grpc(x, caller)[0] for caller in seen} == {"2"}
+        figures = status(server)
+        assert figures["primary"] == 2 and figures["canary"] is None
+        (record,) = [r for r in figures["audit"] if r["action"] == "promote"]
+        assert record["version"] == "2" and record["previous_primary"] == 1
+        assert (
+            record["who"] == "v2 /inference.GRPCInferenceService/RepositoryModelLoad"
+            and record["why"] == "promoted by request"
+        )
+        assert [r["action"] for r in audit_file(audit)] == ["configure", "promote"]
+        samples = scrape(server.metrics_port)
+        assert sample(samples, "serving_rollout_promotions_total", model=MODEL, version="2", trigger="request") == 1
+
+
+def test_failing_canary_is_rolled_back_with_no_client_error(
+    tmp_path: Path, clients_for: Callable[[ServerProcess], Clients]
+) -> None:
+    """A canary failing every call (10 % share, window of 10): its failed requests are answered by
+    the primary, and once its window is full the error rule rolls it back; an audit record says
+    why, with the figures."""
+    repo = classifier_repository(tmp_path / "models", image_classifier(0), failing_classifier())
+    audit = tmp_path / "audit.jsonl"
+    rollout = json.dumps({MODEL: {"canary_version": 2, "canary_share": 0.1, "window": 10, **CALM}})
+    args = ["--model-repository", str(repo), "--rollout", rollout, "--rollout-audit-file", str(audit)]
+    with start_server(tmp_path, *args, metrics=True) as server:
+        clients = clients_for(server)
+        x = images(2, seed=4)
+        sent = 0
+        deadline = time.monotonic() + DEADLINE_S
+        while status(server)["canary"] is not None:
+            assert time.monotonic() < deadline and sent < 5000, status(server)
+            version, probabilities = getattr(clients, FRONT_ENDS[sent % 3])(x)
+            assert version == "1" and np.all(np.isfinite(probabilities))  # the primary answered
+            sent += 1
+        figures = status(server)
+        (record,) = [r for r in figures["audit"] if r["action"] == "rollback"]
+        assert record["version"] == "2" and record["who"] == "automatic" and record["rule"] == "errors"
+        assert record["figures"]["canary_error_rate"] == 1.0 and record["figures"]["primary_error_rate"] == 0.0
+        assert record["canary_figures"]["routed"] == 10 and record["canary_figures"]["fallbacks"] == 10
+        assert "2" in figures["held"] and figures["held"]["2"].startswith("rolled back (errors)")
+        assert audit_file(audit)[-1] == record
+        assert {clients.v2_grpc(x)[0] for _ in range(20)} == {"1"}
+        samples = scrape(server.metrics_port)
+        assert sample(samples, "serving_rollout_rollbacks_total", model=MODEL, version="2", rule="errors") == 1
+        codes = {k: v for k, v in samples.items() if k[0] == "serving_requests_total" and ("model", MODEL) in k[1]}
+        assert all(dict(labels)["code"] in ("OK", "200") for _, labels in codes), codes
+        # Taken out of service: the repository index says why.
+        index = clients.http.get_model_repository_index()
+        (entry,) = [e for e in index if e["name"] == MODEL and e["version"] == "2"]
+        assert entry["state"] == "UNAVAILABLE" and "rolled back" in entry["reason"]
+
+
+def test_disagreeing_canary_is_rolled_back_and_rollback_by_request(
+    tmp_path: Path, clients_for: Callable[[ServerProcess], Clients]
+) -> None:
+    """A canary whose answers disagree with the primary's (other weights) is rolled back by the
+    agreement rule; a canary set by model control (V2 HTTP) is rolled back by request."""
+    repo = classifier_repository(tmp_path / "models", image_classifier(0), image_classifier(7))
+    save(image_classifier(0), repo, MODEL, 3, class_names=LABELS)  # agrees with version 1
+    rollout = json.dumps({MODEL: {"primary": 1, "canary_version": 2, "canary_share": 0.5, "window": 10, **CALM}})
+    args = ["--model-repository", str(repo), "--rollout", rollout, "--allow-model-control", "true"]
+    with start_server(tmp_path, *args) as server:
+        clients = clients_for(server)
+        sent = 0
+        deadline = time.monotonic() + DEADLINE_S
+        while status(server)["canary"] is not None:
+            assert time.monotonic() < deadline and sent < 5000, status(server)
+            assert clients.v2_http(images(4, seed=sent))[0] in ("1", "2")
+            sent += 1
+        figures = status(server)
+        (record,) = [r for r in figures["audit"] if r["action"] == "rollback"]
+        assert record["rule"] == "agreement" and record["figures"]["agreement"] < 0.9
+
+        assert http_load(server, {"canary_version": 3, "canary_share": 0.5}) == (200, {})
+        figures = status(server)
+        assert figures["primary"] == 1 and figures["canary"]["version"] == 3
+        assert {clients.v2_grpc(images(1, seed=9), f"c{i}")[0] for i in range(32)} == {"1", "3"}
+        code, body = http_load(server, {"rollback": "canary", "window": 10})
+        assert code == 400 and "alone" in body["error"]
+        assert http_load(server, {"rollback": "3"}) == (200, {})
+        figures = status(server)
+        assert figures["canary"] is None
+        record = figures["audit"][-1]
+        assert (
+            record["action"] == "rollback" and record["who"] == "http POST /v2/repository/models/fashion_softmax/load"
+        )
+        assert {clients.v2_grpc(images(1, seed=9), f"c{i}")[0] for i in range(32)} == {"1"}
+
+
+def test_new_version_starts_as_canary_and_is_promoted_after_a_clean_window(
+    tmp_path: Path, clients_for: Callable[[ServerProcess], Clients]
+) -> None:
+    """``--rollout-new-versions canary``: a version that appears on disk (loaded by request) takes
+    a canary share instead of all traffic; agreeing with the primary over a clean window, it is
+    promoted automatically (``auto_promote``), both steps audited."""
+    repo = tmp_path / "models"
+    save(image_classifier(0), repo, MODEL, 1, class_names=LABELS)
+    rollout = json.dumps({"*": {"auto_promote": True, "window": 10, "canary_share": 0.5, **CALM}})
+    args = ["--model-repository", str(repo), "--rollout", rollout, "--rollout-new-versions", "canary"]
+    with start_server(tmp_path, *args, "--allow-model-control", "true") as server:
+        clients = clients_for(server)
+        assert status(server)["primary"] == 1 and status(server)["canary"] is None
+        save(image_classifier(0), repo, MODEL, 2, class_names=LABELS)  # the same answers: a clean canary
+        assert http_load(server, {}) == (200, {})
+        figures = status(server)
+        assert figures["primary"] == 1 and figures["canary"]["version"] == 2, figures
+        assert figures["audit"][-1]["action"] == "canary" and figures["audit"][-1]["who"] == "automatic"
+        sent = 0
+        deadline = time.monotonic() + DEADLINE_S
+        while status(server)["primary"] != 2:
+            assert time.monotonic() < deadline and sent < 5000, status(server)
+            assert getattr(clients, FRONT_ENDS[sent % 3])(images(1, seed=sent))[0] in ("1", "2")
+            sent += 1
+        figures = wait_for(server, lambda f: f["versions"] == [2], "version 1 retired")
+        assert figures["canary"] is None
+        record = figures["audit"][-1]
+        assert record["action"] == "promote" and record["who"] == "automatic" and record["previous_primary"] == 1
+        assert {clients.v2_grpc(images(1, seed=1))[0] for _ in range(10)} == {"2"}
