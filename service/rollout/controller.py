@@ -152,7 +152,9 @@ class Rollout:
                 if state is None:
                     continue
             else:
+                state.held = frozenset(self.registry.held(name))
                 self._follow(state, versions)
+            state.held = frozenset(self.registry.held(name))
             state.resolve(versions)
         self.refresh()
 
@@ -181,6 +183,7 @@ class Rollout:
             return None
         state = self._new_state(name, config)
         state.seen = set(versions)
+        state.held = frozenset(self.registry.held(name))
         for role, version in (("shadow", rollout.shadow_version), ("canary", rollout.canary_version)):
             if version is None:
                 continue
@@ -378,6 +381,7 @@ class Rollout:
         state.canary, state.canary_model = None, None
         state.new_canary()
         self.registry.hold(ModelKey(state.name, version), f"rolled back ({rule}): {why}")
+        state.held = frozenset(self.registry.held(state.name))
         key = (state.name, version, rule)
         self.rollbacks[key] = self.rollbacks.get(key, 0) + 1
         served = self.registry.snapshot().get(state.name, {})
@@ -405,7 +409,8 @@ class Rollout:
         if state.shadow == version:
             state.shadow, state.shadow_model = None, None
         self.registry.release(ModelKey(state.name, version))
-        rest = [v for v in served if v not in state.side]
+        state.held = frozenset(self.registry.held(state.name))
+        rest = [v for v in served if v not in state.side and v not in state.held]
         follows = state.new_versions == "serve" and state.config.primary is None and rest and version == max(rest)
         state.primary = None if follows else version
         state.resolve(served)
@@ -470,6 +475,7 @@ class Rollout:
             state.new_canary()
         for version in state.side:
             self.registry.release(ModelKey(name, version))  # named by an operator: served again
+        state.held = frozenset(self.registry.held(name))
         state.resolve(served)
         self.refresh()
         report = await self.registry.reload([name], explicit=True, trigger="request")

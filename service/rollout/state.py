@@ -120,6 +120,9 @@ class ModelRollout:
         self.canary: int | None = None
         self.canary_share = config.canary_share
         self.seen: set[int] = set()
+        #: Versions the registry holds (rolled back): still served until a round retires them,
+        #: never the primary meanwhile. Kept in step by the controller.
+        self.held: frozenset[int] = frozenset()
         self.mirror = mirror
         #: Agreement of each (primary, other) pair compared so far.
         self.pairs: dict[tuple[int, int], Agreement] = {}
@@ -144,7 +147,7 @@ class ModelRollout:
     def primary_version(self, served: Mapping[int, Any]) -> int | None:
         if self.primary is not None and self.primary in served:
             return self.primary
-        rest = [v for v in served if v not in self.side]
+        rest = [v for v in served if v not in self.side and v not in self.held]
         return max(rest) if rest else None
 
     def resolve(self, served: Mapping[int, ModelVersion]) -> None:

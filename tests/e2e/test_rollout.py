@@ -374,6 +374,7 @@ def test_failing_canary_is_rolled_back_with_no_client_error(
         figures = status(server)
         (record,) = [r for r in figures["audit"] if r["action"] == "rollback"]
         assert record["version"] == "2" and record["who"] == "automatic" and record["rule"] == "errors"
+        assert record["primary"] == 1 and record["canary"] is None  # roles after the rollback
         assert record["figures"]["canary_error_rate"] == 1.0 and record["figures"]["primary_error_rate"] == 0.0
         assert record["canary_figures"]["routed"] == 10 and record["canary_figures"]["fallbacks"] == 10
         assert "2" in figures["held"] and figures["held"]["2"].startswith("rolled back (errors)")

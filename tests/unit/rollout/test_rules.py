@@ -71,3 +71,14 @@ def test_caller_bucket_is_fixed_per_caller() -> None:
     context.carrier = {"x-caller-id": "bob"}
     assert caller_id(context) == "bob"
     assert caller_id(RequestContext("v2", "ModelInfer")) is None
+
+
+def test_a_held_version_is_never_the_primary() -> None:
+    """A rolled-back canary stays served until a registry round retires it: meanwhile a sync must
+    not make it the primary (it is the highest version and no longer has a role)."""
+    model = state()
+    served = {1: None, 2: None}
+    assert model.primary_version(served) == 1  # 2 is the canary
+    model.canary = None
+    model.held = frozenset({2})
+    assert model.primary_version(served) == 1
