@@ -77,6 +77,7 @@ def test_a_held_version_is_never_the_primary() -> None:
     """A rolled-back canary stays served until a registry round retires it: meanwhile a sync must
     not make it the primary (it is the highest version and no longer has a role)."""
     model = state()
+    model.canary = 2
     served = {1: None, 2: None}
     assert model.primary_version(served) == 1  # 2 is the canary
     model.canary = None
