@@ -50,6 +50,8 @@ from service.generated.inference import grpc_service_pb2 as v2  # noqa: E402
 
 MODEL = "fashion_cnn"
 INFER = "/inference.GRPCInferenceService/ModelInfer"
+#: Open-loop requests started in the first second are sent (and mirrored) but not timed.
+WARMUP_S = 1.0
 
 
 def failing_copy(source: Path) -> bytes:
@@ -166,21 +168,22 @@ async def closed_loop(address: str, body: bytes, concurrency: int, seconds: floa
 
 
 async def open_loop(address: str, body: bytes, rate: float, seconds: float, until: Any = None) -> dict[str, Any]:
-    """Requests started at ``rate`` per second for ``seconds`` (or until ``until()`` is true)."""
+    """Requests started at ``rate`` per second for ``seconds`` (or until ``until()`` is true); the
+    p99 of those started after :data:`WARMUP_S`; errors of all."""
     async with grpc.aio.insecure_channel(address) as channel:
         call = channel.unary_unary(INFER)
         latencies: list[float] = []
-        errors = 0
+        errors: dict[str, int] = {}
 
-        async def one() -> None:
-            nonlocal errors
+        async def one(measured: bool) -> None:
             start = time.perf_counter()
             try:
                 await call(body, timeout=30)
-            except grpc.aio.AioRpcError:
-                errors += 1
+            except grpc.aio.AioRpcError as exc:
+                errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
                 return
-            latencies.append(time.perf_counter() - start)
+            if measured:
+                latencies.append(time.perf_counter() - start)
 
         tasks = []
         begin = time.perf_counter()
@@ -192,11 +195,11 @@ async def open_loop(address: str, body: bytes, rate: float, seconds: float, unti
             due = sent / rate
             if due > now:
                 await asyncio.sleep(due - now)
-            tasks.append(asyncio.create_task(one()))
+            tasks.append(asyncio.create_task(one(now >= WARMUP_S)))
             sent += 1
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - begin
-    return {"sent": sent, "seconds": elapsed, "p99_ms": p99(latencies), "errors": errors}
+    return {"sent": sent, "seconds": elapsed, "p99_ms": p99(latencies), "errors": sum(errors.values()), "codes": errors}
 
 
 def drained(srv: Server, sent: int, timeout: float = 120) -> dict[str, Any]:
@@ -216,7 +219,8 @@ def shadow(work: Path, seconds: float, concurrency: int) -> dict[str, Any]:
     bad = repository(work / "failing", failing_copy(REPO_ROOT / "models" / MODEL / "1" / "model.onnx"))
     with server(good, work) as srv:
         saturation = asyncio.run(closed_loop(srv.address, body, concurrency, seconds))
-        rate = saturation["rps"] / 2
+    rate = saturation["rps"] / 2
+    with server(good, work) as srv:  # a fresh server, like the runs it is compared with
         alone = asyncio.run(open_loop(srv.address, body, rate, seconds))
     figures: dict[str, Any] = {"saturation": saturation, "rate": rate, "primary_alone": alone}
     for name, repo in (("with_shadow", good), ("with_failing_shadow", bad)):

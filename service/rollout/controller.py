@@ -478,9 +478,10 @@ class Rollout:
         state.held = frozenset(self.registry.held(name))
         state.resolve(served)
         self.refresh()
+        wanted = state.side  # the round's sync ends a role whose version did not load: ask before
         report = await self.registry.reload([name], explicit=True, trigger="request")
         now = self.registry.snapshot().get(name, {})
-        missing = [v for v in state.side if v not in now]
+        missing = sorted(v for v in wanted if v not in now)
         if missing:
             failures = {str(k): why for k, why in self.registry.failures.items() if k.model == name}
             state.shadow, state.shadow_share, state.canary, state.canary_share, state.rules, state.new_versions = before

@@ -4,10 +4,14 @@ background, at low priority, through a bounded queue.
 A :class:`Job` is queued once the client has its answer (the data plane's ``finish``): the
 request's decoded inputs and the answer it got. One worker task per model takes jobs in order,
 joins those of the same shape into one batch (up to :data:`MAX_ROWS` rows, :data:`MAX_JOBS`
-jobs), waits until the target version's batch queue holds no client request, and submits the
-batch there (its own batcher, session and inference threads: one mirrored batch at a time per
-model, so mirrored work never holds more than one of them). The answers go to ``done`` (the
-controller compares them).
+jobs), waits until neither the version that answered nor the target has client work queued or
+running, and submits the batch to the target (its own batcher, session and inference threads:
+one mirrored batch at a time per model, so mirrored work never holds more than one of them). The
+answers go to ``done`` (the controller compares them).
+
+This bounds the mirror's share of the machine only loosely: a mirrored batch that started keeps
+its CPU while client requests arrive. Where primary and shadow cost the same and the CPU has no
+headroom (benchmarks/rollout.py on 2 cores), lower ``shadow_share`` or the queue capacity.
 
 Bounded: at most ``capacity`` jobs and ``max_bytes`` of their arrays wait; beyond either a job is
 dropped and counted, never queued. Nothing here can fail a client request: the client was
@@ -135,9 +139,13 @@ class Mirror:
                 wake.clear()
                 await wake.wait()
             await asyncio.sleep(0)  # client requests that arrived in this turn go first
-            target = self._resolve(self._queue[0].target)
-            if target is not None and target.batcher.depth:
-                await target.batcher.wait_idle()  # low priority: after the client requests queued now
+            head = self._queue[0]
+            # Low priority: only while neither the answering version (the primary, or a canary)
+            # nor the target has client work queued or running.
+            for version in (head.answered, head.target):
+                model = self._resolve(version)
+                if model is not None and model.batcher.busy:
+                    await model.batcher.wait_idle()
             if not self._queue:
                 continue
             jobs = self._take()

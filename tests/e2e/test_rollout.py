@@ -456,3 +456,38 @@ def test_new_version_starts_as_canary_and_is_promoted_after_a_clean_window(
         record = figures["audit"][-1]
         assert record["action"] == "promote" and record["who"] == "automatic" and record["previous_primary"] == 1
         assert {clients.v2_grpc(images(1, seed=1))[0] for _ in range(10)} == {"2"}
+
+
+def test_shadow_set_and_removed_by_model_control(
+    tmp_path: Path, clients_for: Callable[[ServerProcess], Clients]
+) -> None:
+    """V2 gRPC ``RepositoryModelLoad`` parameters add a shadow at run time (audited, a sampled
+    share) and remove it; a version that is not in the repository is refused, nothing changed."""
+    repo = classifier_repository(tmp_path / "models", image_classifier(0), image_classifier(1))
+    with start_server(tmp_path, "--model-repository", str(repo), "--allow-model-control", "true") as server:
+        clients = clients_for(server)
+        assert status(server)["shadow"] is None
+        load = v2.RepositoryModelLoadRequest(model_name=MODEL)
+        load.parameters["shadow_version"].int64_param = 1
+        load.parameters["shadow_share"].string_param = "0.5"
+        clients.v2.RepositoryModelLoad(load, timeout=60)
+        figures = status(server)
+        assert figures["primary"] == 2 and figures["shadow"] == {"version": 1, "share": 0.5, "served": True}
+        assert figures["audit"][-1]["action"] == "configure" and figures["audit"][-1]["shadow"] == 1
+        for i in range(60):
+            assert clients.v2_grpc(images(1, seed=i))[0] == "2"
+        figures = wait_for(server, lambda f: f["mirror"]["queued"] == 0 and mirrored(f) > 0, "mirrored")
+        assert 0 < mirrored(figures) < 60  # half of them, drawn (2^-59 to fail either way)
+
+        missing = v2.RepositoryModelLoadRequest(model_name=MODEL)
+        missing.parameters["canary_version"].int64_param = 9
+        with pytest.raises(grpc.RpcError) as refused:
+            clients.v2.RepositoryModelLoad(missing, timeout=60)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "[9]" in refused.value.details() and status(server)["canary"] is None
+
+        off = v2.RepositoryModelLoadRequest(model_name=MODEL)
+        off.parameters["shadow_version"].string_param = "none"
+        clients.v2.RepositoryModelLoad(off, timeout=60)
+        figures = wait_for(server, lambda f: f["versions"] == [2], "version 1 retired")
+        assert figures["shadow"] is None
