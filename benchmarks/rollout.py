@@ -174,6 +174,7 @@ async def open_loop(address: str, body: bytes, rate: float, seconds: float, unti
         call = channel.unary_unary(INFER)
         latencies: list[float] = []
         errors: dict[str, int] = {}
+        details: dict[str, str] = {}
 
         async def one(measured: bool) -> None:
             start = time.perf_counter()
@@ -181,6 +182,7 @@ async def open_loop(address: str, body: bytes, rate: float, seconds: float, unti
                 await call(body, timeout=30)
             except grpc.aio.AioRpcError as exc:
                 errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+                details.setdefault(exc.code().name, str(exc.details())[:200])
                 return
             if measured:
                 latencies.append(time.perf_counter() - start)
@@ -199,7 +201,14 @@ async def open_loop(address: str, body: bytes, rate: float, seconds: float, unti
             sent += 1
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - begin
-    return {"sent": sent, "seconds": elapsed, "p99_ms": p99(latencies), "errors": sum(errors.values()), "codes": errors}
+    return {
+        "sent": sent,
+        "seconds": elapsed,
+        "p99_ms": p99(latencies),
+        "errors": sum(errors.values()),
+        "codes": errors,
+        "first_details": details,
+    }
 
 
 def drained(srv: Server, sent: int, timeout: float = 120) -> dict[str, Any]:
