@@ -292,10 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--canary-rate", type=float, default=200.0, help="requests per second in the canary phase")
     parser.add_argument("--only", choices=("shadow", "canary", "capture"), help="one phase only")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--work", type=Path, help="keep repositories, server logs and captures here (default: a temp dir)"
+    )
     args = parser.parse_args(argv)
     results: dict[str, Any] = {"cpus": os.cpu_count(), "seconds": args.seconds, "concurrency": args.concurrency}
     with tempfile.TemporaryDirectory(prefix="rollout-bench-") as tmp:
-        work = Path(tmp)
+        work = Path(tmp) if args.work is None else args.work
+        work.mkdir(parents=True, exist_ok=True)
         if args.only in (None, "shadow"):
             results["shadow"] = shadow(work, args.seconds, args.concurrency)
         if args.only in (None, "canary"):
