@@ -22,7 +22,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.http as triton_http
-from fixtures.onnx_models import OPSET, image_classifier, linear, save
+from fixtures.onnx_models import OPSET, image_classifier, linear, save, slow
 from fixtures.servers import REPO_ROOT, ServerProcess, sample, scrape, start_server, v2_request
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
@@ -491,3 +491,36 @@ def test_shadow_set_and_removed_by_model_control(
         clients.v2.RepositoryModelLoad(off, timeout=60)
         figures = wait_for(server, lambda f: f["versions"] == [2], "version 1 retired")
         assert figures["shadow"] is None
+
+
+def test_full_mirror_queue_drops_and_counts(tmp_path: Path) -> None:
+    """A shadow far slower than the primary, and a mirror queue of one request: while the shadow
+    runs its first mirrored request, one more waits and the rest are dropped and counted; clients
+    get every answer from the primary."""
+    repo = tmp_path / "models"
+    save(linear(1, [2.0], 1.0), repo, "m", 1)
+    save(slow(layers=100, width=512), repo, "m", 2)  # the same signature: x [N, 1] → y [N, 1]
+    rollout = json.dumps({"m": {"primary": 1, "shadow_version": 2}})
+    args = ["--model-repository", str(repo), "--rollout", rollout, "--rollout-queue-capacity", "1"]
+    with start_server(tmp_path, *args, metrics=True) as server, grpc.insecure_channel(server.address) as channel:
+        stub = v2_grpc.GRPCInferenceServiceStub(channel)
+        x = np.arange(64, dtype=np.float32).reshape(64, 1)
+        for _ in range(20):  # each answered in well under the shadow's time for one request
+            response = stub.ModelInfer(v2_request("m", "x", x, "FP32"), timeout=30)
+            y = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(64, 1)
+            assert response.model_version == "1" and np.array_equal(y, 2 * x + 1)
+
+        def settled(figures: dict[str, Any]) -> bool:
+            return mirrored(figures) + sum(figures["mirror"]["dropped"].values()) == 20
+
+        url = f"http://127.0.0.1:{server.http_port}/v2/models/m/rollout"
+        deadline = time.monotonic() + DEADLINE_S
+        while not settled(figures := json.loads(urllib.request.urlopen(url, timeout=10).read())):
+            assert time.monotonic() < deadline, figures
+            time.sleep(0.05)
+        dropped = figures["mirror"]["dropped"]["queue_full"]
+        assert dropped >= 15 and figures["mirror"]["ok"] == 20 - dropped, figures
+        samples = scrape(server.metrics_port)
+        assert sample(samples, "serving_rollout_mirror_dropped_requests_total", model="m", reason="queue_full") == (
+            dropped
+        )
