@@ -86,3 +86,18 @@ def test_sampling_and_models(tmp_path: Path) -> None:
     capture.close()
     (record,) = lines(tmp_path)
     assert "outputs" not in record
+
+
+def test_files_rotate_after_their_age(tmp_path: Path) -> None:
+    settings = Settings(model_repository=tmp_path, capture_dir=tmp_path, capture_max_file_seconds=60)
+    capture = Capture(settings, start=False)
+    x = np.zeros((1, 1), np.float32)
+    capture.offer(answered(), "m", {"x": x}, {"y": x})
+    capture._drain()
+    capture._file_opened -= 61  # the file is a minute old (no waiting in a test)
+    capture._drain()  # nothing to write: the old file is closed all the same
+    assert capture._file is None
+    capture.offer(answered(), "m", {"x": x}, {"y": x})
+    capture._drain()
+    capture.close()
+    assert capture.files_opened == 2 and len(list(tmp_path.glob("capture-*.jsonl"))) == 2
