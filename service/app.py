@@ -18,6 +18,8 @@ from .http.server import HttpFrontEnd
 from .limits import CallGate, MessageLimits
 from .observability.logs import RequestLog
 from .observability.metrics import Metrics
+from .rollout.controller import Rollout
+from .rollout.metrics import RolloutCollector
 from .security import Authenticator
 from .settings import Settings
 
@@ -40,6 +42,7 @@ class ServingApp:
     metrics: Metrics
     poller: RepositoryPoller
     limits: MessageLimits
+    rollout: Rollout
 
     @property
     def port(self) -> int:
@@ -83,6 +86,7 @@ class ServingApp:
         else:
             await self.grpc.stop(remaining)
         await self.poller.stop()
+        await self.rollout.stop()  # mirrored requests dropped; captured ones written
         await self.registry.stop()
         self.plane.close()  # flushes pending trace spans
 
@@ -94,6 +98,7 @@ class ServingApp:
         if self.http is not None:
             await self.http.stop(0.0)
         await self.poller.stop()
+        await self.rollout.stop()
         await self.registry.stop()
         self.metrics.close()
 
@@ -103,15 +108,20 @@ async def build_app(
     registry: ModelRegistry | None = None,
     metrics: Metrics | None = None,
     limits: MessageLimits | None = None,
+    rollout: Rollout | None = None,
     reuse_port: bool = False,
 ) -> ServingApp:
     """Everything created and bound (not yet started). Refuses to build on a provider that is
-    not available (ProviderUnavailable) or an unusable token file (AuthConfigError).
+    not available (ProviderUnavailable) or an unusable token file (AuthConfigError). The rollout
+    controller is made with the registry (before its first round: it names the versions to load).
     ``reuse_port``: a worker sharing its ports with its siblings (service/workers)."""
     metrics = metrics if metrics is not None else Metrics()
     if registry is None:
         registry = ModelRegistry(settings.model_repository, settings, metrics=metrics)  # provider check
+    if rollout is None:
+        rollout = Rollout(settings, registry)
     metrics.attach(registry)
+    metrics.registry.register(RolloutCollector(rollout))
     limits = limits if limits is not None else MessageLimits(settings.max_message_bytes)
     observers: list[Observer] = [metrics, registry.statistics]
     if settings.log_level == "DEBUG":  # elsewhere it would cost every request a call
@@ -120,6 +130,10 @@ async def build_app(
     if tracing is not None:
         observers.append(tracing)
     plane = DataPlane(registry, settings, observers, tracing)
+    rollout.bind(plane)
+    registry.listeners.insert(0, rollout.sync)  # first: roles follow a round before anything yields
+    if registry.loaded:
+        await rollout.sync()
     gate = CallGate(settings.max_concurrent_requests)
     authenticator = Authenticator.from_settings(settings)
     front = await build_grpc(settings, plane, gate, authenticator, limits, reuse_port)
@@ -128,10 +142,11 @@ async def build_app(
         http = HttpFrontEnd(api, settings, reuse_port) if settings.http_port else None
     except BaseException:  # the HTTP port is taken: the bound gRPC server must not outlive the loop
         await front.server.stop(None)
+        await rollout.stop()
         await registry.stop()
         raise
     poller = RepositoryPoller(registry, settings.reload_interval_seconds)
-    app = ServingApp(settings, registry, plane, gate, front, http, metrics, poller, limits)
+    app = ServingApp(settings, registry, plane, gate, front, http, metrics, poller, limits, rollout)
     registry.listeners.append(app._follow_registry)
     return app
 
@@ -224,6 +239,7 @@ async def serve(settings: Settings, worker: WorkerHooks | None = None) -> None:
     say = log.info if worker is None else worker.report
     metrics = Metrics()
     registry = ModelRegistry(settings.model_repository, settings, metrics=metrics)  # provider check
+    rollout = Rollout(settings, registry)  # before the first round: shadows and canaries load too
     app: ServingApp | None = None
     try:
         # The models first: the transports' message limit follows the largest request they accept.
@@ -232,7 +248,7 @@ async def serve(settings: Settings, worker: WorkerHooks | None = None) -> None:
             await worker.loaded(registry)
         limits = MessageLimits(settings.max_message_bytes)
         limits.size_transport(registry.largest_request())
-        app = await build_app(settings, registry, metrics, limits, reuse_port=worker is not None)
+        app = await build_app(settings, registry, metrics, limits, rollout, reuse_port=worker is not None)
         if worker is not None:
             worker.attach(app)
         await app.start()
@@ -255,6 +271,7 @@ async def serve(settings: Settings, worker: WorkerHooks | None = None) -> None:
         if app is not None:
             await app.close()
         else:
+            await rollout.stop()
             await registry.stop()
             metrics.close()
         raise

@@ -41,6 +41,36 @@ class BatchingOverride(BaseModel):
     queue_capacity: int | None = Field(None, ge=1)
 
 
+class RolloutOverride(BaseModel):
+    """Per-model guarded rollout (docs/rollout.md); a field left out keeps what the level below says.
+
+    Given in ``models/<name>/config.json`` under ``"rollout"`` and/or in the ``rollout`` setting
+    (JSON object: model name, or ``"*"`` for every model → these fields), which wins."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    primary: int | None = Field(None, ge=1, description="the version unversioned requests get (default: the latest)")
+    shadow_version: int | None = Field(None, ge=1, description="a version mirrored every (sampled) request")
+    shadow_share: float | None = Field(None, gt=0, le=1, description="share of requests mirrored to the shadow")
+    canary_version: int | None = Field(None, ge=1, description="a version taking a share of live traffic")
+    canary_share: float | None = Field(None, gt=0, le=1, description="share of unversioned requests it takes")
+    new_versions: Literal["serve", "shadow", "canary"] | None = Field(
+        None, description="a version appearing on disk: serve it (the policy), or start it as shadow or canary"
+    )
+    compare_share: float | None = Field(
+        None, ge=0, le=1, description="share of canary requests also run on the primary to measure agreement"
+    )
+    window: int | None = Field(None, ge=10, le=100_000, description="requests per rule window")
+    max_error_ratio: float | None = Field(None, gt=0, description="roll back above this × the primary's error rate")
+    min_error_rate: float | None = Field(None, ge=0, le=1, description="error rates at or below this never roll back")
+    min_agreement: float | None = Field(None, ge=0, le=1, description="roll back below this agreement")
+    max_latency_ratio: float | None = Field(None, gt=0, description="roll back above this × the primary's p99")
+    regression_tolerance: float | None = Field(
+        None, ge=0, description="a regression row agrees when |Δ| <= this × |primary| (or 1e-6)"
+    )
+    auto_promote: bool | None = Field(None, description="promote the canary after a clean window")
+
+
 class Settings(BaseSettings):
     """Everything the server can be told. Env var = ``SERVING_`` + upper-case field name;
     CLI flag = ``--`` + field name with dashes (flags override env vars)."""
@@ -229,6 +259,50 @@ class Settings(BaseSettings):
         description="serve V2 RepositoryModelLoad/RepositoryModelUnload (load, reload or "
         "drain a model on request); off, they answer FAILED_PRECONDITION",
     )
+    # -- guarded rollout and payload capture (docs/rollout.md) --------------------------------
+    rollout: Annotated[dict[str, RolloutOverride], NoDecode] = Field(  # JSON read by _json
+        {},
+        description="per-model rollout, JSON: "
+        '{"fashion_cnn": {"canary_version": 3, "canary_share": 0.1}} ("*": every model); '
+        "wins over models/<name>/config.json",
+    )
+    rollout_new_versions: Literal["serve", "shadow", "canary"] = Field(
+        "serve",
+        description="a version that appears on disk while the server runs: serve it as the version policy says "
+        "(serve), or start it as the shadow or the canary of the version serving now (per-model: new_versions)",
+    )
+    rollout_queue_capacity: int = Field(
+        1024,
+        ge=1,
+        description="mirrored requests (shadow, canary checks) waiting per model; more are dropped and counted",
+    )
+    rollout_queue_bytes: int = Field(
+        64 * MiB, ge=MiB, description="bytes of mirrored requests waiting per model; more are dropped and counted"
+    )
+    rollout_audit_file: Path | None = Field(
+        None, description="append an audit record (JSON line) per rollout change, rollback and promotion"
+    )
+    capture_dir: Path | None = Field(
+        None, description="capture requests and responses into rotating JSON-lines files here (unset = no capture)"
+    )
+    capture_share: float = Field(1.0, gt=0, le=1, description="share of inference requests captured")
+    capture_models: Annotated[list[str], NoDecode] = Field(
+        [], description="models whose requests are captured, comma-separated (empty = all)"
+    )
+    capture_redact: Annotated[list[str], NoDecode] = Field(
+        [],
+        description="tensors whose values are never captured, comma-separated: 'name' (any model) or "
+        "'model/name'; their name, datatype and shape are kept",
+    )
+    capture_max_file_bytes: int = Field(64 * MiB, ge=4096, description="a capture file is rotated past this size")
+    capture_max_file_seconds: float = Field(3600.0, gt=0, description="a capture file is rotated after this long")
+    capture_max_files: int = Field(10, ge=1, description="capture files kept; the oldest are deleted")
+    capture_queue_capacity: int = Field(
+        4096, ge=1, description="captured requests waiting to be written; more are dropped and counted"
+    )
+    capture_queue_bytes: int = Field(
+        64 * MiB, ge=MiB, description="bytes of captured requests waiting to be written; more are dropped and counted"
+    )
     strict_model_loading: bool = Field(
         False,
         description="refuse to start (exit 1) when any model version fails to load at start-up or "
@@ -262,14 +336,21 @@ class Settings(BaseSettings):
                 raise ValueError("auth tokens must be non-empty printable ASCII without spaces")
         return tokens
 
-    @field_validator("batching", mode="before")
+    @field_validator("capture_models", "capture_redact", mode="before")
+    @classmethod
+    def _split_names(cls, value: object) -> object:
+        if isinstance(value, str):  # from a flag or env var: comma-separated
+            return [t.strip() for t in value.split(",") if t.strip()]
+        return value
+
+    @field_validator("batching", "rollout", mode="before")
     @classmethod
     def _json(cls, value: object) -> object:
         if isinstance(value, str):  # from a CLI flag
             try:
                 return json.loads(value) if value.strip() else {}
             except ValueError as exc:
-                raise ValueError(f"batching must be a JSON object: {exc}") from None
+                raise ValueError(f"expected a JSON object: {exc}") from None
         return value
 
     @field_validator("workers", mode="before")

@@ -102,12 +102,21 @@ def model_config_json(model: ModelVersion) -> dict[str, Any]:
     return config
 
 
-def repository_index(registry: ModelRegistry, ready_only: bool = False) -> list[dict[str, str]]:
+def repository_index(
+    registry: ModelRegistry, ready_only: bool = False, roles: Mapping[tuple[str, int], str] | None = None
+) -> list[dict[str, str]]:
     """Triton's repository index: served versions READY; versions on disk that are not served,
     failed versions and failed models (version "") UNAVAILABLE with the reason. ``ready_only``:
-    the READY ones only."""
+    the READY ones only. ``roles``: a served version's rollout role, given as its reason."""
+    roles = roles or {}
     return [
-        {"name": e.name, "version": e.version, "state": e.state, "reason": e.reason} for e in registry.index(ready_only)
+        {
+            "name": e.name,
+            "version": e.version,
+            "state": e.state,
+            "reason": e.reason or roles.get((e.name, int(e.version) if e.version.isdigit() else 0), ""),
+        }
+        for e in registry.index(ready_only)
     ]
 
 
@@ -136,13 +145,38 @@ def one_repository(repository_name: str) -> None:
 
 
 def control_parameters(parameters: Collection[str], ignored: frozenset[str] = frozenset()) -> None:
-    """Model load/unload requests take no parameters (but the ignored ones)."""
+    """Model unload requests take no parameters (but the ignored ones)."""
     unsupported = sorted(set(parameters) - ignored)
     if unsupported:
         raise InvalidArgument(
             f"parameters {unsupported} are not supported: models load from the repository "
             "directory only (no config override or file upload)"
         )
+
+
+def load_parameters(parameters: Mapping[str, Any]) -> dict[str, str]:
+    """A model load request's parameters as text: the rollout's (docs/rollout.md#model-control),
+    each a gRPC ``ModelRepositoryParameter`` (string, int64 or bool) or a JSON string, number or
+    boolean. Config overrides and file uploads are refused: models load from the repository."""
+    values: dict[str, str] = {}
+    for key, value in parameters.items():
+        if key == "config" or key.startswith("file:"):
+            raise InvalidArgument(
+                f"parameter {key!r} is not supported: models load from the repository directory only "
+                "(no config override or file upload)"
+            )
+        if hasattr(value, "WhichOneof"):  # gRPC ModelRepositoryParameter
+            kind = value.WhichOneof("parameter_choice")
+            if kind not in ("string_param", "int64_param", "bool_param"):
+                raise InvalidArgument(f"parameter {key!r}: give a string, an integer or a boolean, got {kind}")
+            value = getattr(value, kind)
+        if isinstance(value, bool):
+            values[key] = "true" if value else "false"
+        elif isinstance(value, int | float | str):
+            values[key] = str(value)
+        else:
+            raise InvalidArgument(f"parameter {key!r}: give a string, a number or a boolean")
+    return values
 
 
 def check_inference_parameters(where: str, parameters: Mapping[str, Any]) -> None:

@@ -133,9 +133,13 @@ class BatchingConfig:
         return described
 
 
-def config_json_batching(model_dir: Path | None) -> dict[str, Any]:
-    """The batching fields ``<model_dir>/config.json`` sets ({} without the file); ValueError when
-    it is not valid JSON or has unknown/invalid fields."""
+#: The sections ``config.json`` may hold.
+CONFIG_JSON_SECTIONS = ("batching", "rollout")
+
+
+def config_json(model_dir: Path | None) -> dict[str, Any]:
+    """``<model_dir>/config.json`` as a dict of its sections ({} without the file); ValueError when
+    it is not valid JSON or has a section other than :data:`CONFIG_JSON_SECTIONS`."""
     path = model_dir / CONFIG_FILE if model_dir is not None else None
     if path is None or not path.is_file():
         return {}
@@ -143,13 +147,21 @@ def config_json_batching(model_dir: Path | None) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except ValueError as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from None
-    unknown = sorted(set(data) - {"batching"}) if isinstance(data, dict) else None
+    unknown = sorted(set(data) - set(CONFIG_JSON_SECTIONS)) if isinstance(data, dict) else None
     if unknown is None or unknown:
-        raise ValueError(f'{path}: expected {{"batching": {{...}}}}, got keys {unknown}')
+        raise ValueError(f'{path}: expected {{"batching": {{...}}, "rollout": {{...}}}}, got keys {unknown}')
+    sections: dict[str, Any] = data
+    return sections
+
+
+def config_json_batching(model_dir: Path | None) -> dict[str, Any]:
+    """The batching fields ``<model_dir>/config.json`` sets ({} without the file); ValueError when
+    it is not valid JSON or has unknown/invalid fields."""
+    data = config_json(model_dir)
     try:
         override = BatchingOverride.model_validate(data.get("batching", {}))
     except Exception as exc:  # pydantic.ValidationError: say which file
-        raise ValueError(f"{path}: {exc}") from None
+        raise ValueError(f"{model_dir}/{CONFIG_FILE}: {exc}") from None
     return override.model_dump(exclude_none=True)
 
 

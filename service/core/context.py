@@ -39,10 +39,18 @@ class RequestContext:
         # or metadata, where a caller's W3C trace context is. Never initialised otherwise, so
         # that tracing off costs the hot path nothing; read it with getattr(context, "carrier", None).
         "carrier",
+        # Set only while a guarded rollout or capture is on (service/rollout/): the canary routing
+        # of an unversioned request, and what the request ran with for the mirror and capture.
+        "route",
+        "tap",
     )
 
-    #: The request's headers or metadata; only set while tracing is on (see __slots__).
+    #: The request's headers or metadata; only set while tracing or a canary is on (see __slots__).
     carrier: Any
+    #: service.rollout.state.Route of a request routed between a primary and its canary.
+    route: Any
+    #: service.rollout.controller.Tap: the version, inputs and outputs of the request.
+    tap: Any
 
     def __init__(self, protocol: str, method: str, *, inference: bool = False, timeout: float | None = None) -> None:
         self.protocol = protocol
@@ -92,3 +100,21 @@ class RequestContext:
     def seconds(self) -> float:
         """Time from the request's opening to its answer (until then: to now)."""
         return (self.end or time.perf_counter()) - self.start
+
+
+class Carrier:
+    """Keeps a request's gRPC metadata or HTTP headers on its context (``context.carrier``) for
+    those who read them after the fact: tracing (a caller's ``traceparent``) and the canary's
+    sticky routing (``x-caller-id``). A front end calls it only while one of them is on
+    (``DataPlane.headers``)."""
+
+    @staticmethod
+    def grpc(context: RequestContext, grpc_context: Any) -> None:
+        context.carrier = grpc_context.invocation_metadata()
+
+    @staticmethod
+    def http(context: RequestContext, headers: Any) -> None:
+        context.carrier = headers
+
+
+CARRIER = Carrier()

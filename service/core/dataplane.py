@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from ..settings import Settings
-from .context import RequestContext
+from .context import CARRIER, Carrier, RequestContext
 from .datatypes import datatype_of
 from .registry import ModelRegistry, ModelVersion, ReloadReport
 from .runner import Runner
@@ -35,6 +35,7 @@ from .tensors import MAX_ELEMENTS, MAX_RANK, check_finite, check_shape
 
 if TYPE_CHECKING:
     from ..observability.tracing import Tracing
+    from ..rollout.controller import Rollout
 
 Arrays = dict[str, np.ndarray]
 
@@ -163,8 +164,11 @@ class ModelControl(Protocol):
 class DataPlane:
     """Model lookup, admission, inference and model control over one :class:`ModelRegistry`.
 
-    ``tracing`` (only with the ``tracing`` setting) is also one of the observers; the front ends
-    check it once per request to hand it the request's trace context (headers, metadata)."""
+    ``tracing`` (only with the ``tracing`` setting) is also one of the observers. Three hooks are
+    None unless something needs them, so that each costs the request path one attribute check:
+    ``headers`` (tracing or a canary: the front ends keep the request's headers / metadata on its
+    context), ``router`` (a model has a rollout: unversioned requests are routed) and ``taps``
+    (a rollout or capture: the request is remembered for the mirror and capture)."""
 
     def __init__(
         self,
@@ -180,6 +184,11 @@ class DataPlane:
         #: Who carries out model control requests: this process's registry, or in a worker of a
         #: supervised server the supervisor, which has every worker do it (service/workers).
         self.control: ModelControl = registry
+        self.headers: Carrier | None = CARRIER if tracing is not None else None
+        #: The rollout controller (model control, status); set by :meth:`Rollout.bind`.
+        self.rollout: Rollout | None = None
+        self.router: Rollout | None = None
+        self.taps: Rollout | None = None
 
     # -- health and lookup ------------------------------------------------------------------------
 
@@ -188,8 +197,11 @@ class DataPlane:
         return self.registry.ready
 
     def model(self, context: RequestContext | None, name: str, version: int | str | None = None) -> ModelVersion:
-        """The version asked for (None/""/0 → latest), recorded in ``context``."""
+        """The version asked for (None/""/0 → latest, or what a rollout routes it to), recorded in
+        ``context``."""
         model = self.registry.get(name, version)
+        if self.router is not None and not version:
+            model = self.router.route(context, model)
         if context is not None:
             context.model = model.spec.name
             context.version = str(model.spec.version)
@@ -224,6 +236,8 @@ class DataPlane:
             if array.dtype.kind == "f":
                 check_finite(array, _what(tensor.name, spec))
             feeds[tensor.name] = array
+        if self.taps is not None:
+            return await self.taps.infer(context, model, feeds, names)
         return await model.batcher.submit(feeds, names, context.remaining(), context)
 
     def finish(self, context: RequestContext) -> None:
@@ -250,9 +264,21 @@ class DataPlane:
             )
         return self.control
 
-    async def load_model(self, name: str) -> ReloadReport:
-        """(Re)load a model from its directory; FailedPrecondition when a version is rejected."""
-        return await self._control().load(name)
+    async def load_model(self, name: str, parameters: dict[str, str] | None = None, who: str = "") -> ReloadReport:
+        """(Re)load a model from its directory; FailedPrecondition when a version is rejected. With
+        ``parameters``: change its rollout (shadow, canary, promote, rollback; docs/rollout.md),
+        recorded as done by ``who``."""
+        control = self._control()
+        if parameters:
+            if self.rollout is None:
+                raise InvalidArgument(f"parameters {sorted(parameters)} are not supported by this server")
+            if control is not self.registry:
+                raise FailedPrecondition(
+                    "rollout changes by request would reach one worker only: with --workers, set shadows and "
+                    "canaries in the settings or the model's configuration (docs/rollout.md)"
+                )
+            return await self.rollout.control(name, parameters, who)
+        return await control.load(name)
 
     async def unload_model(self, name: str) -> ReloadReport:
         """Stop serving every version of a model once its requests drained."""

@@ -38,8 +38,9 @@ from google.protobuf import text_format
 
 from ..generated._pool import POOL
 from ..generated.inference import model_config_pb2 as config_pb
+from ..rollout.config import NO_ROLLOUT, RolloutConfig
 from ..settings import Settings
-from .batching import CONFIG_FILE, BatchingConfig
+from .batching import CONFIG_FILE, BatchingConfig, config_json
 from .discovery import MODEL_FILE, Signature, file_signature
 from .spec import ModelSpec
 
@@ -121,6 +122,8 @@ class ModelSettings:
     triton: config_pb.ModelConfig | None = None
     #: (config.pbtxt, config.json) file signatures: a change reloads the model's versions.
     signature: tuple[Signature | None, Signature | None] = (None, None)
+    #: Guarded rollout: roles, shares, rules (the ``rollout`` setting and config.json).
+    rollout: RolloutConfig = NO_ROLLOUT
 
     @property
     def batched(self) -> bool:
@@ -363,8 +366,10 @@ def load_model_settings(
     signature = config_signature(model_dir)
     where = f"{name}/{CONFIG_PBTXT}"
     path = model_dir / CONFIG_PBTXT
+    rollout = _rollout(settings, name, model_dir)
     if signature[0] is None:
-        return ModelSettings(name, batching=BatchingConfig.resolve(settings, name, model_dir), signature=signature)
+        batching = BatchingConfig.resolve(settings, name, model_dir)
+        return ModelSettings(name, batching=batching, signature=signature, rollout=rollout)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -386,4 +391,15 @@ def load_model_settings(
     instances, providers = _instances(config, where, server_providers)
     batching = BatchingConfig.resolve(settings, name, model_dir, _batching_fields(config, present, where))
     max_batch = config.max_batch_size if "max_batch_size" in present else None
-    return ModelSettings(name, policy, batching, max_batch, instances, providers, config, signature)
+    return ModelSettings(name, policy, batching, max_batch, instances, providers, config, signature, rollout)
+
+
+def _rollout(settings: Settings, name: str, model_dir: Path) -> RolloutConfig:
+    """The model's rollout: the ``rollout`` setting and config.json's ``"rollout"`` section."""
+    section = config_json(model_dir).get("rollout")
+    if section is not None and not isinstance(section, dict):
+        raise ValueError(f"{name}/{CONFIG_FILE}: rollout must be a JSON object")
+    try:
+        return RolloutConfig.resolve(settings, name, section)
+    except Exception as exc:  # pydantic.ValidationError or a role collision: say which file
+        raise ValueError(f"{name}/{CONFIG_FILE} or the rollout setting: {exc}") from None

@@ -47,13 +47,13 @@ from collections.abc import Awaitable, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from ..observability.statistics import Statistics
 from ..settings import Settings
 from .batching import Batcher
-from .discovery import Failure, Scan, Signature, file_signature, is_model_dir, scan, version_number
+from .discovery import MODEL_FILE, Failure, Scan, Signature, file_signature, is_model_dir, scan, version_number
 from .model_config import ModelSettings, config_signature, load_model_settings
 from .runner import Runner
 from .runtime import Runtime
@@ -69,6 +69,26 @@ Served = dict[str, dict[int, "ModelVersion"]]
 #: A version as loaded: its model.onnx and its model's configuration files.
 VersionSignature = tuple[Signature, tuple[Signature | None, Signature | None]]
 READY, UNAVAILABLE = "READY", "UNAVAILABLE"
+
+
+@dataclass(frozen=True)
+class Pins:
+    """Versions of one model served beside its version policy (guarded rollout, docs/rollout.md):
+    ``keep`` (the primary: kept while the policy moves on) and ``side`` (shadow and canary: taken
+    out of the policy's choice and served as extras)."""
+
+    keep: frozenset[int] = frozenset()
+    side: frozenset[int] = frozenset()
+
+
+NO_PINS = Pins()
+
+
+class PinSource(Protocol):
+    """Who says which versions are pinned (:class:`~service.rollout.controller.Rollout`). Called
+    from the round's worker thread with the model's configuration as read this round."""
+
+    def pins(self, name: str, config: ModelSettings) -> Pins: ...
 
 
 @dataclass(frozen=True)
@@ -166,6 +186,8 @@ class _Plan:
     examined: dict[str, set[int]] = field(default_factory=dict)
     #: Each model's configuration as read this round.
     configs: dict[str, ModelSettings] = field(default_factory=dict)
+    #: Held (rolled-back) versions whose file changed or went away: served again if selected.
+    released: list[ModelKey] = field(default_factory=list)
 
 
 class ModelRegistry:
@@ -204,6 +226,10 @@ class ModelRegistry:
         self._lock: asyncio.Lock | None = None
         self._drains: set[asyncio.Task[None]] = set()
         self._retired: set[ModelVersion] = set()
+        #: Versions served beside the version policy (set by the rollout controller).
+        self.rollout: PinSource | None = None
+        #: Rolled-back versions: (their file when held, why); not served until the file changes.
+        self._held: dict[ModelKey, tuple[Signature | None, str]] = {}
 
     # -- lookup (event loop; never blocks) ------------------------------------------------------
 
@@ -243,6 +269,25 @@ class ModelRegistry:
     def snapshot(self) -> Served:
         """The served versions, name → version → model; never mutated once published."""
         return self._models
+
+    def model_settings(self, name: str) -> ModelSettings | None:
+        """The model's configuration as last read (None before its first round)."""
+        return self._configs.get(name)
+
+    def hold(self, key: ModelKey, reason: str) -> None:
+        """Take a version out of service (a rolled-back canary) until its model.onnx changes or
+        :meth:`release`; the next round of the model retires it."""
+        served = self._signatures.get(key)
+        file = served[0] if served is not None else file_signature(self.root / key.name / str(key.version) / MODEL_FILE)
+        self._held[key] = (file, reason)
+
+    def release(self, key: ModelKey) -> None:
+        """Serve a held version again (it loads on the next round of its model)."""
+        self._held.pop(key, None)
+
+    def held(self, name: str) -> dict[int, str]:
+        """The model's held versions and why."""
+        return {k.version: why for k, (_, why) in self._held.items() if k.name == name}
 
     def get(self, name: str, version: int | str | None = None) -> ModelVersion:
         """The version asked for; ``None``, ``""`` or ``0`` → the latest."""
@@ -299,6 +344,8 @@ class ModelRegistry:
                     key = ModelKey(name, number)
                     if name in self._unloaded:
                         why = "unloaded: unload requested"
+                    elif key in self._held:
+                        why = f"rolled back: {self._held[key][1]}"
                     elif key in self._unload_reasons:
                         why = f"unloaded: {self._unload_reasons[key]}"
                     elif model_failure:
@@ -485,49 +532,86 @@ class ModelRegistry:
     def _plan_versions(
         self, plan: _Plan, name: str, served: dict[int, ModelVersion], disk: dict[int, Path], config: ModelSettings
     ) -> None:
-        """Apply the model's version policy: load what it selects, retire what it no longer does."""
+        """Apply the model's version policy: load what it selects, retire what it no longer does.
+        Pinned versions (guarded rollout) are served beside the policy's choice; held (rolled-back)
+        ones are passed over like a rejected file."""
         policy = config.version_policy
         for version in policy.missing(list(disk)):
             plan.problems[Failure(name, str(version))] = (
                 f"version_policy {policy} names version {version}, which is not in the repository"
             )
+        pins = self.rollout.pins(name, config) if self.rollout is not None else NO_PINS
+        held = self._holding(plan, name, disk)
         # What clients get today and keep getting: the latest version that stays on disk.
         staying = [v for v in served if v in disk]
         reference = served[max(staying)] if staying else None
         chosen: list[int] = []  # served after this round
         examined: set[int] = set()
         for version in policy.order(list(disk)):
+            if version in held or version in pins.side:
+                continue
             if policy.limit is not None and len(chosen) >= policy.limit:
                 break
             examined.add(version)
-            path = disk[version]
-            key = ModelKey(name, version)
-            file = file_signature(path)
-            if file is None:
-                if version in served:  # the file went away: unload that version
-                    plan.remove.append(key)
-                elif self._rejected.get(key, ()) is not None:
-                    plan.rejected[key] = (None, f"{key.name}/{key.version}/model.onnx is missing")
-                continue
-            signature: VersionSignature = (file, config.signature)
-            if version in served and self._signatures.get(key) == signature:
-                chosen.append(version)  # unchanged
-                continue
-            if key in self._rejected and self._rejected[key] == signature:
-                if version in served:  # rejected before and unchanged: no retry; the old file serves on
-                    chosen.append(version)
-                continue
-            model = self._try_load(key, path, signature, served.get(version) or reference, plan, config)
-            if model is not None:
-                plan.add.append(model)
-            if model is not None or version in served:
+            if self._consider(plan, ModelKey(name, version), disk[version], served, reference, config):
                 chosen.append(version)
+        for version in sorted((pins.keep | pins.side) - set(chosen) - held):
+            if version in disk:
+                examined.add(version)
+                if self._consider(plan, ModelKey(name, version), disk[version], served, reference, config):
+                    chosen.append(version)
         plan.examined[name] = examined
         for version in sorted(served):
             if version in disk and version not in chosen and ModelKey(name, version) not in plan.remove:
                 key = ModelKey(name, version)
                 plan.remove.append(key)
-                plan.reasons[key] = f"version policy {policy} serves versions {sorted(chosen)}"
+                plan.reasons[key] = (
+                    f"rolled back: {self._held[key][1]}"
+                    if version in held
+                    else f"version policy {policy} serves versions {sorted(chosen)}"
+                )
+
+    def _holding(self, plan: _Plan, name: str, disk: dict[int, Path]) -> set[int]:
+        """The model's held versions whose file is unchanged; the others are released at publish."""
+        held: set[int] = set()
+        for key, (file, _) in list(self._held.items()):
+            if key.name != name:
+                continue
+            path = disk.get(key.version)
+            if path is not None and file is not None and file_signature(path) == file:
+                held.add(key.version)
+            else:
+                plan.released.append(key)
+        return held
+
+    def _consider(
+        self,
+        plan: _Plan,
+        key: ModelKey,
+        path: Path,
+        served: dict[int, ModelVersion],
+        reference: ModelVersion | None,
+        config: ModelSettings,
+    ) -> bool:
+        """Plan one version the policy (or a pin) selects: unchanged, (re)loaded, or rejected.
+        Whether it is served after the round."""
+        version = key.version
+        file = file_signature(path)
+        if file is None:
+            if version in served:  # the file went away: unload that version
+                plan.remove.append(key)
+            elif self._rejected.get(key, ()) is not None:
+                plan.rejected[key] = (None, f"{key.name}/{key.version}/model.onnx is missing")
+            return False
+        signature: VersionSignature = (file, config.signature)
+        if version in served and self._signatures.get(key) == signature:
+            return True  # unchanged
+        if key in self._rejected and self._rejected[key] == signature:
+            return version in served  # rejected before and unchanged: no retry; the old file serves on
+        model = self._try_load(key, path, signature, served.get(version) or reference, plan, config)
+        if model is not None:
+            plan.add.append(model)
+        return model is not None or version in served
 
     def _try_load(
         self,
@@ -563,6 +647,8 @@ class ModelRegistry:
     ) -> tuple[ReloadReport, list[tuple[ModelVersion, str]]]:
         models = {name: dict(versions) for name, versions in self._models.items()}
         report = ReloadReport()
+        for key in plan.released:
+            self._held.pop(key, None)
         retired: list[tuple[ModelVersion, str]] = []
         for key in plan.remove:
             model = models.get(key.name, {}).pop(key.version, None)

@@ -2,9 +2,10 @@
 :meth:`Rpc.stream`. Each opens a :class:`~service.core.context.RequestContext` per request (per
 message on streams), turns a :class:`~service.errors.ServingError` into its gRPC status
 (:mod:`.status`), records the outcome in the context and hands it to the data plane's
-observers (metrics, statistics, request log, traces) once answered; with tracing on, the call's
-metadata goes to the tracer (its ``traceparent``). Handlers only decode, call the data plane and
-encode: ``handler(self, request, context) -> response`` with the request context."""
+observers (metrics, statistics, request log, traces) once answered; with tracing or a canary
+on, the call's metadata is kept on the context (its ``traceparent``, ``x-caller-id``). Handlers
+only decode, call the data plane and encode: ``handler(self, request, context) -> response``
+with the request context."""
 
 from __future__ import annotations
 
@@ -79,9 +80,9 @@ class Rpc:
             @functools.wraps(handler)
             async def call(servicer: Servicer, request: Req, grpc_context: grpc.aio.ServicerContext) -> Resp:
                 context = RequestContext(protocol, method, inference=inference, timeout=grpc_context.time_remaining())
-                tracing = servicer.plane.tracing
-                if tracing is not None:
-                    tracing.grpc(context, grpc_context)
+                headers = servicer.plane.headers
+                if headers is not None:  # tracing or a canary: the call's metadata
+                    headers.grpc(context, grpc_context)
                 try:
                     response = await handler(servicer, request, context)
                 except ServingError as err:
@@ -131,9 +132,9 @@ class Rpc:
                         f"no message on this stream for {idle:g} s (stream_idle_timeout_seconds): closed",
                     )
                 context = RequestContext(protocol, method, inference=inference, timeout=grpc_context.time_remaining())
-                tracing = servicer.plane.tracing
-                if tracing is not None:
-                    tracing.grpc(context, grpc_context)
+                headers = servicer.plane.headers
+                if headers is not None:
+                    headers.grpc(context, grpc_context)
                 try:
                     response = await handler(servicer, request, context)
                 except ServingError as err:

@@ -50,11 +50,11 @@ class TypedModelService(pb_grpc.ModelServiceServicer):
             # The common case, without a message object per image: the results' wire bytes are
             # laid out from the probabilities' raw bytes and parsed in C (see classifications()).
             response: pb.ClassifyResponse = pb.ClassifyResponse.FromString(codec.classifications(probs, labels))
-            response.model.CopyFrom(codec.model_ref(model))
+            response.model.CopyFrom(codec.model_ref(model, context.version))
             response.request_id = request.request_id
             return response
         ranked = tasks.top_classes(probs, request.top_k).tolist()
-        response = pb.ClassifyResponse(model=codec.model_ref(model), request_id=request.request_id)
+        response = pb.ClassifyResponse(model=codec.model_ref(model, context.version), request_id=request.request_id)
         add = response.results.add
         for row, order in zip(probs.tolist(), ranked):
             best = order[0]
@@ -81,7 +81,9 @@ class TypedModelService(pb_grpc.ModelServiceServicer):
         features, output = tasks.regression_io(model.spec)
         tensor = codec.features_tensor(features.name, rows, columns, values)
         result = (await self.plane.infer(context, model, [tensor], [output.name]))[output.name]
-        return codec.model_ref(model), tasks.one_value_per_row(model.spec, output, result, rows).tolist()
+        return codec.model_ref(model, context.version), tasks.one_value_per_row(
+            model.spec, output, result, rows
+        ).tolist()
 
     @rpc.unary(inference=True)
     async def PredictProfit(

@@ -92,8 +92,10 @@ def classifications(probs: np.ndarray, labels: list[str]) -> bytes:
     return b"".join(parts)
 
 
-def model_ref(model: ModelVersion) -> pb.ModelRef:
-    return pb.ModelRef(name=model.name, version=model.version)
+def model_ref(model: ModelVersion, version: str = "") -> pb.ModelRef:
+    """The model that answered: ``version`` when given (the context's: a canary's failed request
+    is answered by the primary), else ``model``'s."""
+    return pb.ModelRef(name=model.name, version=int(version) if version else model.version)
 
 
 def model_metadata(model: ModelVersion, versions: list[int]) -> pb.ModelMetadata:

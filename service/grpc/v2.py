@@ -45,12 +45,11 @@ _UNIMPLEMENTED_RPCS = (
 rpc = Rpc("v2", SERVICE_NAME)
 
 
-def _control_request(request: Any, ignored: frozenset[str] = frozenset()) -> str:
-    """The model name of a RepositoryModelLoad/Unload request, after checking the rest."""
+def _control_request(request: Any) -> str:
+    """The model name of a RepositoryModelLoad/Unload request, after checking the repository."""
     common.one_repository(request.repository_name)
     if not request.model_name:
         raise InvalidArgument("model_name is required")
-    common.control_parameters(request.parameters, ignored)
     return str(request.model_name)
 
 
@@ -145,8 +144,10 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         """Every model version the repository has: READY when served, else UNAVAILABLE with the
         reason (failed, unloaded, outside the version policy); ``ready``: the READY ones only."""
         common.one_repository(request.repository_name)
+        roles = self.plane.rollout.roles() if self.plane.rollout is not None else None
         index: pb.RepositoryIndexResponse = json_format.ParseDict(
-            {"models": common.repository_index(self.plane.registry, request.ready)}, pb.RepositoryIndexResponse()
+            {"models": common.repository_index(self.plane.registry, request.ready, roles)},
+            pb.RepositoryIndexResponse(),
         )
         return index
 
@@ -156,9 +157,11 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.RepositoryModelLoadResponse:
         """(Re)load a model from its directory: new versions served, removed ones drained,
         changed files swapped; answers once done. A model unloaded by request is served again.
-        FAILED_PRECONDITION when a version on disk is rejected (the previous one keeps serving)."""
+        FAILED_PRECONDITION when a version on disk is rejected (the previous one keeps serving).
+        With rollout parameters (shadow, canary, promote, rollback): changes the model's rollout."""
         name = _control_request(request)
-        report = await self.plane.load_model(name)
+        parameters = common.load_parameters(request.parameters)
+        report = await self.plane.load_model(name, parameters, f"{context.protocol} {context.method}")
         log.info(
             "model load requested",
             extra={
@@ -175,7 +178,8 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.RepositoryModelUnloadResponse:
         """Stop serving every version of a model; answers once its requests drained. It stays
         unloaded (also across repository polls) until loaded by request."""
-        name = _control_request(request, common.IGNORED_UNLOAD_PARAMETERS)
+        name = _control_request(request)
+        common.control_parameters(request.parameters, common.IGNORED_UNLOAD_PARAMETERS)
         report = await self.plane.unload_model(name)
         log.info("model unload requested", extra={"model": name, "unloaded": [str(k) for k in report.unloaded]})
         return pb.RepositoryModelUnloadResponse()

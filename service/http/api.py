@@ -20,7 +20,7 @@ from .. import v2_common as common
 from ..core.context import RequestContext
 from ..core.dataplane import DataPlane
 from ..core.registry import ModelVersion
-from ..errors import InvalidArgument, RequestTooLarge, ServingError, UnsupportedMediaType, clip
+from ..errors import InvalidArgument, NotFound, RequestTooLarge, ServingError, UnsupportedMediaType, clip
 from ..limits import DRAINING, CallGate, MessageLimits
 from ..security import PERMISSION_DENIED, Authenticator
 from . import codec
@@ -79,6 +79,7 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("GET", re.compile(_MODEL + r"/ready"), "model_ready"),
     ("GET", re.compile(_MODEL + r"/config"), "model_config"),
     ("GET", re.compile(_MODEL + r"/stats"), "statistics"),
+    ("GET", re.compile(r"/v2/models/(?P<model>[^/]+)/rollout"), "rollout_status"),
     ("POST", re.compile(_MODEL + r"/infer"), "infer"),
     ("POST", re.compile(r"/v2/repository/index"), "repository_index"),
     ("POST", re.compile(r"/v2/repository/models/(?P<model>[^/]+)/load"), "load"),
@@ -181,9 +182,9 @@ class HttpApi:
     ) -> Response:
         """Run one endpoint under its request context; errors become their status."""
         context = RequestContext("http", f"{request.method} {request.path}", inference=inference)
-        tracing = self.plane.tracing
-        if tracing is not None:
-            tracing.http(context, request.headers)
+        carrier = self.plane.headers
+        if carrier is not None:  # tracing or a canary: the request's headers
+            carrier.http(context, request.headers)
         try:
             response = await work(context)
         except ServingError as err:
@@ -234,6 +235,18 @@ class HttpApi:
     async def model_config(self, request: Request, model: str, version: str = "") -> Response:
         async def work(context: RequestContext) -> Response:
             return json_response(200, common.model_config_json(self.plane.model(context, model, version)))
+
+        return await self._call(request, False, work)
+
+    async def rollout_status(self, request: Request, model: str) -> Response:
+        """The model's rollout: roles, shares, rules, windows, agreement, mirror, audit records."""
+
+        async def work(context: RequestContext) -> Response:
+            self.plane.model(None, model)  # NotFound with the available models
+            rollout = self.plane.rollout
+            if rollout is None:
+                raise NotFound("this server has no rollout controller")
+            return json_response(200, rollout.status(model))
 
         return await self._call(request, False, work)
 
@@ -298,15 +311,16 @@ class HttpApi:
             ready = body.get("ready", False)
             if not isinstance(ready, bool):
                 raise InvalidArgument(f"'ready' must be true or false, got {codec.dumps(ready).decode()[:40]}")
-            return json_response(200, common.repository_index(self.plane.registry, ready))
+            roles = self.plane.rollout.roles() if self.plane.rollout is not None else None
+            return json_response(200, common.repository_index(self.plane.registry, ready, roles))
 
         return await self._call(request, False, work)
 
     async def load(self, request: Request, model: str) -> Response:
         async def work(context: RequestContext) -> Response:
             body = await self._json_body(request)
-            common.control_parameters(_object(body.get("parameters", {})))
-            await self.plane.load_model(model)
+            parameters = common.load_parameters(_object(body.get("parameters", {})))
+            await self.plane.load_model(model, parameters, f"{context.protocol} {context.method}")
             return json_response(200, {})
 
         return await self._call(request, False, work)

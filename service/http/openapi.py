@@ -161,6 +161,19 @@ def openapi_document() -> dict[str, Any]:
         **_model_paths("/infer", infer, verb="post"),
         "/v2/models/stats": {"get": {**statistics, "operationId": "statistics-all"}},
         **_model_paths("/stats", statistics),
+        "/v2/models/{model}/rollout": {
+            "get": {
+                "operationId": "rollout-status",
+                "summary": "The model's guarded rollout: roles, shares, rules, windows, agreement, audit",
+                "parameters": [MODEL],
+                "responses": {
+                    "200": {"description": "the rollout status", "content": _json({"type": "object"})},
+                    "400": ERROR,
+                    "404": ERROR,
+                    **AUTH_ERRORS,
+                },
+            }
+        },
         "/v2/repository/index": {
             "post": {
                 "operationId": "repository-index",
@@ -184,7 +197,12 @@ def openapi_document() -> dict[str, Any]:
         paths[f"/v2/repository/models/{{model}}/{action}"] = {
             "post": {
                 "operationId": f"repository-{action}",
-                "summary": f"{action.capitalize()} a model (Triton extension; needs model control on)",
+                "summary": f"{action.capitalize()} a model (Triton extension; needs model control on)"
+                + (
+                    ": with parameters, change its rollout (shadow, canary, promote, rollback)"
+                    if action == "load"
+                    else ""
+                ),
                 "parameters": [MODEL],
                 "requestBody": {
                     "required": False,

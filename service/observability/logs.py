@@ -141,6 +141,11 @@ def _not_ready(fields: Mapping[str, Any]) -> str:
     return f": model repository {fields['root']}: {why}; health NOT_SERVING until a model loads"
 
 
+def _rollout_audit(fields: Mapping[str, Any]) -> str:
+    version = f"/{fields['version']}" if fields.get("version") else ""
+    return f": {fields['action']} {fields['model']}{version} by {fields['who']}: {_clip(fields['why'], 300)}"
+
+
 #: Records whose fields the text format writes as prose, by message.
 TEXT_RENDERERS: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "execution providers selected": _providers,
@@ -150,6 +155,7 @@ TEXT_RENDERERS: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "server started": _server_started,
     "models failed to load": _failed,
     "no model loaded: not ready": _not_ready,
+    "rollout audit": _rollout_audit,
 }
 
 

@@ -1,0 +1,317 @@
+"""Guarded rollout benchmark (issue 17; docs/rollout.md): shadow, canary rollback, capture + replay.
+
+    python benchmarks/rollout.py [--seconds 5] [--concurrency 32] [--json results.json]
+
+Servers are ``python -m service`` subprocesses on the CPU provider over a temporary repository
+holding the bundled ``models/fashion_cnn/1/model.onnx`` (twice: v1 and v2, the same answers), plus
+a version that fails every call (its Reshape cannot take the image). Requests are V2 gRPC
+``ModelInfer`` of one image, pre-serialised.
+
+1. **Shadow.** The primary's saturation throughput (closed loop, ``--concurrency`` callers); then
+   an open loop at half of it: primary alone, with a shadow (the same model), with a shadow failing
+   every call. Reports client p99, client errors, and the share of sent requests the shadow ran
+   (from ``GET /v2/models/{model}/rollout`` once its queue drained).
+2. **Canary.** A failing canary at a 10 % share under an open loop: time until the rollback
+   (audit record), client errors, the audit record.
+3. **Capture.** Closed loop at batch 1 × ``--concurrency``, capture off and at 100 %; then the
+   capture replayed in process (``python -m service.rollout.replay --local``): how many outputs are
+   bit-identical.
+
+Prints one JSON object; figures are what this machine measured in this run, nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from soak import free_port, wait_serving  # noqa: E402
+
+from service.generated.inference import grpc_service_pb2 as v2  # noqa: E402
+
+MODEL = "fashion_cnn"
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+#: Open-loop requests started in the first second are sent (and mirrored) but not timed.
+WARMUP_S = 1.0
+
+
+def failing_copy(source: Path) -> bytes:
+    """``source``'s signature and metadata, but every run fails (Reshape to [-1, 785])."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    original = onnx.load(str(source))
+    classes = 10
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["image"], ["f"], to=TensorProto.FLOAT),
+            helper.make_node("Reshape", ["f", "shape"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "w"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+        ],
+        "failing",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 1, 28, 28])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", classes])],
+        [
+            numpy_helper.from_array(np.array([-1, 785], np.int64), "shape"),
+            numpy_helper.from_array(np.zeros((785, classes), np.float32), "w"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    keep = {"class_names", "inputs", "outputs", "input_units", "output_units"}
+    for prop in original.metadata_props:
+        if prop.key in keep:
+            model.metadata_props.append(onnx.StringStringEntryProto(key=prop.key, value=prop.value))
+    return model.SerializeToString()
+
+
+def repository(root: Path, second: bytes | None = None) -> Path:
+    """fashion_cnn v1 (the bundled model) and v2 (``second``, else the same file)."""
+    source = REPO_ROOT / "models" / MODEL / "1" / "model.onnx"
+    for version in (1, 2):
+        (root / MODEL / str(version)).mkdir(parents=True, exist_ok=True)
+    shutil.copy(source, root / MODEL / "1" / "model.onnx")
+    if second is None:
+        shutil.copy(source, root / MODEL / "2" / "model.onnx")
+    else:
+        (root / MODEL / "2" / "model.onnx").write_bytes(second)
+    return root
+
+
+class Server:
+    def __init__(self, address: str, http_port: int, process: subprocess.Popen[bytes]) -> None:
+        self.address, self.http_port, self.process = address, http_port, process
+
+    def status(self) -> dict[str, Any]:
+        url = f"http://127.0.0.1:{self.http_port}/v2/models/{MODEL}/rollout"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            result: dict[str, Any] = json.loads(response.read())
+        return result
+
+
+@contextmanager
+def server(repo: Path, work: Path, *extra: str) -> Iterator[Server]:
+    port, http_port = free_port(), free_port()
+    command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--http-port", str(http_port), "--metrics-port", "0", "--model-repository", str(repo)]
+    command += ["--provider", "cpu", "--log-level", "warning", *extra]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SERVING_")}
+    log = open(work / f"server-{port}.log", "wb")  # noqa: SIM115 (closed below)
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_serving(f"127.0.0.1:{port}", process)
+        yield Server(f"127.0.0.1:{port}", http_port, process)
+    finally:
+        process.terminate()
+        process.wait(60)
+        log.close()
+
+
+def payload(seed: int = 0) -> bytes:
+    image = np.random.default_rng(seed).integers(0, 256, (1, 1, 28, 28), dtype=np.uint8)
+    tensor = v2.ModelInferRequest.InferInputTensor(name="image", datatype="UINT8", shape=image.shape)
+    return v2.ModelInferRequest(
+        model_name=MODEL, inputs=[tensor], raw_input_contents=[image.tobytes()]
+    ).SerializePartialToString()
+
+
+def p99(latencies: list[float]) -> float:
+    return float(np.percentile(latencies, 99)) * 1000 if latencies else float("nan")
+
+
+async def closed_loop(address: str, body: bytes, concurrency: int, seconds: float) -> dict[str, Any]:
+    """``concurrency`` callers back to back for ``seconds`` (after 1 s of warm-up)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_unary(INFER)
+        latencies: list[float] = []
+        errors = 0
+        state = {"measure": False, "stop": False}
+
+        async def caller() -> None:
+            nonlocal errors
+            while not state["stop"]:
+                start = time.perf_counter()
+                try:
+                    await call(body, timeout=30)
+                except grpc.aio.AioRpcError:
+                    errors += state["measure"]
+                    continue
+                if state["measure"]:
+                    latencies.append(time.perf_counter() - start)
+
+        tasks = [asyncio.create_task(caller()) for _ in range(concurrency)]
+        await asyncio.sleep(1.0)
+        state["measure"] = True
+        await asyncio.sleep(seconds)
+        state["measure"], state["stop"] = False, True
+        await asyncio.gather(*tasks)
+    return {"rps": len(latencies) / seconds, "p99_ms": p99(latencies), "errors": errors, "requests": len(latencies)}
+
+
+async def open_loop(address: str, body: bytes, rate: float, seconds: float, until: Any = None) -> dict[str, Any]:
+    """Requests started at ``rate`` per second for ``seconds`` (or until ``until()`` is true); the
+    p99 of those started after :data:`WARMUP_S`; errors of all."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_unary(INFER)
+        latencies: list[float] = []
+        errors: dict[str, int] = {}
+        details: dict[str, str] = {}
+
+        async def one(measured: bool) -> None:
+            start = time.perf_counter()
+            try:
+                await call(body, timeout=30)
+            except grpc.aio.AioRpcError as exc:
+                errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+                details.setdefault(exc.code().name, str(exc.details())[:200])
+                return
+            if measured:
+                latencies.append(time.perf_counter() - start)
+
+        tasks = []
+        begin = time.perf_counter()
+        sent = 0
+        while True:
+            now = time.perf_counter() - begin
+            if now >= seconds or (until is not None and sent % 50 == 0 and sent and await until()):
+                break
+            due = sent / rate
+            if due > now:
+                await asyncio.sleep(due - now)
+            tasks.append(asyncio.create_task(one(now >= WARMUP_S)))
+            sent += 1
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - begin
+    return {
+        "sent": sent,
+        "seconds": elapsed,
+        "p99_ms": p99(latencies),
+        "errors": sum(errors.values()),
+        "codes": errors,
+        "first_details": details,
+    }
+
+
+def drained(srv: Server, sent: int, timeout: float = 120) -> dict[str, Any]:
+    """The rollout status once the mirror ran or dropped all ``sent`` requests (or ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        mirror = srv.status()["mirror"]
+        done = mirror["ok"] + mirror["failed"] + sum(mirror["dropped"].values())
+        if done >= sent or time.monotonic() > deadline:
+            return dict(mirror)
+        time.sleep(0.2)
+
+
+def shadow(work: Path, seconds: float, concurrency: int) -> dict[str, Any]:
+    body = payload()
+    good = repository(work / "same")
+    bad = repository(work / "failing", failing_copy(REPO_ROOT / "models" / MODEL / "1" / "model.onnx"))
+    with server(good, work) as srv:
+        saturation = asyncio.run(closed_loop(srv.address, body, concurrency, seconds))
+    rate = saturation["rps"] / 2
+    with server(good, work) as srv:  # a fresh server, like the runs it is compared with
+        alone = asyncio.run(open_loop(srv.address, body, rate, seconds))
+    figures: dict[str, Any] = {"saturation": saturation, "rate": rate, "primary_alone": alone}
+    for name, repo in (("with_shadow", good), ("with_failing_shadow", bad)):
+        rollout = json.dumps({MODEL: {"primary": 1, "shadow_version": 2}})
+        with server(repo, work, "--rollout", rollout) as srv:
+            run = asyncio.run(open_loop(srv.address, body, rate, seconds))
+            mirror = drained(srv, run["sent"])
+            run["mirror"] = mirror
+            run["shadow_ran_share"] = (mirror["ok"] + mirror["failed"]) / run["sent"]
+            run["p99_growth"] = run["p99_ms"] / alone["p99_ms"] - 1
+            figures[name] = run
+    return figures
+
+
+def canary(work: Path, rate: float) -> dict[str, Any]:
+    bad = repository(work / "canary", failing_copy(REPO_ROOT / "models" / MODEL / "1" / "model.onnx"))
+    audit = work / "audit.jsonl"
+    rollout = json.dumps({MODEL: {"canary_version": 2, "canary_share": 0.1}})
+    with server(bad, work, "--rollout", rollout, "--rollout-audit-file", str(audit)) as srv:
+
+        async def rolled_back() -> bool:
+            return srv.status()["canary"] is None
+
+        start = time.time()
+        run = asyncio.run(open_loop(srv.address, payload(), rate, 120, until=rolled_back))
+        records = [json.loads(line) for line in audit.read_text().splitlines()]
+    rollback = next((r for r in records if r["action"] == "rollback"), None)
+    if rollback is not None:
+        from datetime import datetime
+
+        at = datetime.fromisoformat(rollback["time"].replace("Z", "+00:00")).timestamp()
+        run["rollback_after_s"] = at - start
+        run["audit_record"] = rollback
+    return run
+
+
+def capture(work: Path, seconds: float, concurrency: int) -> dict[str, Any]:
+    repo = repository(work / "capture-models")
+    folder = work / "capture"
+    body = payload(1)
+    with server(repo, work) as srv:
+        off = asyncio.run(closed_loop(srv.address, body, concurrency, seconds))
+    with server(repo, work, "--capture-dir", str(folder), "--capture-max-files", "1000") as srv:
+        on = asyncio.run(closed_loop(srv.address, body, concurrency, seconds))
+    figures: dict[str, Any] = {"off": off, "on": on, "throughput_change": on["rps"] / off["rps"] - 1}
+    figures["p99_change_ms"] = on["p99_ms"] - off["p99_ms"]
+    command = [sys.executable, "-m", "service.rollout.replay", str(folder), "--local"]
+    command += ["--model-repository", str(repo), "--provider", "cpu"]
+    replay = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+    report = json.loads(replay.stdout)
+    figures["replay"] = {k: report[k] for k in ("records", "replayed", "bit_identical", "differing", "skipped")}
+    figures["replay"]["agreement"] = report["agreement"]
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per load phase")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--canary-rate", type=float, default=200.0, help="requests per second in the canary phase")
+    parser.add_argument("--only", choices=("shadow", "canary", "capture"), help="one phase only")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--work", type=Path, help="keep repositories, server logs and captures here (default: a temp dir)"
+    )
+    args = parser.parse_args(argv)
+    results: dict[str, Any] = {"cpus": os.cpu_count(), "seconds": args.seconds, "concurrency": args.concurrency}
+    with tempfile.TemporaryDirectory(prefix="rollout-bench-") as tmp:
+        work = Path(tmp) if args.work is None else args.work
+        work.mkdir(parents=True, exist_ok=True)
+        if args.only in (None, "shadow"):
+            results["shadow"] = shadow(work, args.seconds, args.concurrency)
+        if args.only in (None, "canary"):
+            results["canary"] = canary(work, args.canary_rate)
+        if args.only in (None, "capture"):
+            results["capture"] = capture(work, args.seconds, args.concurrency)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json is not None:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
