@@ -58,9 +58,7 @@ def publish(repo: Path, name: str, version: int, proto: onnx.ModelProto) -> None
     os.rename(staging / name / str(version), repo / name / str(version))
 
 
-@pytest.fixture(scope="module")
-def triton_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = tmp_path_factory.mktemp("triton-repo")
+def _triton_repo(repo: Path) -> Path:
     for version in (1, 2, 3):
         save(image_classifier(version), repo, "classifier", version)
         save(linear_model(float(version)), repo, "pinned", version)
@@ -73,11 +71,29 @@ def triton_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return repo
 
 
-@pytest.fixture(scope="module")
-def triton_server(triton_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    args = ["--model-repository", str(triton_repo), "--provider", "cpu", "--reload-interval-seconds", "0.2"]
-    with start_server(tmp_path_factory.mktemp("triton-server"), *args, metrics=True) as proc:
+def _triton_server(repo: Path, work: Path) -> Iterator[ServerProcess]:
+    args = ["--model-repository", str(repo), "--provider", "cpu", "--reload-interval-seconds", "0.2"]
+    with start_server(work, *args, metrics=True) as proc:
         yield proc
+
+
+@pytest.fixture(scope="module")
+def triton_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The server the read-only checks share (they run in any order)."""
+    repo = _triton_repo(tmp_path_factory.mktemp("triton-repo"))
+    yield from _triton_server(repo, tmp_path_factory.mktemp("triton-server"))
+
+
+@pytest.fixture
+def changing_repo(tmp_path: Path) -> Path:
+    (tmp_path / "repo").mkdir()
+    return _triton_repo(tmp_path / "repo")
+
+
+@pytest.fixture
+def changing_server(changing_repo: Path, tmp_path: Path) -> Iterator[ServerProcess]:
+    """A server of its own for a check that changes its repository."""
+    yield from _triton_server(changing_repo, tmp_path)
 
 
 def grpc_client(proc: ServerProcess) -> triton_grpc.InferenceServerClient:
@@ -94,7 +110,7 @@ def x_input(module: object, value: float, rows: int = 1) -> object:
     return tensor
 
 
-def wait_for(condition: object, what: str, timeout: float = 20.0) -> None:
+def wait_for(condition: object, what: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():  # type: ignore[operator]
@@ -253,9 +269,10 @@ class Load:
             thread.join(30)
 
 
-def test_hot_reload_follows_the_policy(triton_server: ServerProcess, triton_repo: Path) -> None:
+def test_hot_reload_follows_the_policy(changing_server: ServerProcess, changing_repo: Path) -> None:
     """A new version appears: it serves, and the oldest one beyond the policy drains and unloads,
     with no failed request meanwhile."""
+    triton_server, triton_repo = changing_server, changing_repo
     client = grpc_client(triton_server)
     with Load(triton_server) as load:
         wait_for(lambda: load.versions["2"] > 5, "answers from m/2")
