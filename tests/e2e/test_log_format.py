@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fixtures.servers import MODELS, REPO_ROOT, free_port, start_server, wait_for
@@ -38,29 +39,19 @@ class PtyServer:
 
     def read_until(self, text: str | None) -> str:
         """Read until ``text`` has been written (None: until the process closes the terminal)."""
-        deadline = time.monotonic() + TIMEOUT_S
-        while text is None or text not in self.output:
-            left = deadline - time.monotonic()
-            assert left > 0, f"waited {TIMEOUT_S:.0f} s for {text!r}:\n{self.output[-3000:]}"
-            ready, _, _ = select.select([self.primary], [], [], left)
-            if not ready:
-                continue
-            try:
-                chunk = os.read(self.primary, 65536)
-            except OSError:  # EIO: every writer closed the terminal
-                chunk = b""
-            if not chunk:
-                assert text is None, f"the process closed the terminal before {text!r}:\n{self.output[-3000:]}"
-                break
-            self.output += chunk.decode(errors="replace").replace("\r\n", "\n")
-        return self.output
+        return self._read(lambda: text is not None and text in self.output, text, closing_fails=text is not None)
 
     def read_until_any(self, *texts: str) -> str:
         """Read until one of ``texts`` has been written, or the process closed the terminal."""
+        return self._read(lambda: any(text in self.output for text in texts), texts, closing_fails=False)
+
+    def _read(self, done: Callable[[], bool], what: object, closing_fails: bool) -> str:
+        """Read until ``done()``, or until the process closes the terminal (an assertion error
+        when ``closing_fails``), within TIMEOUT_S."""
         deadline = time.monotonic() + TIMEOUT_S
-        while not any(text in self.output for text in texts):
+        while not done():
             left = deadline - time.monotonic()
-            assert left > 0, f"waited {TIMEOUT_S:.0f} s for {texts!r}:\n{self.output[-3000:]}"
+            assert left > 0, f"waited {TIMEOUT_S:.0f} s for {what!r}:\n{self.output[-3000:]}"
             ready, _, _ = select.select([self.primary], [], [], left)
             if not ready:
                 continue
@@ -69,6 +60,7 @@ class PtyServer:
             except OSError:  # EIO: every writer closed the terminal
                 chunk = b""
             if not chunk:
+                assert not closing_fails, f"the process closed the terminal before {what!r}:\n{self.output[-3000:]}"
                 break
             self.output += chunk.decode(errors="replace").replace("\r\n", "\n")
         return self.output
