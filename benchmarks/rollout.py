@@ -55,28 +55,14 @@ WARMUP_S = 1.0
 
 
 def failing_copy(source: Path) -> bytes:
-    """``source``'s signature and metadata, but every run fails (Reshape to [-1, 785])."""
+    """``source``'s signature and metadata, but every run fails (tests/fixtures/onnx_models.py)."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from fixtures.onnx_models import failing_classifier
 
     original = onnx.load(str(source))
-    classes = 10
-    graph = helper.make_graph(
-        [
-            helper.make_node("Cast", ["image"], ["f"], to=TensorProto.FLOAT),
-            helper.make_node("Reshape", ["f", "shape"], ["flat"]),
-            helper.make_node("MatMul", ["flat", "w"], ["logits"]),
-            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
-        ],
-        "failing",
-        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 1, 28, 28])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", classes])],
-        [
-            numpy_helper.from_array(np.array([-1, 785], np.int64), "shape"),
-            numpy_helper.from_array(np.zeros((785, classes), np.float32), "w"),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = failing_classifier()
     keep = {"class_names", "inputs", "outputs", "input_units", "output_units"}
     for prop in original.metadata_props:
         if prop.key in keep:

@@ -22,9 +22,9 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.http as triton_http
-from fixtures.onnx_models import OPSET, image_classifier, linear, save, slow
+from fixtures.onnx_models import failing_classifier, image_classifier, linear, save, slow
 from fixtures.servers import REPO_ROOT, ServerProcess, sample, scrape, start_server, v2_request
-from onnx import ModelProto, TensorProto, helper, numpy_helper
+from onnx import ModelProto
 
 from service.generated.inference import grpc_service_pb2 as v2
 from service.generated.inference import grpc_service_pb2_grpc as v2_grpc
@@ -34,26 +34,6 @@ from service.generated.serving.v1 import serving_pb2_grpc as pb_grpc
 MODEL = "fashion_softmax"  # the typed API's Classify default
 LABELS = json.dumps([f"class{i}" for i in range(10)])
 DEADLINE_S = 60.0
-
-
-def failing_classifier(classes: int = 10) -> ModelProto:
-    """The classifier's signature (uint8 [N, 1, 28, 28] → float32 [N, classes]), but every run
-    fails: its Reshape to [-1, 785] cannot take N × 784 values."""
-    shape = numpy_helper.from_array(np.array([-1, 785], np.int64), "shape")
-    w = numpy_helper.from_array(np.zeros((785, classes), np.float32), "w")
-    graph = helper.make_graph(
-        [
-            helper.make_node("Cast", ["image"], ["f"], to=TensorProto.FLOAT),
-            helper.make_node("Reshape", ["f", "shape"], ["flat"]),
-            helper.make_node("MatMul", ["flat", "w"], ["logits"]),
-            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
-        ],
-        "failing",
-        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 1, 28, 28])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", classes])],
-        [w, shape],
-    )
-    return helper.make_model(graph, opset_imports=OPSET)
 
 
 def classifier_repository(repo: Path, v1: ModelProto, v2: ModelProto) -> Path:
