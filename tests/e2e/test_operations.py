@@ -22,7 +22,7 @@ import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from fixtures.onnx_models import image_classifier, linear, save
-from fixtures.servers import MODELS, ServerProcess, sample, scrape, start_server
+from fixtures.servers import MODELS, ServerProcess, sample, scrape, start_server, wait_for
 from tritonclient.utils import InferenceServerException
 
 CLASSIFIER = """
@@ -108,15 +108,6 @@ def x_input(module: object, value: float, rows: int = 1) -> object:
     tensor = module.InferInput("x", [rows, 1], "FP32")  # type: ignore[attr-defined]
     tensor.set_data_from_numpy(np.full((rows, 1), value, np.float32))
     return tensor
-
-
-def wait_for(condition: object, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # -- the Triton-style repository --------------------------------------------------------------------

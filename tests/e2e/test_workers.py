@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -26,7 +26,7 @@ import grpc
 import numpy as np
 import pytest
 from fixtures.onnx_models import linear, save, tiny_repository
-from fixtures.servers import MODELS, REPO_ROOT, ServerProcess, sample, scrape, start_server, v2_request
+from fixtures.servers import MODELS, REPO_ROOT, ServerProcess, sample, scrape, start_server, v2_request, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.generated.inference import grpc_service_pb2 as v2
@@ -39,22 +39,6 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 CONNECTIONS = 64
 WAIT_S = 60.0
-
-
-def log_lines(proc: ServerProcess, msg: str) -> list[dict]:
-    return [json.loads(line) for line in proc.log().splitlines() if f'"msg": "{msg}"' in line]
-
-
-def wait_for(condition: Callable[[], object], what: str, proc: ServerProcess) -> None:
-    """Until ``condition()`` holds (checked on each new look at the server), or the server died."""
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        if proc.process.poll() is not None:
-            raise AssertionError(f"server exited while waiting for {what}:\n{proc.log()[-3000:]}")
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}:\n{proc.log()[-3000:]}")
 
 
 def connections(proc: ServerProcess, count: int = CONNECTIONS) -> Iterator[grpc.Channel]:
@@ -81,7 +65,7 @@ def per_worker(proc: ServerProcess) -> dict[str, float]:
 
 
 def worker_pids(proc: ServerProcess) -> list[int]:
-    return log_lines(proc, "listening")[0]["worker_pids"]
+    return proc.log_lines("listening")[0]["worker_pids"]
 
 
 @pytest.fixture(scope="module")
@@ -93,14 +77,14 @@ def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc
 
 
 def test_one_listening_line_with_the_real_ports(two_workers: ServerProcess) -> None:
-    (line,) = log_lines(two_workers, "listening")
+    (line,) = two_workers.log_lines("listening")
     assert line["grpc_port"] == two_workers.port and line["workers"] == 2
     assert line["http_port"] == two_workers.http_port and line["metrics_port"] == two_workers.metrics_port
     assert len(set(line["worker_pids"])) == 2 and two_workers.process.pid not in line["worker_pids"]
-    (started,) = log_lines(two_workers, "server started")
+    (started,) = two_workers.log_lines("server started")
     assert started["workers"] == 2 and started["ready"] and started["address"].endswith(f":{two_workers.port}")
     # each worker's own lines say which worker wrote them
-    loaded = log_lines(two_workers, "model loaded")
+    loaded = two_workers.log_lines("model loaded")
     assert sorted({(entry["worker"], entry["model"]) for entry in loaded}) == sorted(
         (w, m) for w in (0, 1) for m in ("fashion_cnn", "fashion_softmax", "house_price", "profit")
     )
@@ -206,7 +190,7 @@ def test_model_control_reaches_every_worker(tmp_path: Path) -> None:
         with pytest.raises(grpc.RpcError) as info:
             stub.RepositoryModelLoad(v2.RepositoryModelLoadRequest(model_name="no_such_model"), timeout=60)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
-    requested = log_lines(proc, "model unloaded by every worker")
+    requested = proc.log_lines("model unloaded by every worker")
     assert len(requested) == 1 and requested[0]["workers"] == 2
 
 
@@ -220,9 +204,9 @@ def test_hot_reload_reaches_every_worker(tmp_path: Path) -> None:
         os.rename(staging / "profit" / "2", repo / "profit" / "2")
 
         def both_loaded_v2() -> bool:
-            return {e["worker"] for e in log_lines(proc, "model loaded") if e["version"] == 2} == {0, 1}
+            return {e["worker"] for e in proc.log_lines("model loaded") if e["version"] == 2} == {0, 1}
 
-        wait_for(both_loaded_v2, "version 2 loaded by both workers", proc)
+        wait_for(both_loaded_v2, "version 2 loaded by both workers", server=proc)
         before = per_worker(proc)
         for channel in connections(proc):
             reply = v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(profit_request(), timeout=30)
@@ -255,10 +239,10 @@ def test_sigterm_drains_every_worker_and_loses_nothing(tmp_path: Path) -> None:
     assert result["refused_after_acceptance"] == 0
     assert result["completed"] == result["server_accepted"]
     assert result["exit_code"] == 0 and '"server stopped"' in proc.log()
-    drained = log_lines(proc, "drained: stopping gRPC")
+    drained = proc.log_lines("drained: stopping gRPC")
     assert sorted(entry["worker"] for entry in drained) == [0, 1]  # every worker drained
     assert result["in_flight_at_signal"] > 0, "no call in flight at SIGTERM: the test proves little"
-    served_by = {entry["worker"] for entry in log_lines(proc, "request")}
+    served_by = {entry["worker"] for entry in proc.log_lines("request")}
     assert served_by == {0, 1}
 
 
@@ -267,10 +251,10 @@ def test_a_killed_worker_is_restarted(tmp_path: Path) -> None:
     with start_server(tmp_path, *args, metrics=True) as proc:
         pids = worker_pids(proc)
         os.kill(pids[1], signal.SIGKILL)
-        wait_for(lambda: log_lines(proc, "worker restarted"), "the worker restarted", proc)
-        (exited,) = log_lines(proc, "worker exited")
+        wait_for(lambda: proc.log_lines("worker restarted"), "the worker restarted", server=proc)
+        (exited,) = proc.log_lines("worker exited")
         assert exited["worker"] == 1 and exited["pid"] == pids[1] and exited["exit"] == "signal SIGKILL"
-        (restarted,) = log_lines(proc, "worker restarted")
+        (restarted,) = proc.log_lines("worker restarted")
         assert restarted["worker"] == 1 and restarted["pid"] not in pids and restarted["restarts"] == 1
         samples = scrape(proc.metrics_port)
         assert sample(samples, "serving_worker_restarts_total", worker="1") == 1
