@@ -2,12 +2,13 @@
 
 On with the ``capture_dir`` setting. A request is captured once answered (the data plane's
 ``finish``), sampled with ``capture_share``, for the models in ``capture_models`` (all when empty):
-its decoded inputs and its outputs go, by reference, into a bounded queue — at most
-``capture_queue_capacity`` records and ``capture_queue_bytes`` of arrays; beyond either a record is
-dropped and counted, the request never waits. A writer thread encodes and appends them every
-:data:`FLUSH_SECONDS` to ``capture-<UTC time>-<pid>-<n>.jsonl`` (mode 0600), rotated past
-``capture_max_file_bytes`` or ``capture_max_file_seconds``, at most ``capture_max_files`` kept
-(the oldest deleted).
+it is encoded there, on the event loop, into one JSON line, which goes into a bounded queue — at
+most ``capture_queue_capacity`` lines and ``capture_queue_bytes`` of them; beyond either a record is
+dropped (before it is encoded) and counted, the request never waits. A writer thread appends the
+queued lines every :data:`FLUSH_SECONDS` to ``capture-<UTC time>-<pid>-<n>.jsonl`` (mode 0600),
+rotated past ``capture_max_file_bytes`` or ``capture_max_file_seconds``, at most
+``capture_max_files`` kept (the oldest deleted). Encoding on the loop rather than in the writer
+keeps the writer from holding the GIL (see docs/rollout.md, "Capture").
 
 One record per line::
 
@@ -26,10 +27,11 @@ inputs and no ``outputs``.
 
 from __future__ import annotations
 
-import base64
+import binascii
 import logging
 import os
 import random
+import sys
 import threading
 import time
 from collections import deque
@@ -52,21 +54,14 @@ log = logging.getLogger(__name__)
 FLUSH_SECONDS = 0.05
 PATTERN = "capture-*.jsonl"
 Arrays = dict[str, np.ndarray]
+#: Tensor heads (model, name, dtype, shape) kept before the cache starts again.
+HEAD_CACHE = 1024
+LITTLE_ENDIAN = sys.byteorder == "little"
 
 
-class Record:
-    """What one captured request holds until the writer encodes it."""
-
-    __slots__ = ("time", "context", "model", "version", "inputs", "outputs", "nbytes")
-
-    def __init__(self, context: RequestContext, model: str, inputs: Arrays, outputs: Arrays | None) -> None:
-        self.time = time.time()
-        self.context = context  # read-only from here on: the request has been answered
-        self.model = model
-        self.version = context.version
-        self.inputs = inputs
-        self.outputs = outputs
-        self.nbytes = sum(a.nbytes for a in inputs.values()) + sum(a.nbytes for a in (outputs or {}).values())
+def estimate(inputs: Arrays, outputs: Arrays | None) -> int:
+    """Bytes of the arrays of a request (their base64 is 4/3 of it)."""
+    return sum(a.nbytes for a in inputs.values()) + (sum(a.nbytes for a in outputs.values()) if outputs else 0)
 
 
 class Capture:
@@ -84,18 +79,22 @@ class Capture:
         self.max_file_bytes = settings.capture_max_file_bytes
         self.max_file_seconds = settings.capture_max_file_seconds
         self.max_files = settings.capture_max_files
-        self._queue: deque[Record] = deque()
+        self._queue: deque[bytes] = deque()  # encoded lines
         # Each counter has one writer: queued_* on the event loop, written_* on the writer thread.
         self.queued = 0
         self.queued_bytes = 0
         self.written = 0
         self.written_bytes = 0
         self.dropped: dict[str, int] = {"queue_full": 0, "queue_bytes": 0}
-        self.failed = 0
+        self.encode_failed = 0  # on the event loop
+        self.write_failed = 0  # on the writer thread
         self.files_opened = 0
         self._file: IO[bytes] | None = None
         self._file_size = 0
         self._file_opened = 0.0
+        self._heads: dict[tuple[str, str, np.dtype, tuple[int, ...]], tuple[bytes, bool]] = {}
+        self._second = -1
+        self._second_text = ""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="capture-writer", daemon=True)
         if start:
@@ -111,20 +110,33 @@ class Capture:
         return not self.models or model in self.models
 
     def offer(self, context: RequestContext, model: str, inputs: Arrays, outputs: Arrays | None) -> bool:
-        """Queue one answered request (sampled); False when it was not captured."""
+        """Encode and queue one answered request (sampled); False when it was not captured."""
         if (self.models and model not in self.models) or (self.share < 1 and random.random() >= self.share):
             return False
         if len(self._queue) >= self.capacity:
             self.dropped["queue_full"] += 1
             return False
-        record = Record(context, model, inputs, outputs)
-        if self.queued_bytes - self.written_bytes + record.nbytes > self.max_bytes:
+        waiting = self.queued_bytes - self.written_bytes
+        if waiting + 4 * estimate(inputs, outputs) // 3 > self.max_bytes:  # before any encoding
             self.dropped["queue_bytes"] += 1
             return False
-        self._queue.append(record)
+        try:
+            line = self._encode(context, model, inputs, outputs)
+        except Exception:  # the client has its answer: never let capture fail the request
+            self.encode_failed += 1
+            log.exception("capture record could not be encoded", extra={"model": model})
+            return False
+        if waiting + len(line) > self.max_bytes:
+            self.dropped["queue_bytes"] += 1
+            return False
+        self._queue.append(line)
         self.queued += 1
-        self.queued_bytes += record.nbytes
+        self.queued_bytes += len(line)
         return True
+
+    @property
+    def failed(self) -> int:
+        return self.encode_failed + self.write_failed
 
     @property
     def depth(self) -> int:
@@ -147,17 +159,8 @@ class Capture:
             self._file = None
 
     def _drain(self) -> None:
-        lines: list[bytes] = []
         queue = self._queue
-        written = 0
-        while queue:
-            record = queue.popleft()
-            try:
-                lines.append(self._encode(record))
-            except Exception:  # never let the writer die
-                self.failed += 1
-                log.exception("capture record could not be encoded")
-            written += record.nbytes
+        lines = [queue.popleft() for _ in range(len(queue))]
         before = self.written
         try:
             if lines:
@@ -165,50 +168,88 @@ class Capture:
             elif self._file is not None and time.monotonic() - self._file_opened >= self.max_file_seconds:
                 self._rotate()
         except OSError as exc:
-            self.failed += len(lines) - (self.written - before)
+            self.write_failed += len(lines) - (self.written - before)
             log.error("capture file cannot be written", extra={"dir": str(self.dir), "error": str(exc)})
-        self.written_bytes += written
+        self.written_bytes += sum(map(len, lines))
 
-    def _tensor(self, model: str, name: str, array: np.ndarray) -> dict[str, Any]:
-        tensor: dict[str, Any] = {"name": name, "datatype": datatype_of(array.dtype), "shape": list(array.shape)}
-        if name in self.redact or f"{model}/{name}" in self.redact:
-            tensor["redacted"] = True
+    # -- encoding (on the event loop, in offer) ------------------------------------------------
+
+    def _tensor(self, model: str, name: str, array: np.ndarray) -> bytes:
+        """One tensor's JSON object: a cached head (name, datatype, shape) and the base64 data."""
+        key = (model, name, array.dtype, array.shape)
+        cached = self._heads.get(key)
+        if cached is None:
+            fields: dict[str, Any] = {"name": name, "datatype": datatype_of(array.dtype), "shape": list(array.shape)}
+            redacted = name in self.redact or f"{model}/{name}" in self.redact
+            if redacted:
+                fields["redacted"] = True
+            head = orjson.dumps(fields)
+            cached = (head, True) if redacted else (head[:-1] + b',"data":"', False)
+            if len(self._heads) >= HEAD_CACHE:
+                self._heads.clear()
+            self._heads[key] = cached
+        head, redacted = cached
+        if redacted:
+            return head
+        if array.flags.c_contiguous and array.dtype.isnative and LITTLE_ENDIAN and array.dtype.kind != "O":
+            raw = array.data.cast("B") if array.ndim and array.size else array.tobytes()  # (cast needs both)
+            data = binascii.b2a_base64(raw, newline=False)
         else:
-            tensor["data"] = base64.b64encode(to_bytes(array)).decode("ascii")
-        return tensor
+            data = binascii.b2a_base64(to_bytes(array), newline=False)
+        return head + data + b'"}'
 
-    def _encode(self, record: Record) -> bytes:
-        context = record.context
-        entry: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.time, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
-            "request_id": context.request_id,
-            "protocol": context.protocol,
-            "method": context.method,
-            "model": record.model,
-            "version": record.version,
-            "status": context.status,
-            "latency_ms": round(context.seconds() * 1000, 3),
-            "inputs": [self._tensor(record.model, n, a) for n, a in record.inputs.items()],
-        }
-        if record.outputs is not None:
-            entry["outputs"] = [self._tensor(record.model, n, a) for n, a in record.outputs.items()]
-        return orjson.dumps(entry) + b"\n"
+    def _stamp(self, when: float) -> str:
+        """``when`` as an RFC 3339 UTC time with microseconds (the seconds part cached)."""
+        second = int(when)
+        if second != self._second:
+            self._second = second
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._second_text}.{int((when - second) * 1e6):06d}Z"
+
+    def _encode(self, context: RequestContext, model: str, inputs: Arrays, outputs: Arrays | None) -> bytes:
+        head = orjson.dumps(
+            {
+                "time": self._stamp(time.time()),
+                "request_id": context.request_id,
+                "protocol": context.protocol,
+                "method": context.method,
+                "model": model,
+                "version": context.version,
+                "status": context.status,
+                "latency_ms": round(context.seconds() * 1000, 3),
+            }
+        )
+        parts = [head[:-1], b',"inputs":[', b",".join([self._tensor(model, n, a) for n, a in inputs.items()])]
+        if outputs is not None:
+            parts.append(b'],"outputs":[')
+            parts.append(b",".join([self._tensor(model, n, a) for n, a in outputs.items()]))
+        parts.append(b"]}\n")
+        return b"".join(parts)
+
+    # -- writer thread: files ------------------------------------------------------------------
 
     def _write(self, lines: list[bytes]) -> None:
         """Append ``lines``, rotating before a line once the file is past its size or age."""
+        chunk: list[bytes] = []
         for line in lines:
             if self._file is not None and (
                 self._file_size >= self.max_file_bytes or time.monotonic() - self._file_opened >= self.max_file_seconds
             ):
+                self._append(chunk)
                 self._rotate()
             if self._file is None:
                 self._open()
-            assert self._file is not None
-            self._file.write(line)
+            chunk.append(line)
             self._file_size += len(line)
-            self.written += 1
-        if self._file is not None:
+        self._append(chunk)
+
+    def _append(self, chunk: list[bytes]) -> None:
+        """Write ``chunk`` to the open file in one call, then empty it."""
+        if chunk and self._file is not None:
+            self._file.write(b"".join(chunk))
             self._file.flush()
+            self.written += len(chunk)
+            chunk.clear()
 
     def _open(self) -> None:
         self.files_opened += 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -101,3 +103,55 @@ def test_files_rotate_after_their_age(tmp_path: Path) -> None:
     capture._drain()
     capture.close()
     assert capture.files_opened == 2 and len(list(tmp_path.glob("capture-*.jsonl"))) == 2
+
+
+def test_tensor_bytes_are_little_endian_c_order_whatever_the_array(tmp_path: Path) -> None:
+    settings = Settings(model_repository=tmp_path, capture_dir=tmp_path)
+    capture = Capture(settings, start=False)
+    grid = np.arange(12, dtype=np.float32).reshape(3, 4)
+    arrays = {
+        "transposed": grid.T,  # not C-contiguous
+        "big_endian": grid.astype(">f4"),
+        "scalar": np.array(7, np.int64),  # 0-d
+        "empty": np.zeros((0, 4), np.uint8),
+    }
+    capture.offer(answered(), "m", arrays, None)
+    capture.start()
+    capture.close()
+    (record,) = lines(tmp_path)
+    got = {t["name"]: t for t in record["inputs"]}
+    for name, array in arrays.items():
+        expected = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+        assert base64.b64decode(got[name]["data"]) == expected, name
+        assert got[name]["shape"] == list(array.shape)
+    assert got["big_endian"]["datatype"] == "FP32" and got["scalar"]["datatype"] == "INT64"
+
+
+def test_time_is_rfc3339_utc_with_microseconds(tmp_path: Path) -> None:
+    settings = Settings(model_repository=tmp_path, capture_dir=tmp_path)
+    capture = Capture(settings, start=False)
+    before = datetime.now(UTC)
+    capture.offer(answered(), "m", {"x": np.zeros(1, np.float32)}, None)
+    after = datetime.now(UTC)
+    capture.start()
+    capture.close()
+    (record,) = lines(tmp_path)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", record["time"])
+    assert before <= datetime.fromisoformat(record["time"]) <= after
+
+
+def test_queue_bytes_drop_before_encoding_and_unencodable_records_are_counted(tmp_path: Path) -> None:
+    settings = Settings(model_repository=tmp_path, capture_dir=tmp_path, capture_queue_bytes=2**20)
+    capture = Capture(settings, start=False)
+    big = np.zeros((1, 2**20), np.uint8)  # its base64 alone is past the limit
+    assert not capture.offer(answered(), "m", {"x": big}, None)
+    assert capture.dropped["queue_bytes"] == 1 and capture.queued_bytes == 0
+    odd = np.zeros(2, np.complex64)  # no V2 datatype: cannot be encoded
+    assert not capture.offer(answered(), "m", {"x": odd}, None)
+    assert capture.failed == 1
+    small = np.zeros((1, 16), np.uint8)
+    assert capture.offer(answered(), "m", {"x": small}, None)
+    assert 0 < capture.queued_bytes < 1024  # what waits is the encoded line
+    capture.start()
+    capture.close()
+    assert capture.written == 1 and len(lines(tmp_path)) == 1
