@@ -71,14 +71,19 @@ class ServingApp:
         self.limits.follow(self.registry.largest_request())
         await self.grpc.health.refresh(self.registry)
 
-    async def stop(self, grace: float | None = None) -> None:
+    async def stop(self, grace: float | None = None, worker: WorkerHooks | None = None) -> None:
         """Health → NOT_SERVING; new calls are held for UNAVAILABLE while the running ones finish
-        (within ``grace`` seconds); then the transports stop, and the models close."""
+        (within ``grace`` seconds); a ``worker`` then waits for its siblings to have drained too;
+        then the transports stop, and the models close."""
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         await self.grpc.health.shutting_down()
-        figures = await self.gate.drain(max(deadline - loop.time(), 0.0))
+        figures: dict[str, Any] = await self.gate.drain(max(deadline - loop.time(), 0.0))
+        if worker is not None:  # new calls are still held meanwhile
+            waited = loop.time()
+            figures["with_every_worker"] = await worker.drained(max(deadline - loop.time(), 0.0))
+            figures["waited_for_workers_seconds"] = round(loop.time() - waited, 3)
         log.info("drained: stopping gRPC", extra=figures)
         remaining = max(deadline - loop.time(), 0.0)
         if self.http is not None:
@@ -224,6 +229,10 @@ class WorkerHooks(Protocol):
     def report(self, msg: str, *, extra: dict[str, Any]) -> None:
         """``listening`` and ``server started``, to the supervisor instead of the log."""
 
+    async def drained(self, timeout: float) -> bool:
+        """This worker has drained; returns once every worker has (True), or at ``timeout``, or
+        at once when this worker stops alone (False)."""
+
 
 async def serve(settings: Settings, worker: WorkerHooks | None = None) -> None:
     """Load the models, start the transports, run until SIGTERM/SIGINT, shut down gracefully.
@@ -297,6 +306,6 @@ async def serve(settings: Settings, worker: WorkerHooks | None = None) -> None:
 
     await stop.wait()
     log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace_seconds})
-    await app.stop()
+    await app.stop(worker=worker)
     app.metrics.close()
     log.info("server stopped")

@@ -117,6 +117,8 @@ class Supervisor:
         self._abort_reason: str | None = None
         self._control = asyncio.Lock()
         self._changed = asyncio.Event()
+        self._drained: set[int] = set()  # slots whose worker has drained, while stopping
+        self._all_drained = asyncio.Event()
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._go: asyncio.Future[None] | None = None
@@ -189,6 +191,7 @@ class Supervisor:
             "shutting down", extra={"grace_seconds": settings.shutdown_grace_seconds, "workers": len(self.slots)}
         )
         self.phase = "stopping"
+        self._pulse()
         await self._stop_workers(settings.shutdown_grace_seconds + STOP_MARGIN_S)
         self._close()
         server_log.info("server stopped")
@@ -211,6 +214,8 @@ class Supervisor:
 
     def _pulse(self) -> None:
         self._changed.set()
+        if self.phase == "stopping" and all(s.index in self._drained or not s.alive for s in self.slots):
+            self._all_drained.set()
 
     def _signalled(self) -> None:
         self._stop.set()
@@ -351,7 +356,21 @@ class Supervisor:
             return await self._loaded(slot, message)
         if op == "control":
             return await self._model_control(str(message.get("action")), str(message.get("name")))
+        if op == "drained":
+            return await self._worker_drained(slot)
         raise ServingError(f"unknown request {op!r}")
+
+    async def _worker_drained(self, slot: Slot) -> Message:
+        """A worker has drained (it holds new calls, none runs): while the server stops, it waits
+        until every worker has, so that all stop their transports at once. A worker that stopped
+        first would send its clients, reconnecting, to a sibling about to stop, and gRPC cancels
+        the calls that reach it then (docs/serving.md, "Worker processes")."""
+        if self.phase != "stopping":  # this worker alone was told to stop: nothing to wait for
+            return {"together": False}
+        self._drained.add(slot.index)
+        self._pulse()
+        await self._all_drained.wait()
+        return {"together": True}
 
     def _notice(self, slot: Slot, message: Message) -> None:
         op = message.get("op")

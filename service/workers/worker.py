@@ -8,6 +8,8 @@ its siblings and does what the supervisor asks over the control channel.
   supervisor, which has every worker apply it (this one included) and answers once all have;
   repository polls come from the supervisor the same way (the worker itself does not poll).
 * Its metrics page is read by the supervisor when the supervisor's endpoint is scraped.
+* Stopping: once drained it tells the supervisor and waits until every worker has drained, so
+  that all stop their transports at once (:meth:`WorkerLink.drained`).
 * The control channel closing (the supervisor died) stops the worker, as SIGTERM does.
 """
 
@@ -95,6 +97,19 @@ class WorkerLink:
 
     def report(self, msg: str, *, extra: dict[str, Any]) -> None:
         self.channel.notify("report", msg=msg, fields=extra)
+
+    async def drained(self, timeout: float) -> bool:
+        """This worker has drained: wait (at most ``timeout`` s) until every worker has, then
+        all stop together. False when it stops on its own (the supervisor stops only this one,
+        went away, or did not answer in time)."""
+        try:
+            reply = await self.channel.request("drained", timeout=timeout)
+        except (ChannelClosed, TimeoutError):
+            return False
+        except Exception:  # an older or confused supervisor: stop as a single server would
+            log.exception("the supervisor did not answer drained", extra={"worker": self.index})
+            return False
+        return bool(reply.get("together"))
 
     # -- model control from this worker's clients: done by every worker --------------------------
 

@@ -241,9 +241,28 @@ def test_sigterm_drains_every_worker_and_loses_nothing(tmp_path: Path) -> None:
     assert result["exit_code"] == 0 and '"server stopped"' in proc.log()
     drained = proc.log_lines("drained: stopping gRPC")
     assert sorted(entry["worker"] for entry in drained) == [0, 1]  # every worker drained
+    assert all(entry["with_every_worker"] is True for entry in drained)  # and they stopped together
     assert result["in_flight_at_signal"] > 0, "no call in flight at SIGTERM: the test proves little"
     served_by = {entry["worker"] for entry in proc.log_lines("request")}
     assert served_by == {0, 1}
+
+
+def test_a_worker_sent_sigterm_alone_drains_without_waiting_and_is_restarted(tmp_path: Path) -> None:
+    args = ["--model-repository", str(MODELS), "--provider", "cpu", "--workers", "2"]
+    with start_server(tmp_path, *args, "--shutdown-grace-seconds", "60") as proc:
+        pids = worker_pids(proc)
+        os.kill(pids[0], signal.SIGTERM)
+        wait_for(lambda: proc.log_lines("worker restarted"), "the worker restarted", server=proc)
+        (drained,) = proc.log_lines("drained: stopping gRPC")
+        # Its sibling was not stopping: it stopped alone instead of waiting out its 60 s of grace.
+        assert drained["worker"] == 0 and drained["with_every_worker"] is False
+        assert drained["waited_for_workers_seconds"] < 30
+        (exited,) = proc.log_lines("worker exited")
+        assert exited["worker"] == 0 and exited["exit"] == "exit status 0"
+        assert proc.health() == SERVING
+        assert proc.stop() == 0
+        together = proc.log_lines("drained: stopping gRPC")[1:]
+        assert sorted(e["worker"] for e in together) == [0, 1] and all(e["with_every_worker"] for e in together)
 
 
 def test_a_killed_worker_is_restarted(tmp_path: Path) -> None:
