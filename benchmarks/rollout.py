@@ -13,8 +13,10 @@ a version that fails every call (its Reshape cannot take the image). Requests ar
    (from ``GET /v2/models/{model}/rollout`` once its queue drained).
 2. **Canary.** A failing canary at a 10 % share under an open loop: time until the rollback
    (audit record), client errors, the audit record.
-3. **Capture.** Closed loop at batch 1 × ``--concurrency``, capture off and at 100 %; then the
-   capture replayed in process (``python -m service.rollout.replay --local``): how many outputs are
+3. **Capture.** Closed loop at batch 1 × ``--concurrency``, capture off and on (``--capture-share``,
+   100 % by default), ``--capture-rounds`` rounds alternating which goes first (a 5 s run moves by
+   several per cent from one server to the next: the medians are the figures); then the capture
+   replayed in process (``python -m service.rollout.replay --local``): how many outputs are
    bit-identical.
 
 Prints one JSON object; figures are what this machine measured in this run, nothing else.
@@ -27,6 +29,7 @@ import asyncio
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -252,23 +255,37 @@ def canary(work: Path, rate: float) -> dict[str, Any]:
     return run
 
 
-def capture(work: Path, seconds: float, concurrency: int) -> dict[str, Any]:
+def capture(work: Path, seconds: float, concurrency: int, rounds: int, share: float) -> dict[str, Any]:
+    """Capture off and on (``share``), alternating for ``rounds`` rounds (each round in the other order
+    than the one before), then the capture replayed."""
     repo = repository(work / "capture-models")
     folder = work / "capture"
     body = payload(1)
-    with server(repo, work) as srv:
-        off = asyncio.run(closed_loop(srv.address, body, concurrency, seconds))
-    with server(repo, work, "--capture-dir", str(folder), "--capture-max-files", "1000") as srv:
-        on = asyncio.run(closed_loop(srv.address, body, concurrency, seconds))
-    figures: dict[str, Any] = {"off": off, "on": on, "throughput_change": on["rps"] / off["rps"] - 1}
-    figures["p99_change_ms"] = on["p99_ms"] - off["p99_ms"]
+    runs: list[dict[str, Any]] = []
+    for round_ in range(rounds):
+        figures: dict[str, Any] = {}
+        for mode in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
+            extra = ("--capture-dir", str(folder), "--capture-max-files", "1000", "--capture-share", str(share))
+            extra = extra if mode == "on" else ()
+            with server(repo, work, *extra) as srv:
+                figures[mode] = asyncio.run(closed_loop(srv.address, body, concurrency, seconds))
+        figures["throughput_change"] = figures["on"]["rps"] / figures["off"]["rps"] - 1
+        figures["p99_change_ms"] = figures["on"]["p99_ms"] - figures["off"]["p99_ms"]
+        runs.append(figures)
+    result: dict[str, Any] = {
+        "share": share,
+        "rounds": runs,
+        "median_throughput_change": statistics.median(r["throughput_change"] for r in runs),
+        "median_p99_change_ms": statistics.median(r["p99_change_ms"] for r in runs),
+        "errors": sum(r["on"]["errors"] + r["off"]["errors"] for r in runs),
+    }
     command = [sys.executable, "-m", "service.rollout.replay", str(folder), "--local"]
     command += ["--model-repository", str(repo), "--provider", "cpu"]
     replay = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
     report = json.loads(replay.stdout)
-    figures["replay"] = {k: report[k] for k in ("records", "replayed", "bit_identical", "differing", "skipped")}
-    figures["replay"]["agreement"] = report["agreement"]
-    return figures
+    result["replay"] = {k: report[k] for k in ("records", "replayed", "bit_identical", "differing", "skipped")}
+    result["replay"]["agreement"] = report["agreement"]
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per load phase")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--canary-rate", type=float, default=200.0, help="requests per second in the canary phase")
+    parser.add_argument("--capture-rounds", type=int, default=3, help="capture off/on rounds, alternating")
+    parser.add_argument("--capture-share", type=float, default=1.0, help="share of requests captured")
     parser.add_argument("--only", choices=("shadow", "canary", "capture"), help="one phase only")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(
@@ -291,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "canary"):
             results["canary"] = canary(work, args.canary_rate)
         if args.only in (None, "capture"):
-            results["capture"] = capture(work, args.seconds, args.concurrency)
+            results["capture"] = capture(work, args.seconds, args.concurrency, args.capture_rounds, args.capture_share)
     text = json.dumps(results, indent=2)
     print(text)
     if args.json is not None:

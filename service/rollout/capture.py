@@ -2,13 +2,14 @@
 
 On with the ``capture_dir`` setting. A request is captured once answered (the data plane's
 ``finish``), sampled with ``capture_share``, for the models in ``capture_models`` (all when empty):
-it is encoded there, on the event loop, into one JSON line, which goes into a bounded queue — at
-most ``capture_queue_capacity`` lines and ``capture_queue_bytes`` of them; beyond either a record is
-dropped (before it is encoded) and counted, the request never waits. A writer thread appends the
-queued lines every :data:`FLUSH_SECONDS` to ``capture-<UTC time>-<pid>-<n>.jsonl`` (mode 0600),
-rotated past ``capture_max_file_bytes`` or ``capture_max_file_seconds``, at most
-``capture_max_files`` kept (the oldest deleted). Encoding on the loop rather than in the writer
-keeps the writer from holding the GIL (see docs/rollout.md, "Capture").
+its decoded inputs and outputs are queued by reference — at most ``capture_queue_capacity``
+records and ``capture_queue_bytes`` (reckoned from the arrays) waiting; beyond either a record is
+dropped and counted, the request never waits. Every :data:`FLUSH_SECONDS` the event loop encodes
+what is queued into JSON lines, :data:`ENCODE_SLICE` records per turn of the loop, and a writer
+thread appends the lines to ``capture-<UTC time>-<pid>-<n>.jsonl`` (mode 0600), rotated past
+``capture_max_file_bytes`` or ``capture_max_file_seconds``, at most ``capture_max_files`` kept
+(the oldest deleted). Why encode in batches on the loop rather than per request or in the writer
+thread: docs/rollout.md, "Capture".
 
 One record per line::
 
@@ -27,6 +28,7 @@ inputs and no ``outputs``.
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import logging
 import os
@@ -54,6 +56,10 @@ log = logging.getLogger(__name__)
 FLUSH_SECONDS = 0.05
 PATTERN = "capture-*.jsonl"
 Arrays = dict[str, np.ndarray]
+#: Records encoded in one turn of the event loop; the loop serves requests before the next ones.
+ENCODE_SLICE = 32
+#: What a record's line takes besides its tensors' base64 (reckoned; bounds the queue's bytes).
+RECORD_BYTES = 512
 #: Tensor heads (model, name, dtype, shape) kept before the cache starts again.
 HEAD_CACHE = 1024
 LITTLE_ENDIAN = sys.byteorder == "little"
@@ -79,10 +85,16 @@ class Capture:
         self.max_file_bytes = settings.capture_max_file_bytes
         self.max_file_seconds = settings.capture_max_file_seconds
         self.max_files = settings.capture_max_files
-        self._queue: deque[bytes] = deque()  # encoded lines
-        # Each counter has one writer: queued_* on the event loop, written_* on the writer thread.
+        #: Answered requests waiting to be encoded (by reference: the request is over, nothing
+        #: changes them), with the bytes their line is reckoned to take.
+        self._pending: deque[tuple[float, RequestContext, str, Arrays, Arrays | None, int]] = deque()
+        self._queue: deque[tuple[bytes, int]] = deque()  # encoded lines, waiting to be written
+        self._timer: asyncio.Handle | None = None
+        # Each counter has one writer: queued_*, failed_bytes and encode_failed on the event
+        # loop, written_* and write_failed on the writer thread.
         self.queued = 0
         self.queued_bytes = 0
+        self.failed_bytes = 0
         self.written = 0
         self.written_bytes = 0
         self.dropped: dict[str, int] = {"queue_full": 0, "queue_bytes": 0}
@@ -110,29 +122,52 @@ class Capture:
         return not self.models or model in self.models
 
     def offer(self, context: RequestContext, model: str, inputs: Arrays, outputs: Arrays | None) -> bool:
-        """Encode and queue one answered request (sampled); False when it was not captured."""
+        """Queue one answered request (sampled) for encoding; False when it was not captured."""
         if (self.models and model not in self.models) or (self.share < 1 and random.random() >= self.share):
             return False
-        if len(self._queue) >= self.capacity:
+        if len(self._pending) + len(self._queue) >= self.capacity:
             self.dropped["queue_full"] += 1
             return False
-        waiting = self.queued_bytes - self.written_bytes
-        if waiting + 4 * estimate(inputs, outputs) // 3 > self.max_bytes:  # before any encoding
+        size = 4 * estimate(inputs, outputs) // 3 + RECORD_BYTES  # about what its line will take
+        if self.queued_bytes - self.written_bytes - self.failed_bytes + size > self.max_bytes:
             self.dropped["queue_bytes"] += 1
             return False
-        try:
-            line = self._encode(context, model, inputs, outputs)
-        except Exception:  # the client has its answer: never let capture fail the request
-            self.encode_failed += 1
-            log.exception("capture record could not be encoded", extra={"model": model})
-            return False
-        if waiting + len(line) > self.max_bytes:
-            self.dropped["queue_bytes"] += 1
-            return False
-        self._queue.append(line)
+        self._pending.append((time.time(), context, model, inputs, outputs, size))
         self.queued += 1
-        self.queued_bytes += len(line)
+        self.queued_bytes += size
+        if self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no event loop (a tool, a test): at once
+                self.encode_pending()
+            else:
+                self._timer = loop.call_later(FLUSH_SECONDS, self._encode_slice)
         return True
+
+    def _encode_slice(self) -> None:
+        """Encode up to :data:`ENCODE_SLICE` pending records; the rest in the loop's next turn."""
+        self._timer = None
+        self._encode_some(ENCODE_SLICE)
+        if self._pending:
+            self._timer = asyncio.get_running_loop().call_soon(self._encode_slice)
+
+    def encode_pending(self) -> None:
+        """Encode every pending record now (on the loop's thread, or with no loop running)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._encode_some(len(self._pending))
+
+    def _encode_some(self, count: int) -> None:
+        pending, queue = self._pending, self._queue
+        for _ in range(min(count, len(pending))):
+            when, context, model, inputs, outputs, size = pending.popleft()
+            try:
+                queue.append((self._encode(when, context, model, inputs, outputs), size))
+            except Exception:  # the client has its answer: never let capture fail anything
+                self.encode_failed += 1
+                self.failed_bytes += size
+                log.exception("capture record could not be encoded", extra={"model": model})
 
     @property
     def failed(self) -> int:
@@ -140,10 +175,12 @@ class Capture:
 
     @property
     def depth(self) -> int:
-        return len(self._queue)
+        return len(self._pending) + len(self._queue)
 
     def close(self) -> None:
-        """Write what is queued, close the file, stop the thread."""
+        """Encode and write what is queued, close the file, stop the thread (call it on the
+        loop's thread, or once the loop has stopped)."""
+        self.encode_pending()
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
@@ -160,7 +197,8 @@ class Capture:
 
     def _drain(self) -> None:
         queue = self._queue
-        lines = [queue.popleft() for _ in range(len(queue))]
+        batch = [queue.popleft() for _ in range(len(queue))]
+        lines = [line for line, _ in batch]
         before = self.written
         try:
             if lines:
@@ -170,7 +208,7 @@ class Capture:
         except OSError as exc:
             self.write_failed += len(lines) - (self.written - before)
             log.error("capture file cannot be written", extra={"dir": str(self.dir), "error": str(exc)})
-        self.written_bytes += sum(map(len, lines))
+        self.written_bytes += sum(size for _, size in batch)
 
     # -- encoding (on the event loop, in offer) ------------------------------------------------
 
@@ -206,10 +244,12 @@ class Capture:
             self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return f"{self._second_text}.{int((when - second) * 1e6):06d}Z"
 
-    def _encode(self, context: RequestContext, model: str, inputs: Arrays, outputs: Arrays | None) -> bytes:
+    def _encode(
+        self, when: float, context: RequestContext, model: str, inputs: Arrays, outputs: Arrays | None
+    ) -> bytes:
         head = orjson.dumps(
             {
-                "time": self._stamp(time.time()),
+                "time": self._stamp(when),
                 "request_id": context.request_id,
                 "protocol": context.protocol,
                 "method": context.method,

@@ -115,6 +115,7 @@ class Rollout:
         for state in self.models.values():
             await state.mirror.stop()
         if self.capture is not None:
+            self.capture.encode_pending()  # here, on the loop's thread; then written off it
             await asyncio.get_running_loop().run_in_executor(None, self.capture.close)
 
     def close(self) -> None:
