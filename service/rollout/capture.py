@@ -33,7 +33,6 @@ import binascii
 import logging
 import os
 import random
-import sys
 import threading
 import time
 from collections import deque
@@ -62,7 +61,6 @@ ENCODE_SLICE = 32
 RECORD_BYTES = 512
 #: Tensor heads (model, name, dtype, shape) kept before the cache starts again.
 HEAD_CACHE = 1024
-LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 def estimate(inputs: Arrays, outputs: Arrays | None) -> int:
@@ -229,12 +227,7 @@ class Capture:
         head, redacted = cached
         if redacted:
             return head
-        if array.flags.c_contiguous and array.dtype.isnative and LITTLE_ENDIAN and array.dtype.kind != "O":
-            raw = array.data.cast("B") if array.ndim and array.size else array.tobytes()  # (cast needs both)
-            data = binascii.b2a_base64(raw, newline=False)
-        else:
-            data = binascii.b2a_base64(to_bytes(array), newline=False)
-        return head + data + b'"}'
+        return head + binascii.b2a_base64(to_bytes(array), newline=False) + b'"}'
 
     def _stamp(self, when: float) -> str:
         """``when`` as an RFC 3339 UTC time with microseconds (the seconds part cached)."""
