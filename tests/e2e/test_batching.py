@@ -12,9 +12,10 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
+from fixtures.metrics import sample
 from fixtures.onnx_models import linear, save
 from fixtures.providers import AUTO_PROVIDER, CPU, close_to_cpu
-from fixtures.servers import MODELS, ServerProcess, sample, scrape, start_server, v2_request, wait_for
+from fixtures.servers import MODELS, ServerProcess, scrape, start_server, v2_request, wait_for
 
 from service.generated.inference import grpc_service_pb2_grpc as v2_grpc
 from service.generated.serving.v1 import serving_pb2 as pb

@@ -23,9 +23,10 @@ import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 import tritonclient.http.aio as triton_aio
+from fixtures.metrics import sample
 from fixtures.onnx_models import linear, save, slow
 from fixtures.providers import ACCURACY_SLACK, assert_same_answers
-from fixtures.servers import MODELS, ServerProcess, sample, scrape, start_server
+from fixtures.servers import MODELS, ServerProcess, scrape, start_server
 
 CARDS = {
     name: json.loads((MODELS / name / "1" / "card.json").read_text()) for name in ("fashion_softmax", "fashion_cnn")

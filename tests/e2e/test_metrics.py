@@ -10,7 +10,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from fixtures.servers import MODELS, REPO_ROOT, sample, scrape, start_server, v2_request
+from fixtures.metrics import sample
+from fixtures.servers import MODELS, REPO_ROOT, scrape, start_server, v2_request
 
 from service.generated.inference import grpc_service_pb2_grpc as v2_grpc
 from service.generated.serving.v1 import serving_pb2 as pb

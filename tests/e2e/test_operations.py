@@ -21,8 +21,9 @@ import onnx
 import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
+from fixtures.metrics import sample
 from fixtures.onnx_models import image_classifier, linear, save
-from fixtures.servers import MODELS, ServerProcess, sample, scrape, start_server, wait_for
+from fixtures.servers import MODELS, ServerProcess, scrape, start_server, wait_for
 from tritonclient.utils import InferenceServerException
 
 CLASSIFIER = """

@@ -18,8 +18,9 @@ import grpc
 import numpy as np
 import onnx
 import pytest
+from fixtures.metrics import sample
 from fixtures.onnx_models import linear, save, serve_all_versions
-from fixtures.servers import ServerProcess, sample, scrape, start_server, wait_for
+from fixtures.servers import ServerProcess, scrape, start_server, wait_for
 from grpc_health.v1 import health_pb2
 
 from service.generated.inference import grpc_service_pb2 as v2

@@ -22,8 +22,9 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.http as triton_http
+from fixtures.metrics import sample
 from fixtures.onnx_models import failing_classifier, image_classifier, linear, save, slow
-from fixtures.servers import REPO_ROOT, ServerProcess, sample, scrape, start_server, v2_request
+from fixtures.servers import REPO_ROOT, ServerProcess, scrape, start_server, v2_request
 from onnx import ModelProto
 
 from service.generated.inference import grpc_service_pb2 as v2

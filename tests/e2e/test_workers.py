@@ -25,8 +25,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from fixtures.metrics import sample
 from fixtures.onnx_models import linear, save, tiny_repository
-from fixtures.servers import MODELS, REPO_ROOT, ServerProcess, sample, scrape, start_server, v2_request, wait_for
+from fixtures.servers import MODELS, REPO_ROOT, ServerProcess, scrape, start_server, v2_request, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.generated.inference import grpc_service_pb2 as v2

@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fixtures.inprocess import open_registry
+from fixtures.metrics import by_label, exposed
 from fixtures.onnx_models import linear, save
-from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from service.core.batching import Batcher, BatchingConfig
 from service.core.context import RequestContext
@@ -116,13 +115,7 @@ def test_capacity_and_deadline_in_process() -> None:
     assert isinstance(results[1], DeadlineExceeded)
     assert results[2]["y"].ravel().tolist() == [4.0]
     assert model.batches == [[0.0], [2.0]]  # the expired request was not computed
-    text = generate_latest(metrics.registry).decode()
-    dropped = {
-        s.labels["reason"]: s.value
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-        if s.name == "serving_dropped_requests_total"
-    }
+    dropped = by_label(exposed(metrics.registry), "serving_dropped_requests_total", "reason")
     assert dropped == {"queue_full": 1.0, "deadline": 1.0}
 
 
@@ -233,11 +226,5 @@ def test_a_cancel_just_before_the_deadline_counts_as_the_deadline() -> None:
 
         asyncio.run(scenario())
         model.gate.set()
-    text = generate_latest(metrics.registry).decode()
-    dropped = {
-        s.labels["reason"]: s.value
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-        if s.name == "serving_dropped_requests_total"
-    }
+    dropped = by_label(exposed(metrics.registry), "serving_dropped_requests_total", "reason")
     assert dropped == {"deadline": 1.0, "cancelled": 1.0} and model.batches == []

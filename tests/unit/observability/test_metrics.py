@@ -7,27 +7,15 @@ from __future__ import annotations
 import urllib.request
 
 import pytest
-from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
+from fixtures.metrics import Samples, exposed, sample
 
 from service.core.context import RequestContext
 from service.core.registry import ModelRegistry
 from service.observability.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Metrics
 
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
 
 def scrape(metrics: Metrics) -> Samples:
-    text = generate_latest(metrics.registry).decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def sample(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    return exposed(metrics.registry)
 
 
 def finished(protocol: str, model: str, version: str, status: str, inference: bool = True) -> RequestContext:

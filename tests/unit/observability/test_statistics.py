@@ -9,8 +9,7 @@ import asyncio
 import numpy as np
 import pytest
 from fixtures.inprocess import request_tensors
-from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
+from fixtures.metrics import exposed
 
 from service.core.context import RequestContext
 from service.core.dataplane import DataPlane
@@ -66,11 +65,7 @@ def test_statistics_agree_with_the_metrics(tiny_registry: ModelRegistry) -> None
     assert sum(b["batch_size"] * b["compute_infer"]["count"] for b in batches) == 8
     assert stats["execution_count"] == sum(b["compute_infer"]["count"] for b in batches) < 5  # they batched
 
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
-        for s in family.samples
-    }
+    samples = exposed(metrics.registry)
     labels = (("model", "profit"), ("version", "1"))
     assert samples[("serving_batch_size_count", labels)] == stats["execution_count"]
     assert samples[("serving_batch_size_sum", labels)] == stats["inference_count"]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
+from fixtures.metrics import Samples, exposed
+from prometheus_client import CollectorRegistry
 from prometheus_client.registry import Collector
 
 from service.workers.merge import Page, merge
@@ -38,19 +38,14 @@ serving_model_loaded{model="m",version="1"} 1.0
 """
 
 
-def _exposed(live: list[Page], retired: list[Page]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def _exposed(live: list[Page], retired: list[Page]) -> Samples:
     class Merged(Collector):
         def collect(self):  # type: ignore[no-untyped-def]
             return iter(merge(live, retired))
 
     registry = CollectorRegistry()
     registry.register(Merged())
-    text = generate_latest(registry).decode()  # what Prometheus reads, parsed back
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+    return exposed(registry)  # what Prometheus reads, parsed back
 
 
 def test_counters_and_histograms_add_up_gauges_follow_the_live_workers() -> None:
