@@ -51,16 +51,22 @@ def test_token_comparison_covers_every_token() -> None:
     assert not store.accepts("alph") and not store.accepts("alphaa") and not store.accepts("")
 
 
-def test_every_token_is_compared(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No early exit at the first match: each check compares against every accepted token."""
-    compared: list[bytes] = []
+@pytest.fixture
+def compared(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The accepted tokens each ``hmac.compare_digest`` call compared against, in order."""
+    seen: list[bytes] = []
     real = security.hmac.compare_digest
 
     def spy(a: bytes, b: bytes) -> bool:
-        compared.append(b)
+        seen.append(b)
         return real(a, b)
 
     monkeypatch.setattr(security.hmac, "compare_digest", spy)
+    return seen
+
+
+def test_every_token_is_compared(compared: list[bytes]) -> None:
+    """No early exit at the first match: each check compares against every accepted token."""
     store = TokenStore(["alpha", "beta", "gamma"])
     for token in ("alpha", "gamma", "wrong"):
         compared.clear()
@@ -68,18 +74,10 @@ def test_every_token_is_compared(monkeypatch: pytest.MonkeyPatch) -> None:
         assert len(compared) == 3 and len(set(compared)) == 3, token
 
 
-def test_every_configured_token_is_compared_on_every_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_configured_token_is_compared_on_every_check(tmp_path: Path, compared: list[bytes]) -> None:
     """Across the settings' tokens, the file's tokens and the admin tokens: one comparison per
     configured token for every call, whether the token presented is a user's, an admin's or
     nobody's (an early exit would tell a caller how far down the lists its guess matched)."""
-    compared: list[bytes] = []
-    real = security.hmac.compare_digest
-
-    def spy(a: bytes, b: bytes) -> bool:
-        compared.append(b)
-        return real(a, b)
-
-    monkeypatch.setattr(security.hmac, "compare_digest", spy)
     path = tmp_path / "tokens"
     path.write_text("file-1\nfile-2\n")
     authenticator = Authenticator(TokenStore(["user-1", "user-2"], file=path), TokenStore(["admin-1"]))
