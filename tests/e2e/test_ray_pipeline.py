@@ -41,6 +41,19 @@ def quiet(**kwargs: object) -> PipelineConfig:
     return PipelineConfig(model_repository=MODELS, log=lambda message: None, provider="cpu", **kwargs)  # type: ignore[arg-type]
 
 
+def two_actors_over_idx(fashion: dict[str, Path], out: Path) -> PipelineConfig:
+    """The Fashion-MNIST test set's IDX files on 2 actors of 1 CPU, read 2048 rows at a time."""
+    return quiet(
+        inputs=[fashion["images"]],
+        labels=fashion["labels"],
+        output=out,
+        model=MODEL,
+        actors=2,
+        cpus_per_actor=1,
+        rows_per_read=2048,
+    )
+
+
 @pytest.fixture(scope="module")
 def local_ray() -> object:
     """One new local Ray instance for the module: 2 CPUs like this machine, no dashboard."""
@@ -156,17 +169,7 @@ def test_idx_on_two_actors_equals_the_batch_job(
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "ray"
-    summary = run_pipeline(
-        quiet(
-            inputs=[fashion["images"]],
-            labels=fashion["labels"],
-            output=out,
-            model=MODEL,
-            actors=2,
-            cpus_per_actor=1,
-            rows_per_read=2048,
-        )
-    )
+    run_pipeline(two_actors_over_idx(fashion, out))
     # Batches start at multiples of 256 like the batch job's chunks: identical bytes.
     summary = assert_same_as_batch_job(out, batch_job, bitwise=True)
     assert summary["actors"] == {"min": 2, "max": 2, "cpus_each": 1.0, "gpus_each": 0.0, "intra_op_threads": 1}
@@ -230,17 +233,7 @@ def test_an_actor_that_crashes_mid_run_is_restarted_and_the_result_is_whole(
 
     monkeypatch.setattr(ray_pipeline, "OnnxPredictor", CrashingPredictor)
     out = tmp_path / "ray"
-    run_pipeline(
-        quiet(
-            inputs=[fashion["images"]],
-            labels=fashion["labels"],
-            output=out,
-            model=MODEL,
-            actors=2,
-            cpus_per_actor=1,
-            rows_per_read=2048,
-        )
-    )
+    run_pipeline(two_actors_over_idx(fashion, out))
     assert crashed.exists() and int(crashed.read_text()) != os.getpid()  # an actor died mid-run
     assert_same_as_batch_job(out, batch_job, bitwise=True)
 
