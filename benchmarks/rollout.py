@@ -1,6 +1,6 @@
 """Guarded rollout benchmark (issue 17; docs/rollout.md): shadow, canary rollback, capture + replay.
 
-    python benchmarks/rollout.py [--seconds 5] [--concurrency 32] [--json results.json]
+    python benchmarks/rollout.py [--seconds 5] [--concurrency 32] [--capture-rounds 3] [--json results.json]
 
 Servers are ``python -m service`` subprocesses on the CPU provider over a temporary repository
 holding the bundled ``models/fashion_cnn/1/model.onnx`` (twice: v1 and v2, the same answers), plus
@@ -13,10 +13,14 @@ a version that fails every call (its Reshape cannot take the image). Requests ar
    (from ``GET /v2/models/{model}/rollout`` once its queue drained).
 2. **Canary.** A failing canary at a 10 % share under an open loop: time until the rollback
    (audit record), client errors, the audit record.
-3. **Capture.** Closed loop at batch 1 × ``--concurrency``, capture off and on (``--capture-share``,
-   100 % by default), ``--capture-rounds`` rounds alternating which goes first (a 5 s run moves by
-   several per cent from one server to the next: the medians are the figures); then the capture
-   replayed in process (``python -m service.rollout.replay --local``): how many outputs are
+3. **Capture.** Capture off and on (``--capture-share``, 100 % by default) at batch 1 ×
+   ``--concurrency`` callers: per round (``--capture-rounds``) a fresh pair of servers, both up at
+   once, loaded in turn for ``--capture-slices`` closed-loop slices of ``--capture-slice-seconds``
+   each, in the order A B B A … (:func:`slices`; benchmarks/ab.py runs the same for any two
+   configurations). Sequential 5 s runs of one server after the other moved by several per cent
+   from one server to the next; interleaving puts the machine's drift on both alike. Medians of
+   the rounds are the figures, with each side's server CPU per request (/proc). Then the capture
+   is replayed in process (``python -m service.rollout.replay --local``): how many outputs are
    bit-identical.
 
 Prints one JSON object; figures are what this machine measured in this run, nothing else.
@@ -55,6 +59,8 @@ MODEL = "fashion_cnn"
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 #: Open-loop requests started in the first second are sent (and mirrored) but not timed.
 WARMUP_S = 1.0
+#: Closed-loop callers run this long on a server before a slice's measuring starts.
+SETTLE_S = 0.25
 
 
 def failing_copy(source: Path) -> bytes:
@@ -255,28 +261,99 @@ def canary(work: Path, rate: float) -> dict[str, Any]:
     return run
 
 
-def capture(work: Path, seconds: float, concurrency: int, rounds: int, share: float) -> dict[str, Any]:
-    """Capture off and on (``share``), alternating for ``rounds`` rounds (each round in the other order
-    than the one before), then the capture replayed."""
+def process_cpu(pid: int) -> float:
+    """Seconds of CPU (user + system, every thread) process ``pid`` has used; NaN off Linux."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def one_slice(call: Any, pid: int, body: bytes, concurrency: int, seconds: float, into: dict[str, Any]) -> None:
+    """``concurrency`` callers back to back: :data:`SETTLE_S` unmeasured, then ``seconds`` whose
+    answers, errors and server CPU (process ``pid``) are added to ``into``."""
+    state = {"measure": False, "stop": False}
+
+    async def caller() -> None:
+        while not state["stop"]:
+            start = time.perf_counter()
+            try:
+                await call(body, timeout=30)
+            except grpc.aio.AioRpcError:
+                into["errors"] += 1
+                continue
+            if state["measure"]:
+                into["latencies"].append(time.perf_counter() - start)
+
+    tasks = [asyncio.create_task(caller()) for _ in range(concurrency)]
+    await asyncio.sleep(SETTLE_S)
+    cpu, began = process_cpu(pid), time.perf_counter()
+    state["measure"] = True
+    await asyncio.sleep(seconds)
+    state["measure"] = False
+    into["seconds"] += time.perf_counter() - began
+    into["cpu"] += process_cpu(pid) - cpu
+    state["stop"] = True
+    await asyncio.gather(*tasks)
+
+
+async def slices(
+    servers: dict[str, Server], body: bytes, concurrency: int, count: int, seconds: float
+) -> dict[str, dict[str, Any]]:
+    """:func:`one_slice` against each server in turn, ``count`` slices each, in the order
+    A B B A A B …: drift of the machine's speed over the run falls on every server alike."""
+    modes = list(servers)
+    taken: dict[str, dict[str, Any]] = {m: {"latencies": [], "errors": 0, "seconds": 0.0, "cpu": 0.0} for m in modes}
+    channels = {m: grpc.aio.insecure_channel(servers[m].address) for m in modes}
+    try:
+        for index in range(count * len(modes)):
+            pair, step = divmod(index, len(modes))
+            mode = modes[step] if pair % 2 == 0 else modes[-1 - step]
+            call = channels[mode].unary_unary(INFER)
+            await one_slice(call, servers[mode].process.pid, body, concurrency, seconds, taken[mode])
+    finally:
+        for channel in channels.values():
+            await channel.close()
+    return {
+        m: {
+            "rps": len(t["latencies"]) / t["seconds"],
+            "p99_ms": p99(t["latencies"]),
+            "server_cpu_us_per_request": t["cpu"] / max(1, len(t["latencies"])) * 1e6,
+            "errors": t["errors"],
+            "requests": len(t["latencies"]),
+        }
+        for m, t in taken.items()
+    }
+
+
+def capture(work: Path, slice_s: float, concurrency: int, rounds: int, count: int, share: float) -> dict[str, Any]:
+    """Capture off and on (``share``): per round a fresh pair of servers, both up at once, loaded in
+    turn for ``count`` slices each; then the capture replayed."""
     repo = repository(work / "capture-models")
     folder = work / "capture"
     body = payload(1)
     runs: list[dict[str, Any]] = []
     for round_ in range(rounds):
-        figures: dict[str, Any] = {}
-        for mode in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
-            extra = ("--capture-dir", str(folder), "--capture-max-files", "1000", "--capture-share", str(share))
-            extra = extra if mode == "on" else ()
-            with server(repo, work, *extra) as srv:
-                figures[mode] = asyncio.run(closed_loop(srv.address, body, concurrency, seconds))
+        on = ("--capture-dir", str(folder), "--capture-max-files", "1000", "--capture-share", str(share))
+        with server(repo, work) as off_server, server(repo, work, *on) as on_server:
+            pair = {"off": off_server, "on": on_server} if round_ % 2 == 0 else {"on": on_server, "off": off_server}
+            asyncio.run(slices(pair, body, concurrency, 1, 1.0))  # warm-up, not counted
+            figures: dict[str, Any] = asyncio.run(slices(pair, body, concurrency, count, slice_s))
         figures["throughput_change"] = figures["on"]["rps"] / figures["off"]["rps"] - 1
         figures["p99_change_ms"] = figures["on"]["p99_ms"] - figures["off"]["p99_ms"]
+        figures["server_cpu_change"] = (
+            figures["on"]["server_cpu_us_per_request"] / figures["off"]["server_cpu_us_per_request"] - 1
+        )
         runs.append(figures)
     result: dict[str, Any] = {
         "share": share,
+        "slices_per_round": count,
+        "slice_seconds": slice_s,
         "rounds": runs,
         "median_throughput_change": statistics.median(r["throughput_change"] for r in runs),
         "median_p99_change_ms": statistics.median(r["p99_change_ms"] for r in runs),
+        "median_server_cpu_change": statistics.median(r["server_cpu_change"] for r in runs),
         "errors": sum(r["on"]["errors"] + r["off"]["errors"] for r in runs),
     }
     command = [sys.executable, "-m", "service.rollout.replay", str(folder), "--local"]
@@ -293,7 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per load phase")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--canary-rate", type=float, default=200.0, help="requests per second in the canary phase")
-    parser.add_argument("--capture-rounds", type=int, default=3, help="capture off/on rounds, alternating")
+    parser.add_argument("--capture-rounds", type=int, default=3, help="capture: fresh off/on server pairs")
+    parser.add_argument("--capture-slices", type=int, default=10, help="capture: slices per server per round")
+    parser.add_argument("--capture-slice-seconds", type=float, default=1.0, help="capture: measured seconds a slice")
     parser.add_argument("--capture-share", type=float, default=1.0, help="share of requests captured")
     parser.add_argument("--only", choices=("shadow", "canary", "capture"), help="one phase only")
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -310,7 +389,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "canary"):
             results["canary"] = canary(work, args.canary_rate)
         if args.only in (None, "capture"):
-            results["capture"] = capture(work, args.seconds, args.concurrency, args.capture_rounds, args.capture_share)
+            results["capture"] = capture(
+                work,
+                args.capture_slice_seconds,
+                args.concurrency,
+                args.capture_rounds,
+                args.capture_slices,
+                args.capture_share,
+            )
     text = json.dumps(results, indent=2)
     print(text)
     if args.json is not None:
