@@ -130,6 +130,11 @@ class Settings(BaseSettings):
         description="a batch expected to compute in less than this many microseconds runs on the "
         "event loop thread: handing it to an inference thread costs more (0 = never)",
     )
+    gc_freeze: bool = Field(
+        True,
+        description="freeze the heap built at start-up (imported modules, classes) out of Python's "
+        "cyclic garbage collector before loading models: full collections stop traversing it",
+    )
     batch_queue_capacity: int = Field(
         512, ge=1, description="requests waiting per model version; more → RESOURCE_EXHAUSTED"
     )

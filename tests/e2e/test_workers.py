@@ -93,6 +93,7 @@ def test_one_listening_line_with_the_real_ports(two_workers: ServerProcess) -> N
     assert len(set(line["worker_pids"])) == 2 and two_workers.process.pid not in line["worker_pids"]
     (started,) = two_workers.log_lines("server started")
     assert started["workers"] == 2 and started["ready"] and started["address"].endswith(f":{two_workers.port}")
+    assert started["gc_frozen_objects"] > 10_000  # the workers froze their start-up heap (gc_freeze)
     # each worker's own lines say which worker wrote them
     loaded = two_workers.log_lines("model loaded")
     assert sorted({(entry["worker"], entry["model"]) for entry in loaded}) == sorted(
