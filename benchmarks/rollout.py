@@ -1,6 +1,6 @@
 """Guarded rollout benchmark (issue 17; docs/rollout.md): shadow, canary rollback, capture + replay.
 
-    python benchmarks/rollout.py [--seconds 5] [--concurrency 32] [--capture-rounds 3] [--json results.json]
+    python benchmarks/rollout.py [--seconds 5] [--concurrency 32] [--rounds 3] [--json results.json]
 
 Servers are ``python -m service`` subprocesses on the CPU provider over a temporary repository
 holding the bundled ``models/fashion_cnn/1/model.onnx`` (twice: v1 and v2, the same answers), plus
@@ -8,14 +8,16 @@ a version that fails every call (its Reshape cannot take the image). Requests ar
 ``ModelInfer`` of one image, pre-serialised.
 
 1. **Shadow.** The primary's saturation throughput (closed loop, ``--concurrency`` callers); then
-   an open loop at half of it: primary alone, with a shadow (the same model), with a shadow failing
-   every call. Reports client p99, client errors, and the share of sent requests the shadow ran
-   (from ``GET /v2/models/{model}/rollout`` once its queue drained).
+   per round (``--rounds``) three servers up at once: the primary alone, with a shadow (the same
+   model), with a shadow failing every call, loaded in turn by open-loop slices at half the
+   saturation (``--slices`` of ``--slice-seconds`` each, as for capture below). Reports each
+   one's p50 and p99 (and their medians over the rounds), client errors, and the share of sent
+   requests the shadow ran (from ``GET /v2/models/{model}/rollout`` once its queue drained).
 2. **Canary.** A failing canary at a 10 % share under an open loop: time until the rollback
    (audit record), client errors, the audit record.
 3. **Capture.** Capture off and on (``--capture-share``, 100 % by default) at batch 1 ×
-   ``--concurrency`` callers: per round (``--capture-rounds``) a fresh pair of servers, both up at
-   once, loaded in turn for ``--capture-slices`` closed-loop slices of ``--capture-slice-seconds``
+   ``--concurrency`` callers: per round (``--rounds``) a fresh pair of servers, both up at
+   once, loaded in turn for ``--slices`` closed-loop slices of ``--slice-seconds``
    each, in the order A B B A … (:func:`slices`; benchmarks/ab.py runs the same for any two
    configurations). Sequential 5 s runs of one server after the other moved by several per cent
    from one server to the next; interleaving puts the machine's drift on both alike. Medians of
@@ -217,26 +219,43 @@ def drained(srv: Server, sent: int, timeout: float = 120) -> dict[str, Any]:
         time.sleep(0.2)
 
 
-def shadow(work: Path, seconds: float, concurrency: int) -> dict[str, Any]:
+def shadow(work: Path, seconds: float, concurrency: int, rounds: int, count: int, slice_s: float) -> dict[str, Any]:
+    """The primary's saturation; then per round three servers up at once (the primary alone, with
+    a shadow, with a shadow failing every call), loaded in turn by open-loop slices at half the
+    saturation; the mirror's figures once it has run (or dropped) every request sent."""
     body = payload()
     good = repository(work / "same")
     bad = repository(work / "failing", failing_copy(REPO_ROOT / "models" / MODEL / "1" / "model.onnx"))
     with server(good, work) as srv:
         saturation = asyncio.run(closed_loop(srv.address, body, concurrency, seconds))
     rate = saturation["rps"] / 2
-    with server(good, work) as srv:  # a fresh server, like the runs it is compared with
-        alone = asyncio.run(open_loop(srv.address, body, rate, seconds))
-    figures: dict[str, Any] = {"saturation": saturation, "rate": rate, "primary_alone": alone}
-    for name, repo in (("with_shadow", good), ("with_failing_shadow", bad)):
-        rollout = json.dumps({MODEL: {"primary": 1, "shadow_version": 2}})
-        with server(repo, work, "--rollout", rollout) as srv:
-            run = asyncio.run(open_loop(srv.address, body, rate, seconds))
-            mirror = drained(srv, run["sent"])
-            run["mirror"] = mirror
-            run["shadow_ran_share"] = (mirror["ok"] + mirror["failed"]) / run["sent"]
-            run["p99_growth"] = run["p99_ms"] / alone["p99_ms"] - 1
-            figures[name] = run
-    return figures
+    rollout = ("--rollout", json.dumps({MODEL: {"primary": 1, "shadow_version": 2}}))
+    runs: list[dict[str, Any]] = []
+    for round_ in range(rounds):
+        with server(good, work) as alone, server(good, work, *rollout) as same, server(bad, work, *rollout) as failing:
+            trio = {"primary_alone": alone, "with_shadow": same, "with_failing_shadow": failing}
+            order = {m: trio[m] for m in (list(trio) if round_ % 2 == 0 else list(trio)[::-1])}
+            warm = asyncio.run(slices(order, body, concurrency, 1, 1.0, rate))
+            figures: dict[str, Any] = asyncio.run(slices(order, body, concurrency, count, slice_s, rate))
+            for name in ("with_shadow", "with_failing_shadow"):
+                run = figures[name]
+                run["mirror"] = mirror = drained(trio[name], warm[name]["sent"] + run["sent"])
+                run["shadow_ran_share"] = (mirror["ok"] + mirror["failed"]) / (warm[name]["sent"] + run["sent"])
+                run["p99_growth"] = run["p99_ms"] / figures["primary_alone"]["p99_ms"] - 1
+                run["p50_change_ms"] = run["p50_ms"] - figures["primary_alone"]["p50_ms"]
+        runs.append(figures)
+    return {
+        "saturation": saturation,
+        "rate": rate,
+        "slices_per_round": count,
+        "slice_seconds": slice_s,
+        "rounds": runs,
+        "median_p99_growth": statistics.median(r["with_shadow"]["p99_growth"] for r in runs),
+        "median_p50_change_ms": statistics.median(r["with_shadow"]["p50_change_ms"] for r in runs),
+        "median_failing_p99_growth": statistics.median(r["with_failing_shadow"]["p99_growth"] for r in runs),
+        "min_shadow_ran_share": min(r["with_shadow"]["shadow_ran_share"] for r in runs),
+        "client_errors": sum(r[m]["errors"] for r in runs for m in r),
+    }
 
 
 def canary(work: Path, rate: float) -> dict[str, Any]:
@@ -298,30 +317,73 @@ async def one_slice(call: Any, pid: int, body: bytes, concurrency: int, seconds:
     await asyncio.gather(*tasks)
 
 
+async def open_slice(call: Any, pid: int, body: bytes, rate: float, seconds: float, into: dict[str, Any]) -> None:
+    """Requests started at ``rate`` per second: :data:`SETTLE_S` unmeasured, then ``seconds``
+    whose answers (of requests started then), errors and server CPU are added to ``into``."""
+
+    async def one(measured: bool) -> None:
+        start = time.perf_counter()
+        try:
+            await call(body, timeout=30)
+        except grpc.aio.AioRpcError:
+            into["errors"] += 1
+            return
+        if measured:
+            into["latencies"].append(time.perf_counter() - start)
+
+    tasks = []
+    begin = time.perf_counter()
+    cpu = process_cpu(pid)
+    sent = 0
+    while (now := time.perf_counter() - begin) < SETTLE_S + seconds:
+        due = sent / rate
+        if due > now:
+            await asyncio.sleep(due - now)
+        tasks.append(asyncio.create_task(one(now >= SETTLE_S)))
+        sent += 1
+    await asyncio.gather(*tasks)
+    into["sent"] += sent
+    into["seconds"] += seconds
+    into["cpu"] += (process_cpu(pid) - cpu) * seconds / (time.perf_counter() - begin)
+
+
 async def slices(
-    servers: dict[str, Server], body: bytes, concurrency: int, count: int, seconds: float
+    servers: dict[str, Server],
+    body: bytes,
+    concurrency: int,
+    count: int,
+    seconds: float,
+    rate: float | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """:func:`one_slice` against each server in turn, ``count`` slices each, in the order
-    A B B A A B …: drift of the machine's speed over the run falls on every server alike."""
+    """:func:`one_slice` (or, at ``rate``, :func:`open_slice`) against each server in turn,
+    ``count`` slices each, in the order A B B A A B …: drift of the machine's speed over the run
+    falls on every server alike."""
     modes = list(servers)
-    taken: dict[str, dict[str, Any]] = {m: {"latencies": [], "errors": 0, "seconds": 0.0, "cpu": 0.0} for m in modes}
+    taken: dict[str, dict[str, Any]] = {
+        m: {"latencies": [], "errors": 0, "seconds": 0.0, "cpu": 0.0, "sent": 0} for m in modes
+    }
     channels = {m: grpc.aio.insecure_channel(servers[m].address) for m in modes}
     try:
         for index in range(count * len(modes)):
             pair, step = divmod(index, len(modes))
             mode = modes[step] if pair % 2 == 0 else modes[-1 - step]
             call = channels[mode].unary_unary(INFER)
-            await one_slice(call, servers[mode].process.pid, body, concurrency, seconds, taken[mode])
+            if rate is None:
+                await one_slice(call, servers[mode].process.pid, body, concurrency, seconds, taken[mode])
+            else:
+                await open_slice(call, servers[mode].process.pid, body, rate, seconds, taken[mode])
     finally:
         for channel in channels.values():
             await channel.close()
     return {
         m: {
             "rps": len(t["latencies"]) / t["seconds"],
+            "p50_ms": float(np.percentile(t["latencies"], 50)) * 1000 if t["latencies"] else float("nan"),
             "p99_ms": p99(t["latencies"]),
             "server_cpu_us_per_request": t["cpu"] / max(1, len(t["latencies"])) * 1e6,
             "errors": t["errors"],
             "requests": len(t["latencies"]),
+            "sent": t["sent"],
         }
         for m, t in taken.items()
     }
@@ -370,9 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per load phase")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--canary-rate", type=float, default=200.0, help="requests per second in the canary phase")
-    parser.add_argument("--capture-rounds", type=int, default=3, help="capture: fresh off/on server pairs")
-    parser.add_argument("--capture-slices", type=int, default=10, help="capture: slices per server per round")
-    parser.add_argument("--capture-slice-seconds", type=float, default=1.0, help="capture: measured seconds a slice")
+    parser.add_argument("--rounds", "--capture-rounds", type=int, default=3, help="shadow, capture: fresh servers")
+    parser.add_argument("--slices", "--capture-slices", type=int, default=10, help="slices per server per round")
+    parser.add_argument("--slice-seconds", "--capture-slice-seconds", type=float, default=1.0, help="seconds a slice")
     parser.add_argument("--capture-share", type=float, default=1.0, help="share of requests captured")
     parser.add_argument("--only", choices=("shadow", "canary", "capture"), help="one phase only")
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -385,16 +447,18 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp) if args.work is None else args.work
         work.mkdir(parents=True, exist_ok=True)
         if args.only in (None, "shadow"):
-            results["shadow"] = shadow(work, args.seconds, args.concurrency)
+            results["shadow"] = shadow(
+                work, args.seconds, args.concurrency, args.rounds, args.slices, args.slice_seconds
+            )
         if args.only in (None, "canary"):
             results["canary"] = canary(work, args.canary_rate)
         if args.only in (None, "capture"):
             results["capture"] = capture(
                 work,
-                args.capture_slice_seconds,
+                args.slice_seconds,
                 args.concurrency,
-                args.capture_rounds,
-                args.capture_slices,
+                args.rounds,
+                args.slices,
                 args.capture_share,
             )
     text = json.dumps(results, indent=2)
