@@ -14,10 +14,7 @@ each side's throughput, p99 and server CPU per request, and B against A.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import shlex
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -25,39 +22,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from rollout import payload, repository, server, slices
+from rollout import emit, payload, repository, side_by_side
 
 
 def compare(
     work: Path, a: list[str], b: list[str], rounds: int, count: int, slice_s: float, concurrency: int
 ) -> dict[str, Any]:
     repo = repository(work / "models")
-    body = payload(1)
-    runs: list[dict[str, Any]] = []
-    for round_ in range(rounds):
-        with server(repo, work, *a) as side_a, server(repo, work, *b) as side_b:
-            pair = {"a": side_a, "b": side_b} if round_ % 2 == 0 else {"b": side_b, "a": side_a}
-            asyncio.run(slices(pair, body, concurrency, 1, 1.0))  # warm-up, not counted
-            figures: dict[str, Any] = asyncio.run(slices(pair, body, concurrency, count, slice_s))
-        figures["throughput_change"] = figures["b"]["rps"] / figures["a"]["rps"] - 1
-        figures["p99_change_ms"] = figures["b"]["p99_ms"] - figures["a"]["p99_ms"]
-        figures["server_cpu_change"] = (
-            figures["b"]["server_cpu_us_per_request"] / figures["a"]["server_cpu_us_per_request"] - 1
-        )
-        runs.append(figures)
-        print(json.dumps({k: round(figures[k], 4) for k in ("throughput_change", "p99_change_ms")}), file=sys.stderr)
-    return {
-        "a": a,
-        "b": b,
-        "concurrency": concurrency,
-        "slices_per_round": count,
-        "slice_seconds": slice_s,
-        "rounds": runs,
-        "median_throughput_change": statistics.median(r["throughput_change"] for r in runs),
-        "median_p99_change_ms": statistics.median(r["p99_change_ms"] for r in runs),
-        "median_server_cpu_change": statistics.median(r["server_cpu_change"] for r in runs),
-        "errors": sum(r["a"]["errors"] + r["b"]["errors"] for r in runs),
-    }
+    figures = side_by_side(repo, work, {"a": a, "b": b}, payload(1), concurrency, rounds, count, slice_s)
+    return {"a": a, "b": b, "concurrency": concurrency, **figures}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,10 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ab-bench-") as tmp:
         a, b = shlex.split(args.a), shlex.split(args.b)
         result = compare(Path(tmp), a, b, args.rounds, args.slices, args.slice_seconds, args.concurrency)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json is not None:
-        args.json.write_text(text + "\n")
+    emit(result, args.json)
     return 0
 
 

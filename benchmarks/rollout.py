@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -389,35 +389,49 @@ async def slices(
     }
 
 
-def capture(work: Path, slice_s: float, concurrency: int, rounds: int, count: int, share: float) -> dict[str, Any]:
-    """Capture off and on (``share``): per round a fresh pair of servers, both up at once, loaded in
-    turn for ``count`` slices each; then the capture replayed."""
-    repo = repository(work / "capture-models")
-    folder = work / "capture"
-    body = payload(1)
+def side_by_side(
+    repo: Path,
+    work: Path,
+    sides: dict[str, Sequence[str]],
+    body: bytes,
+    concurrency: int,
+    rounds: int,
+    count: int,
+    slice_s: float,
+) -> dict[str, Any]:
+    """Two configurations (``sides``: name → server flags, the baseline first): per round a fresh
+    pair of servers, both up at once, loaded in turn by ``count`` closed-loop :func:`slices` each;
+    the second's throughput, p99 and server CPU per request against the first's."""
+    (base, base_flags), (other, other_flags) = sides.items()
     runs: list[dict[str, Any]] = []
     for round_ in range(rounds):
-        on = ("--capture-dir", str(folder), "--capture-max-files", "1000", "--capture-share", str(share))
-        with server(repo, work) as off_server, server(repo, work, *on) as on_server:
-            pair = {"off": off_server, "on": on_server} if round_ % 2 == 0 else {"on": on_server, "off": off_server}
+        with server(repo, work, *base_flags) as first, server(repo, work, *other_flags) as second:
+            pair = {base: first, other: second} if round_ % 2 == 0 else {other: second, base: first}
             asyncio.run(slices(pair, body, concurrency, 1, 1.0))  # warm-up, not counted
             figures: dict[str, Any] = asyncio.run(slices(pair, body, concurrency, count, slice_s))
-        figures["throughput_change"] = figures["on"]["rps"] / figures["off"]["rps"] - 1
-        figures["p99_change_ms"] = figures["on"]["p99_ms"] - figures["off"]["p99_ms"]
-        figures["server_cpu_change"] = (
-            figures["on"]["server_cpu_us_per_request"] / figures["off"]["server_cpu_us_per_request"] - 1
-        )
+        figures["throughput_change"] = figures[other]["rps"] / figures[base]["rps"] - 1
+        figures["p99_change_ms"] = figures[other]["p99_ms"] - figures[base]["p99_ms"]
+        cpu = figures[other]["server_cpu_us_per_request"] / figures[base]["server_cpu_us_per_request"]
+        figures["server_cpu_change"] = cpu - 1
         runs.append(figures)
-    result: dict[str, Any] = {
-        "share": share,
+    return {
         "slices_per_round": count,
         "slice_seconds": slice_s,
         "rounds": runs,
         "median_throughput_change": statistics.median(r["throughput_change"] for r in runs),
         "median_p99_change_ms": statistics.median(r["p99_change_ms"] for r in runs),
         "median_server_cpu_change": statistics.median(r["server_cpu_change"] for r in runs),
-        "errors": sum(r["on"]["errors"] + r["off"]["errors"] for r in runs),
+        "errors": sum(r[base]["errors"] + r[other]["errors"] for r in runs),
     }
+
+
+def capture(work: Path, slice_s: float, concurrency: int, rounds: int, count: int, share: float) -> dict[str, Any]:
+    """Capture off and on (``share``) :func:`side_by_side`; then the capture replayed."""
+    repo = repository(work / "capture-models")
+    folder = work / "capture"
+    on = ("--capture-dir", str(folder), "--capture-max-files", "1000", "--capture-share", str(share))
+    figures = side_by_side(repo, work, {"off": (), "on": on}, payload(1), concurrency, rounds, count, slice_s)
+    result: dict[str, Any] = {"share": share, **figures}
     command = [sys.executable, "-m", "service.rollout.replay", str(folder), "--local"]
     command += ["--model-repository", str(repo), "--provider", "cpu"]
     replay = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
@@ -425,6 +439,14 @@ def capture(work: Path, slice_s: float, concurrency: int, rounds: int, count: in
     result["replay"] = {k: report[k] for k in ("records", "replayed", "bit_identical", "differing", "skipped")}
     result["replay"]["agreement"] = report["agreement"]
     return result
+
+
+def emit(results: dict[str, Any], path: Path | None) -> None:
+    """Print ``results`` as one JSON object; also write it to ``path`` when given."""
+    text = json.dumps(results, indent=2)
+    print(text)
+    if path is not None:
+        path.write_text(text + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -461,10 +483,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.slices,
                 args.capture_share,
             )
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json is not None:
-        args.json.write_text(text + "\n")
+    emit(results, args.json)
     return 0
 
 
