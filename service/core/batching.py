@@ -19,6 +19,9 @@ as one onnxruntime call, and split back by row offsets: every caller gets exactl
 * **Backpressure.** More than ``queue_capacity`` waiting requests → RESOURCE_EXHAUSTED at once.
   A request whose deadline passes while it waits is answered DEADLINE_EXCEEDED and dropped before
   compute; a caller that goes away (cancelled RPC) is dropped the same way. Both are counted.
+* **Background work** (``submit(..., background=True)``: the rollout's mirrored batches) is
+  batched only with other background work, never runs on the event loop, and runs on the
+  background executor (one thread at nice 19, service/core/background.py) when there is one.
 * **Off** (``enabled: false``, or a model whose inputs/outputs have no dynamic batch axis): each
   request is its own batch, unsplit, through the same queue, limits and metrics.
 
@@ -182,6 +185,7 @@ class _Item:
         "pieces",
         "counted",
         "context",
+        "background",
     )
 
     def __init__(
@@ -192,13 +196,15 @@ class _Item:
         future: asyncio.Future[Arrays],
         now: float,
         context: RequestContext | None,
+        background: bool = False,
     ) -> None:
         self.feeds = feeds
         self.context = context
         self.names = names
         self.rows = rows
-        # Requests batch together when their non-batch dimensions and outputs agree.
-        self.key = (tuple(a.shape[1:] for a in feeds.values()), tuple(names))
+        self.background = background
+        # Requests batch together when their non-batch dimensions, outputs and priority agree.
+        self.key = (tuple(a.shape[1:] for a in feeds.values()), tuple(names), background)
         self.future = future
         self.enqueued = now
         self.deadline: float | None = None
@@ -230,12 +236,14 @@ class Batcher:
         batchable: bool = True,
         inline_compute_us: int = 0,
         stats: ModelStats | None = None,
+        background: Executor | None = None,
     ) -> None:
         self.label = label
         self.config = config
         self.batching = config.enabled and batchable
         self._run = run
         self._executor = executor
+        self._background = background
         self._max_in_flight = max(1, max_in_flight)
         self._metrics = metrics
         self._stats = stats
@@ -316,12 +324,19 @@ class Batcher:
     # -- callers -------------------------------------------------------------------------------
 
     async def submit(
-        self, feeds: Arrays, names: list[str], timeout: float | None = None, context: RequestContext | None = None
+        self,
+        feeds: Arrays,
+        names: list[str],
+        timeout: float | None = None,
+        context: RequestContext | None = None,
+        background: bool = False,
     ) -> Arrays:
         """Queue validated ``feeds`` (all with the same number of rows ≥ 1); return this request's
         outputs ``names`` once computed. Raises ResourceExhausted (queue full), DeadlineExceeded
         (``timeout`` seconds passed first), Unavailable (closed) or the run's ServingError.
-        ``context`` (when given) receives the queue wait, compute time and batch size."""
+        ``context`` (when given) receives the queue wait, compute time and batch size.
+        ``background`` (mirrored work): batched only with other background requests, never run
+        on the event loop, and run on the background executor when the batcher has one."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._bind(loop)
@@ -332,7 +347,7 @@ class Batcher:
             raise ResourceExhausted(f"{self.label} has {len(self._queue)} requests queued, its capacity; retry later")
         rows = len(next(iter(feeds.values())))
         now = loop.time()
-        item = _Item(feeds, names, rows, loop.create_future(), now, context)
+        item = _Item(feeds, names, rows, loop.create_future(), now, context, background)
         if timeout is not None:
             if timeout <= 0:
                 self._drop("deadline")
@@ -530,7 +545,8 @@ class Batcher:
                 if item.context is not None:
                     item.context.queue_seconds = now - item.enqueued
         names = parts[0][0].names
-        if self._inline(sum(end - start for _, start, end in parts)):
+        background = parts[0][0].background
+        if not background and self._inline(sum(end - start for _, start, end in parts)):
             try:
                 outcome: Outcome | BaseException = self._compute(parts, names, launched)
             except Exception as exc:
@@ -543,8 +559,9 @@ class Batcher:
         done = partial(self._finished, parts, loop)
         if self._executor is None:  # a batcher made without one (tests): threads of its own
             self._executor = ThreadPoolExecutor(self._max_in_flight, thread_name_prefix="infer")
+        executor = self._background if background and self._background is not None else self._executor
         try:
-            future = self._executor.submit(self._compute, parts, names, launched)
+            future = executor.submit(self._compute, parts, names, launched)
         except RuntimeError as exc:  # executor shut down
             self._in_flight -= 1
             self._fail(parts, Unavailable(f"{self.label}: server is shutting down ({exc})"))

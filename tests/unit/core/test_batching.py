@@ -228,3 +228,36 @@ def test_a_cancel_just_before_the_deadline_counts_as_the_deadline() -> None:
         model.gate.set()
     dropped = by_label(exposed(metrics.registry), "serving_dropped_requests_total", "reason")
     assert dropped == {"deadline": 1.0, "cancelled": 1.0} and model.batches == []
+
+
+def test_background_requests_batch_apart_and_run_on_the_background_executor_never_inline() -> None:
+    """Mirrored work (``background=True``): never joined with client requests, never run on the
+    event loop even when cheap enough to be, always on the background executor's thread."""
+    ran: list[tuple[str, list[float]]] = []
+
+    def run(feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        ran.append((threading.current_thread().name.split("_")[0], feeds["x"][:, 0].tolist()))
+        return {"y": feeds["x"] * 2}
+
+    with ThreadPoolExecutor(1, "infer") as executor, ThreadPoolExecutor(1, "background") as background:
+        config = BatchingConfig(max_batch_rows=8)
+        b = Batcher("test model", run, executor, config, 2, inline_compute_us=10**6, background=background)
+        b.calibrate(0.0, 0.0)  # every batch is cheap: client batches run on the event loop
+
+        async def scenario() -> list[dict[str, np.ndarray]]:
+            return await asyncio.gather(
+                b.submit(rows(1), ["y"]),
+                b.submit(rows(2), ["y"]),
+                b.submit(rows(3), ["y"], background=True),
+                b.submit(rows(4, 5), ["y"], background=True),
+            )
+
+        results = asyncio.run(scenario())
+    rows_by_thread: dict[str, list[float]] = {}
+    for thread, values in ran:  # a batch runs on one thread: a mixed batch would show here
+        rows_by_thread.setdefault(thread, []).extend(values)
+    assert {t: sorted(v) for t, v in rows_by_thread.items()} == {
+        "MainThread": [1.0, 2.0],
+        "background": [3.0, 4.0, 5.0],
+    }
+    assert [r["y"].ravel().tolist() for r in results] == [[2.0], [4.0], [6.0], [8.0, 10.0]]
