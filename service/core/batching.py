@@ -21,7 +21,8 @@ as one onnxruntime call, and split back by row offsets: every caller gets exactl
   compute; a caller that goes away (cancelled RPC) is dropped the same way. Both are counted.
 * **Background work** (``submit(..., background=True)``: the rollout's mirrored batches) is
   batched only with other background work, never runs on the event loop, and runs on the
-  background executor (one thread at nice 19, service/core/background.py) when there is one.
+  background executor (one thread at nice 19, service/core/background.py) when there is one,
+  where it takes none of the version's slots: client batches keep all of them.
 * **Off** (``enabled: false``, or a model whose inputs/outputs have no dynamic batch axis): each
   request is its own batch, unsplit, through the same queue, limits and metrics.
 
@@ -253,6 +254,7 @@ class Batcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: deque[_Item] = deque()
         self._in_flight = 0
+        self._in_background = 0  # of those in flight: background batches, which take no client slot
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
@@ -358,7 +360,7 @@ class Batcher:
         idle = now - self._last_submit > _IDLE_S
         self._last_submit = now
         if not self._scheduled:
-            if idle and len(self._queue) == 1 and self._in_flight < self._max_in_flight and not self._delay:
+            if idle and len(self._queue) == 1 and self._slot_free() and not self._delay:
                 # Nothing else arrived lately: start at once (an unloaded request skips two turns
                 # of the event loop; a request run inline is done before it is awaited).
                 self._dispatch()
@@ -394,6 +396,7 @@ class Batcher:
         self._loop = loop
         self._queue.clear()
         self._in_flight = 0
+        self._in_background = 0
         self._scheduled = False
         self._timer = None
 
@@ -450,7 +453,7 @@ class Batcher:
         queue = self._queue
         loop = self._loop
         assert loop is not None
-        while queue and self._in_flight < self._max_in_flight:
+        while queue and self._slot_free():
             now = loop.time()
             self._purge(now)
             if not queue:
@@ -463,6 +466,11 @@ class Batcher:
             parts = self._gather()
             if parts:
                 self._launch(parts, now)
+
+    def _slot_free(self) -> bool:
+        """Fewer client batches in flight than the version's instances (background batches run on
+        their own thread and take no slot)."""
+        return self._in_flight - self._in_background < self._max_in_flight
 
     def _waiting_rows(self) -> int:
         total = 0
@@ -556,14 +564,17 @@ class Batcher:
         loop = self._loop
         assert loop is not None
         self._in_flight += 1
+        offloaded = background and self._background is not None
+        self._in_background += offloaded
         done = partial(self._finished, parts, loop)
         if self._executor is None:  # a batcher made without one (tests): threads of its own
             self._executor = ThreadPoolExecutor(self._max_in_flight, thread_name_prefix="infer")
-        executor = self._background if background and self._background is not None else self._executor
+        executor = self._background if offloaded and self._background is not None else self._executor
         try:
             future = executor.submit(self._compute, parts, names, launched)
         except RuntimeError as exc:  # executor shut down
             self._in_flight -= 1
+            self._in_background -= offloaded
             self._fail(parts, Unavailable(f"{self.label}: server is shutting down ({exc})"))
             return
 
@@ -604,6 +615,7 @@ class Batcher:
         if loop is not self._loop:
             return  # from an event loop that is gone
         self._in_flight -= 1
+        self._in_background -= parts[0][0].background and self._background is not None
         try:
             outcome: Outcome | BaseException = future.result()
         except BaseException as exc:

@@ -261,3 +261,30 @@ def test_background_requests_batch_apart_and_run_on_the_background_executor_neve
         "background": [3.0, 4.0, 5.0],
     }
     assert [r["y"].ravel().tolist() for r in results] == [[2.0], [4.0], [6.0], [8.0, 10.0]]
+
+
+def test_a_background_batch_running_takes_no_client_slot() -> None:
+    """One instance (max_in_flight 1): while a mirrored batch runs on the background thread, a
+    client request still runs at once on the client executor, and both finish."""
+    held = threading.Event()
+    release = threading.Event()
+
+    def run(feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        if threading.current_thread().name.startswith("background"):
+            held.set()
+            release.wait(30)
+        return {"y": feeds["x"] * 2}
+
+    with ThreadPoolExecutor(1, "infer") as executor, ThreadPoolExecutor(1, "background") as background:
+        b = Batcher("test model", run, executor, BatchingConfig(max_batch_rows=8), 1, background=background)
+
+        async def scenario() -> tuple[list[float], bool, list[float]]:
+            mirrored = asyncio.create_task(b.submit(rows(1), ["y"], background=True))
+            assert await asyncio.to_thread(held.wait, 30)  # the mirrored batch is running, held
+            client = await asyncio.wait_for(b.submit(rows(2), ["y"]), 30)
+            still_running = not mirrored.done()
+            release.set()
+            return client["y"].ravel().tolist(), still_running, (await mirrored)["y"].ravel().tolist()
+
+        client, still_running, mirrored = asyncio.run(scenario())
+    assert client == [4.0] and still_running and mirrored == [2.0]
