@@ -19,10 +19,6 @@ as one onnxruntime call, and split back by row offsets: every caller gets exactl
 * **Backpressure.** More than ``queue_capacity`` waiting requests → RESOURCE_EXHAUSTED at once.
   A request whose deadline passes while it waits is answered DEADLINE_EXCEEDED and dropped before
   compute; a caller that goes away (cancelled RPC) is dropped the same way. Both are counted.
-* **Background work** (``submit(..., background=True)``: the rollout's mirrored batches) is
-  batched only with other background work, never runs on the event loop, and runs on the
-  background executor (one thread at nice 19, service/core/background.py) when there is one,
-  where it takes none of the version's slots: client batches keep all of them.
 * **Off** (``enabled: false``, or a model whose inputs/outputs have no dynamic batch axis): each
   request is its own batch, unsplit, through the same queue, limits and metrics.
 
@@ -186,7 +182,6 @@ class _Item:
         "pieces",
         "counted",
         "context",
-        "background",
     )
 
     def __init__(
@@ -197,15 +192,13 @@ class _Item:
         future: asyncio.Future[Arrays],
         now: float,
         context: RequestContext | None,
-        background: bool = False,
     ) -> None:
         self.feeds = feeds
         self.context = context
         self.names = names
         self.rows = rows
-        self.background = background
-        # Requests batch together when their non-batch dimensions, outputs and priority agree.
-        self.key = (tuple(a.shape[1:] for a in feeds.values()), tuple(names), background)
+        # Requests batch together when their non-batch dimensions and outputs agree.
+        self.key = (tuple(a.shape[1:] for a in feeds.values()), tuple(names))
         self.future = future
         self.enqueued = now
         self.deadline: float | None = None
@@ -237,14 +230,12 @@ class Batcher:
         batchable: bool = True,
         inline_compute_us: int = 0,
         stats: ModelStats | None = None,
-        background: Executor | None = None,
     ) -> None:
         self.label = label
         self.config = config
         self.batching = config.enabled and batchable
         self._run = run
         self._executor = executor
-        self._background = background
         self._max_in_flight = max(1, max_in_flight)
         self._metrics = metrics
         self._stats = stats
@@ -254,7 +245,6 @@ class Batcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: deque[_Item] = deque()
         self._in_flight = 0
-        self._in_background = 0  # of those in flight: background batches, which take no client slot
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
@@ -326,19 +316,12 @@ class Batcher:
     # -- callers -------------------------------------------------------------------------------
 
     async def submit(
-        self,
-        feeds: Arrays,
-        names: list[str],
-        timeout: float | None = None,
-        context: RequestContext | None = None,
-        background: bool = False,
+        self, feeds: Arrays, names: list[str], timeout: float | None = None, context: RequestContext | None = None
     ) -> Arrays:
         """Queue validated ``feeds`` (all with the same number of rows ≥ 1); return this request's
         outputs ``names`` once computed. Raises ResourceExhausted (queue full), DeadlineExceeded
         (``timeout`` seconds passed first), Unavailable (closed) or the run's ServingError.
-        ``context`` (when given) receives the queue wait, compute time and batch size.
-        ``background`` (mirrored work): batched only with other background requests, never run
-        on the event loop, and run on the background executor when the batcher has one."""
+        ``context`` (when given) receives the queue wait, compute time and batch size."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._bind(loop)
@@ -349,7 +332,7 @@ class Batcher:
             raise ResourceExhausted(f"{self.label} has {len(self._queue)} requests queued, its capacity; retry later")
         rows = len(next(iter(feeds.values())))
         now = loop.time()
-        item = _Item(feeds, names, rows, loop.create_future(), now, context, background)
+        item = _Item(feeds, names, rows, loop.create_future(), now, context)
         if timeout is not None:
             if timeout <= 0:
                 self._drop("deadline")
@@ -360,7 +343,7 @@ class Batcher:
         idle = now - self._last_submit > _IDLE_S
         self._last_submit = now
         if not self._scheduled:
-            if idle and len(self._queue) == 1 and self._slot_free() and not self._delay:
+            if idle and len(self._queue) == 1 and self._in_flight < self._max_in_flight and not self._delay:
                 # Nothing else arrived lately: start at once (an unloaded request skips two turns
                 # of the event loop; a request run inline is done before it is awaited).
                 self._dispatch()
@@ -396,7 +379,6 @@ class Batcher:
         self._loop = loop
         self._queue.clear()
         self._in_flight = 0
-        self._in_background = 0
         self._scheduled = False
         self._timer = None
 
@@ -453,7 +435,7 @@ class Batcher:
         queue = self._queue
         loop = self._loop
         assert loop is not None
-        while queue and self._slot_free():
+        while queue and self._in_flight < self._max_in_flight:
             now = loop.time()
             self._purge(now)
             if not queue:
@@ -466,11 +448,6 @@ class Batcher:
             parts = self._gather()
             if parts:
                 self._launch(parts, now)
-
-    def _slot_free(self) -> bool:
-        """Fewer client batches in flight than the version's instances (background batches run on
-        their own thread and take no slot)."""
-        return self._in_flight - self._in_background < self._max_in_flight
 
     def _waiting_rows(self) -> int:
         total = 0
@@ -553,8 +530,7 @@ class Batcher:
                 if item.context is not None:
                     item.context.queue_seconds = now - item.enqueued
         names = parts[0][0].names
-        background = parts[0][0].background
-        if not background and self._inline(sum(end - start for _, start, end in parts)):
+        if self._inline(sum(end - start for _, start, end in parts)):
             try:
                 outcome: Outcome | BaseException = self._compute(parts, names, launched)
             except Exception as exc:
@@ -564,17 +540,13 @@ class Batcher:
         loop = self._loop
         assert loop is not None
         self._in_flight += 1
-        offloaded = background and self._background is not None
-        self._in_background += offloaded
         done = partial(self._finished, parts, loop)
         if self._executor is None:  # a batcher made without one (tests): threads of its own
             self._executor = ThreadPoolExecutor(self._max_in_flight, thread_name_prefix="infer")
-        executor = self._background if offloaded and self._background is not None else self._executor
         try:
-            future = executor.submit(self._compute, parts, names, launched)
+            future = self._executor.submit(self._compute, parts, names, launched)
         except RuntimeError as exc:  # executor shut down
             self._in_flight -= 1
-            self._in_background -= offloaded
             self._fail(parts, Unavailable(f"{self.label}: server is shutting down ({exc})"))
             return
 
@@ -615,7 +587,6 @@ class Batcher:
         if loop is not self._loop:
             return  # from an event loop that is gone
         self._in_flight -= 1
-        self._in_background -= parts[0][0].background and self._background is not None
         try:
             outcome: Outcome | BaseException = future.result()
         except BaseException as exc:

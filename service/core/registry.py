@@ -52,7 +52,6 @@ from typing import TYPE_CHECKING, Protocol
 from ..errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from ..observability.statistics import Statistics
 from ..settings import Settings
-from .background import background_executor
 from .batching import Batcher
 from .discovery import MODEL_FILE, Failure, Scan, Signature, file_signature, is_model_dir, scan, version_number
 from .model_config import ModelSettings, config_signature, load_model_settings
@@ -214,7 +213,6 @@ class ModelRegistry:
         self._models: Served = {}
         self._loaded = False
         self._executor = ThreadPoolExecutor(settings.inference_workers, thread_name_prefix="infer")
-        self._background = background_executor()  # mirrored batches (its thread starts with the first)
         self._drain_timeout = max(settings.shutdown_grace_seconds, 1.0)
         self._signatures: dict[ModelKey, VersionSignature] = {}  # the files being served
         self._rejected: dict[ModelKey, VersionSignature | None] = {}  # files rejected, until they change
@@ -433,14 +431,12 @@ class ModelRegistry:
             model.runner.terminate()
         self._retired.clear()
         self._executor.shutdown(wait=True, cancel_futures=True)
-        self._background.shutdown(wait=True, cancel_futures=True)
 
     def close(self) -> None:
         """:meth:`stop` without an event loop (in-process users: the batch job, tests)."""
         for model in [*self._retired, *self.models()]:
             model.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
-        self._background.shutdown(wait=True, cancel_futures=True)
 
     async def _notify(self) -> None:
         for listener in self.listeners:
@@ -477,7 +473,6 @@ class ModelRegistry:
             spec.batchable,
             settings.inline_compute_us,
             self.statistics.for_model(key.name, key.version),
-            self._background,
         )
         model = ModelVersion(spec, path, runner, batcher, config, executor)
         try:

@@ -2,18 +2,16 @@
 background, at low priority, through a bounded queue.
 
 A :class:`Job` is queued once the client has its answer (the data plane's ``finish``): the
-request's decoded inputs and the answer it got. One worker task per model lets jobs gather for
-:data:`GATHER_S`, joins those of the same shape into one batch (up to :data:`MAX_ROWS` rows,
-:data:`MAX_JOBS` jobs), waits until neither the version that answered nor the target has client
-work queued or running, and submits the batch to the target's batcher as background work: never
-joined with client requests, never run on the event loop, run on the process's one background
-inference thread at nice 19 (service/core/background.py), one mirrored batch at a time per model.
-The answers go to ``done`` (the controller compares them).
+request's decoded inputs and the answer it got. One worker task per model takes jobs in order,
+joins those of the same shape into one batch (up to :data:`MAX_ROWS` rows, :data:`MAX_JOBS`
+jobs), waits until neither the version that answered nor the target has client work queued or
+running, and submits the batch to the target (its own batcher, session and inference threads:
+one mirrored batch at a time per model, so mirrored work never holds more than one of them). The
+answers go to ``done`` (the controller compares them).
 
 This bounds the mirror's share of the machine only loosely: a mirrored batch that started keeps
-running while client requests arrive (the kernel favours their threads), and its Python work
-(batching, comparing) runs on the event loop. Where primary and shadow cost the same and the CPU
-has no headroom (benchmarks/rollout.py on 2 cores), lower ``shadow_share`` or the queue capacity.
+its CPU while client requests arrive. Where primary and shadow cost the same and the CPU has no
+headroom (benchmarks/rollout.py on 2 cores), lower ``shadow_share`` or the queue capacity.
 
 Bounded: at most ``capacity`` jobs and ``max_bytes`` of their arrays wait; beyond either a job is
 dropped and counted, never queued. Nothing here can fail a client request: the client was
@@ -39,8 +37,6 @@ Arrays = dict[str, np.ndarray]
 #: Most rows and jobs in one mirrored batch.
 MAX_ROWS = 256
 MAX_JOBS = 64
-#: How long the worker lets jobs gather before it takes a batch (unless MAX_JOBS already wait).
-GATHER_S = 0.02
 
 
 class Job:
@@ -142,9 +138,7 @@ class Mirror:
             while not self._queue:
                 wake.clear()
                 await wake.wait()
-            # Client requests first; and a moment for more jobs: fewer, larger mirrored batches take
-            # less of the event loop per mirrored request.
-            await asyncio.sleep(GATHER_S if len(self._queue) < MAX_JOBS else 0)
+            await asyncio.sleep(0)  # client requests that arrived in this turn go first
             head = self._queue[0]
             # Low priority: only while neither the answering version (the primary, or a canary)
             # nor the target has client work queued or running.
@@ -166,7 +160,7 @@ class Mirror:
             output = jobs[0].output
             self.batches += 1
             try:
-                result = await target.batcher.submit(feeds, [output], background=True)
+                result = await target.batcher.submit(feeds, [output])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a failing shadow: counted, never seen by a client
