@@ -128,10 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             supervise(settings, log_format)
         else:
-            from .app import freeze_startup_heap, serve  # after logging is configured
+            from .app import serve  # after logging is configured
 
-            if settings.gc_freeze:
-                freeze_startup_heap()
             asyncio.run(serve(settings))
     except (RuntimeError, OSError) as exc:  # incl. ProviderUnavailable, AuthConfigError, a busy port
         return refuse(str(exc), log_format)

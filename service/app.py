@@ -257,6 +257,8 @@ async def serve(settings: Settings, worker: WorkerHooks | None = None) -> None:
     else:
         worker.attach_stop(stop)
     say = log.info if worker is None else worker.report
+    if settings.gc_freeze:  # imports done, no model loaded yet
+        freeze_startup_heap()
     metrics = Metrics()
     registry = ModelRegistry(settings.model_repository, settings, metrics=metrics)  # provider check
     rollout = Rollout(settings, registry)  # before the first round: shadows and canaries load too

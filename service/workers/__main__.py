@@ -30,7 +30,7 @@ class _WorkerField(logging.Filter):
 
 
 async def _run(fd: int, index: int) -> int:
-    from ..app import freeze_startup_heap, serve
+    from ..app import serve
     from ..settings import Settings
     from .control import Channel
     from .worker import Aborted, WorkerLink
@@ -45,8 +45,6 @@ async def _run(fd: int, index: int) -> int:
     channel.start(link.handle)
     watcher = asyncio.get_running_loop().create_task(channel.closed.wait())
     watcher.add_done_callback(lambda _: link.channel_closed())
-    if settings.gc_freeze:
-        freeze_startup_heap()
     try:
         await serve(settings, link)
     except Aborted as exc:
