@@ -135,35 +135,6 @@ def p99(latencies: list[float]) -> float:
     return float(np.percentile(latencies, 99)) * 1000 if latencies else float("nan")
 
 
-async def closed_loop(address: str, body: bytes, concurrency: int, seconds: float) -> dict[str, Any]:
-    """``concurrency`` callers back to back for ``seconds`` (after 1 s of warm-up)."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        call = channel.unary_unary(INFER)
-        latencies: list[float] = []
-        errors = 0
-        state = {"measure": False, "stop": False}
-
-        async def caller() -> None:
-            nonlocal errors
-            while not state["stop"]:
-                start = time.perf_counter()
-                try:
-                    await call(body, timeout=30)
-                except grpc.aio.AioRpcError:
-                    errors += state["measure"]
-                    continue
-                if state["measure"]:
-                    latencies.append(time.perf_counter() - start)
-
-        tasks = [asyncio.create_task(caller()) for _ in range(concurrency)]
-        await asyncio.sleep(1.0)
-        state["measure"] = True
-        await asyncio.sleep(seconds)
-        state["measure"], state["stop"] = False, True
-        await asyncio.gather(*tasks)
-    return {"rps": len(latencies) / seconds, "p99_ms": p99(latencies), "errors": errors, "requests": len(latencies)}
-
-
 async def open_loop(address: str, body: bytes, rate: float, seconds: float, until: Any = None) -> dict[str, Any]:
     """Requests started at ``rate`` per second for ``seconds`` (or until ``until()`` is true); the
     p99 of those started after :data:`WARMUP_S`; errors of all."""
@@ -227,7 +198,8 @@ def shadow(work: Path, seconds: float, concurrency: int, rounds: int, count: int
     good = repository(work / "same")
     bad = repository(work / "failing", failing_copy(REPO_ROOT / "models" / MODEL / "1" / "model.onnx"))
     with server(good, work) as srv:
-        saturation = asyncio.run(closed_loop(srv.address, body, concurrency, seconds))
+        asyncio.run(slices({"primary": srv}, body, concurrency, 1, 1.0))  # warm-up, not counted
+        saturation = asyncio.run(slices({"primary": srv}, body, concurrency, 1, seconds))["primary"]
     rate = saturation["rps"] / 2
     rollout = ("--rollout", json.dumps({MODEL: {"primary": 1, "shadow_version": 2}}))
     runs: list[dict[str, Any]] = []
