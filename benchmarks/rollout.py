@@ -8,11 +8,14 @@ a version that fails every call (its Reshape cannot take the image). Requests ar
 ``ModelInfer`` of one image, pre-serialised.
 
 1. **Shadow.** The primary's saturation throughput (closed loop, ``--concurrency`` callers); then
-   per round (``--rounds``) three servers up at once: the primary alone, with a shadow (the same
-   model), with a shadow failing every call, loaded in turn by open-loop slices at half the
+   per round (``--rounds``) servers up at once: the primary alone, with a shadow (the same
+   model, in a mirror process), with a shadow failing every call, loaded in turn by open-loop slices at half the
    saturation (``--slices`` of ``--slice-seconds`` each, as for capture below). Reports each
    one's p50 and p99 (and their medians over the rounds), client errors, and the share of sent
    requests the shadow ran (from ``GET /v2/models/{model}/rollout`` once its queue drained).
+   A fourth server runs the mirror in the shadow's batcher (``--rollout-mirror batcher``). Last,
+   the machine's floor: the primary alone with an unrelated CPU burner at idle priority running
+   and stopped in turn (``idle_interference``): what any background compute costs here.
 2. **Canary.** A failing canary at a 10 % share under an open loop: time until the rollback
    (audit record), client errors, the audit record.
 3. **Capture.** Capture off and on (``--capture-share``, 100 % by default) at batch 1 ×
@@ -35,13 +38,14 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -190,6 +194,35 @@ def drained(srv: Server, sent: int, timeout: float = 120) -> dict[str, Any]:
         time.sleep(0.2)
 
 
+#: An unrelated CPU load: one core's worth of a Python loop.
+BURNER = "while True:\n    pass\n"
+
+
+def idle_interference(work: Path, body: bytes, concurrency: int, rate: float, count: int, slice_s: float) -> Any:
+    """What any background compute costs the primary on this machine, whatever the server does:
+    the primary alone at ``rate``, in slices with an unrelated CPU burner at the mirror process's
+    priority (idle) running, and stopped (SIGSTOP), in turn."""
+    from service.rollout.mirror_worker import lower_priority
+
+    burner = subprocess.Popen([sys.executable, "-c", BURNER], preexec_fn=lower_priority)
+
+    def switch(mode: str) -> None:
+        os.kill(burner.pid, signal.SIGCONT if mode == "idle_burner_on" else signal.SIGSTOP)
+
+    try:
+        with server(repository(work / "burner"), work) as srv:
+            sides = {"idle_burner_off": srv, "idle_burner_on": srv}
+            asyncio.run(slices(sides, body, concurrency, 1, 1.0, rate, switch))  # warm-up
+            figures = asyncio.run(slices(sides, body, concurrency, count, slice_s, rate, switch))
+    finally:
+        burner.kill()
+        burner.wait()
+    on, off = figures["idle_burner_on"], figures["idle_burner_off"]
+    figures["p99_growth"] = on["p99_ms"] / off["p99_ms"] - 1
+    figures["p50_change_ms"] = on["p50_ms"] - off["p50_ms"]
+    return figures
+
+
 def shadow(work: Path, seconds: float, concurrency: int, rounds: int, count: int, slice_s: float) -> dict[str, Any]:
     """The primary's saturation; then per round three servers up at once (the primary alone, with
     a shadow, with a shadow failing every call), loaded in turn by open-loop slices at half the
@@ -204,19 +237,33 @@ def shadow(work: Path, seconds: float, concurrency: int, rounds: int, count: int
     rollout = ("--rollout", json.dumps({MODEL: {"primary": 1, "shadow_version": 2}}))
     runs: list[dict[str, Any]] = []
     for round_ in range(rounds):
-        with server(good, work) as alone, server(good, work, *rollout) as same, server(bad, work, *rollout) as failing:
-            trio = {"primary_alone": alone, "with_shadow": same, "with_failing_shadow": failing}
-            order = {m: trio[m] for m in (list(trio) if round_ % 2 == 0 else list(trio)[::-1])}
+        with (
+            server(good, work) as alone,
+            server(good, work, *rollout) as same,
+            server(bad, work, *rollout) as failing,
+            server(good, work, *rollout, "--rollout-mirror", "batcher") as in_batcher,
+        ):
+            four = {
+                "primary_alone": alone,
+                "with_shadow": same,
+                "with_failing_shadow": failing,
+                "with_shadow_in_batcher": in_batcher,
+            }
+            order = {m: four[m] for m in (list(four) if round_ % 2 == 0 else list(four)[::-1])}
             warm = asyncio.run(slices(order, body, concurrency, 1, 1.0, rate))
             figures: dict[str, Any] = asyncio.run(slices(order, body, concurrency, count, slice_s, rate))
-            for name in ("with_shadow", "with_failing_shadow"):
+            for name in ("with_shadow", "with_failing_shadow", "with_shadow_in_batcher"):
                 run = figures[name]
-                run["mirror"] = mirror = drained(trio[name], warm[name]["sent"] + run["sent"])
+                run["mirror"] = mirror = drained(four[name], warm[name]["sent"] + run["sent"])
                 run["shadow_ran_share"] = (mirror["ok"] + mirror["failed"]) / (warm[name]["sent"] + run["sent"])
+                if "process" in mirror:  # the child's CPU, which the server's figure leaves out
+                    child_cpu = process_cpu(mirror["process"]["pid"])
+                    run["mirror_process_cpu_us_per_request"] = child_cpu / (mirror["ok"] + mirror["failed"]) * 1e6
                 run["p99_growth"] = run["p99_ms"] / figures["primary_alone"]["p99_ms"] - 1
                 run["p50_change_ms"] = run["p50_ms"] - figures["primary_alone"]["p50_ms"]
         runs.append(figures)
     return {
+        "idle_interference": idle_interference(work, body, concurrency, rate, count, slice_s),
         "saturation": saturation,
         "rate": rate,
         "slices_per_round": count,
@@ -225,6 +272,8 @@ def shadow(work: Path, seconds: float, concurrency: int, rounds: int, count: int
         "median_p99_growth": statistics.median(r["with_shadow"]["p99_growth"] for r in runs),
         "median_p50_change_ms": statistics.median(r["with_shadow"]["p50_change_ms"] for r in runs),
         "median_failing_p99_growth": statistics.median(r["with_failing_shadow"]["p99_growth"] for r in runs),
+        "median_batcher_p99_growth": statistics.median(r["with_shadow_in_batcher"]["p99_growth"] for r in runs),
+        "median_batcher_p50_change_ms": statistics.median(r["with_shadow_in_batcher"]["p50_change_ms"] for r in runs),
         "min_shadow_ran_share": min(r["with_shadow"]["shadow_ran_share"] for r in runs),
         "client_errors": sum(r[m]["errors"] for r in runs for m in r),
     }
@@ -326,10 +375,11 @@ async def slices(
     count: int,
     seconds: float,
     rate: float | None = None,
+    before: Callable[[str], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """:func:`one_slice` (or, at ``rate``, :func:`open_slice`) against each server in turn,
     ``count`` slices each, in the order A B B A A B …: drift of the machine's speed over the run
-    falls on every server alike."""
+    falls on every server alike. ``before(name)`` runs before each of ``name``'s slices."""
     modes = list(servers)
     taken: dict[str, dict[str, Any]] = {
         m: {"latencies": [], "errors": 0, "seconds": 0.0, "cpu": 0.0, "sent": 0} for m in modes
@@ -340,6 +390,8 @@ async def slices(
             pair, step = divmod(index, len(modes))
             mode = modes[step] if pair % 2 == 0 else modes[-1 - step]
             call = channels[mode].unary_unary(INFER)
+            if before is not None:
+                before(mode)
             if rate is None:
                 await one_slice(call, servers[mode].process.pid, body, concurrency, seconds, taken[mode])
             else:

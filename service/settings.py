@@ -284,6 +284,11 @@ class Settings(BaseSettings):
     rollout_queue_bytes: int = Field(
         64 * MiB, ge=MiB, description="bytes of mirrored requests waiting per model; more are dropped and counted"
     )
+    rollout_mirror: Literal["process", "batcher"] = Field(
+        "process",
+        description="where mirrored batches run: a child process per model at idle CPU priority (process), "
+        "or the target version's own batcher in the server, when it has no client work (batcher)",
+    )
     rollout_audit_file: Path | None = Field(
         None, description="append an audit record (JSON line) per rollout change, rollback and promotion"
     )

@@ -43,6 +43,17 @@ def select_providers(choice: str, available: Sequence[str]) -> list[str]:
     raise ValueError(f"provider must be one of auto, cpu, cuda; got {choice!r}")
 
 
+def session_options(intra_op_threads: int, inter_op_threads: int) -> ort.SessionOptions:
+    """Every session's options: the threads asked for, all graph optimisations, no spinning."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = inter_op_threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle intra-op threads sleep instead of spinning: the server shares its cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 class Runtime:
     """Creates one InferenceSession per model version with the chosen providers and threads."""
 
@@ -57,13 +68,7 @@ class Runtime:
         )
 
     def _options(self) -> ort.SessionOptions:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self._settings.intra_op_threads
-        options.inter_op_num_threads = self._settings.inter_op_threads
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Idle intra-op threads sleep instead of spinning: the server shares its cores.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return options
+        return session_options(self._settings.intra_op_threads, self._settings.inter_op_threads)
 
     def load(self, path: Path, label: str = "the model", providers: Sequence[str] | None = None) -> Runner:
         """A :class:`Runner` over ``path`` on the provider that actually runs it (``providers``:

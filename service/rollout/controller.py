@@ -36,6 +36,7 @@ from .capture import Capture
 from .compare import Agreement, compare
 from .config import RULE_FIELDS, RolloutConfig
 from .mirror import Job, Mirror
+from .mirror_process import MirrorProcess
 from .state import CANARY, SUCCESS, ModelRollout, Route
 
 if TYPE_CHECKING:
@@ -96,6 +97,10 @@ class Rollout:
     def refresh(self) -> None:
         """Point the data plane's hooks here while a model has a rollout or capture is on."""
         self._routes = {name: state for name, state in self.models.items() if state.active}
+        for state in self.models.values():  # nothing left to mirror to: free the child's memory
+            process = state.mirror.process
+            if process is not None and process.running and state.shadow is None and state.canary is None:
+                self._spawn(process.stop())
         plane = self.plane
         if plane is None:
             return
@@ -171,7 +176,10 @@ class Rollout:
             self._mirrored(name, jobs, output, error)
 
         settings = self.settings
-        return Mirror(name, settings.rollout_queue_capacity, settings.rollout_queue_bytes, resolve, done)
+        process = None
+        if settings.rollout_mirror == "process":
+            process = MirrorProcess(name, settings.intra_op_threads, settings.inter_op_threads)
+        return Mirror(name, settings.rollout_queue_capacity, settings.rollout_queue_bytes, resolve, done, process)
 
     def _new_state(self, name: str, config: ModelSettings) -> ModelRollout:
         state = ModelRollout(name, config.rollout, config.signature, self._mirror(name))
@@ -568,7 +576,10 @@ class Rollout:
                 "dropped": dict(mirror.dropped),
                 "ok": sum(n for (m, _, o), n in self.mirrored.items() if m == name and o == "ok"),
                 "failed": sum(n for (m, _, o), n in self.mirrored.items() if m == name and o == "failed"),
+                "runs_in": "batcher" if mirror.process is None else "process",
             }
+            if mirror.process is not None:
+                figures["mirror"]["process"] = mirror.process.figures()
         figures["held"] = {str(v): why for v, why in self.registry.held(name).items()}
         figures["audit"] = self.audit.for_model(name)[-20:]
         if self.capture is not None:

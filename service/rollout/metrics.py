@@ -58,6 +58,11 @@ class RolloutCollector(Collector):
             labels=["model", "reason"],
         )
         depth = GaugeMetricFamily("serving_rollout_mirror_queue_depth", "Mirrored requests waiting", labels=["model"])
+        deaths = CounterMetricFamily(
+            "serving_rollout_mirror_process_exits",
+            "Mirror processes (--rollout-mirror process) that died under the server; each is started again",
+            labels=["model"],
+        )
         rows = CounterMetricFamily(
             "serving_rollout_compared_rows",
             "Rows answered by both versions of a pair and compared",
@@ -107,6 +112,8 @@ class RolloutCollector(Collector):
             for reason, count in state.mirror.dropped.items():
                 dropped.add_metric([name, reason], count)
             depth.add_metric([name], state.mirror.depth)
+            if state.mirror.process is not None:
+                deaths.add_metric([name], state.mirror.process.deaths)
             for pair in list(state.pairs.values()):
                 labels = [name, str(pair.primary), str(pair.other)]
                 rows.add_metric(labels, pair.rows)
@@ -120,7 +127,7 @@ class RolloutCollector(Collector):
             rollbacks.add_metric([name, str(version), rule], count)
         for (name, version, trigger), count in list(rollout.promotions.items()):
             promotions.add_metric([name, str(version), trigger], count)
-        yield from (role, share, routed, fallbacks, mirrored, dropped, depth, rows, agreement, window)
+        yield from (role, share, routed, fallbacks, mirrored, dropped, depth, deaths, rows, agreement, window)
         yield from (rollbacks, promotions)
         capture = rollout.capture
         if capture is not None:

@@ -2,20 +2,19 @@
 background, at low priority, through a bounded queue.
 
 A :class:`Job` is queued once the client has its answer (the data plane's ``finish``): the
-request's decoded inputs and the answer it got. One worker task per model takes jobs in order,
-joins those of the same shape into one batch (up to :data:`MAX_ROWS` rows, :data:`MAX_JOBS`
-jobs), waits until neither the version that answered nor the target has client work queued or
-running, and submits the batch to the target (its own batcher, session and inference threads:
-one mirrored batch at a time per model, so mirrored work never holds more than one of them). The
-answers go to ``done`` (the controller compares them).
+request's decoded inputs and the answer it got. One worker task per model takes jobs in order and
+joins those of the same shape into one batch (up to :data:`MAX_ROWS` rows, :data:`MAX_JOBS` jobs),
+one batch at a time. Where the batch runs (``rollout_mirror``, docs/rollout.md):
 
-This bounds the mirror's share of the machine only loosely: a mirrored batch that started keeps
-its CPU while client requests arrive. Where primary and shadow cost the same and the CPU has no
-headroom (benchmarks/rollout.py on 2 cores), lower ``shadow_share`` or the queue capacity.
+* a :class:`~.mirror_process.MirrorProcess` (``process``): a child at idle CPU priority, after
+  the jobs gathered for :data:`GATHER_S`;
+* the target's own batcher (``batcher``, and always a canary's checks, which feed its agreement
+  rule): once neither the version that answered nor the target has client work queued or
+  running. A batch that started keeps its CPU while client requests arrive.
 
-Bounded: at most ``capacity`` jobs and ``max_bytes`` of their arrays wait; beyond either a job is
-dropped and counted, never queued. Nothing here can fail a client request: the client was
-answered before its job existed.
+The answers go to ``done`` (the controller compares them). Bounded: at most ``capacity`` jobs and
+``max_bytes`` of their arrays wait; beyond either a job is dropped and counted, never queued.
+Nothing here can fail a client request: the client was answered before its job existed.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from ..core.registry import ModelVersion
+    from .mirror_process import MirrorProcess
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ Arrays = dict[str, np.ndarray]
 #: Most rows and jobs in one mirrored batch.
 MAX_ROWS = 256
 MAX_JOBS = 64
+#: Seconds jobs gather before a batch goes to a mirror process.
+GATHER_S = 0.02
 
 
 class Job:
@@ -72,12 +74,15 @@ class Mirror:
         max_bytes: int,
         resolve: Callable[[int], ModelVersion | None],
         done: Done,
+        process: MirrorProcess | None = None,
     ) -> None:
         self.name = name
         self.capacity = capacity
         self.max_bytes = max_bytes
         self._resolve = resolve
         self._done = done
+        #: Where mirrored batches run: this child process, or (None) the target's own batcher.
+        self.process = process
         self._queue: deque[Job] = deque()
         self.queued_bytes = 0
         #: Jobs dropped before running, by reason: queue_full, queue_bytes, not_served.
@@ -118,6 +123,8 @@ class Mirror:
                 pass
         self._queue.clear()
         self.queued_bytes = 0
+        if self.process is not None:
+            await self.process.stop()
 
     def _take(self) -> list[Job]:
         """The head job and those after it that batch with it."""
@@ -138,14 +145,22 @@ class Mirror:
             while not self._queue:
                 wake.clear()
                 await wake.wait()
-            await asyncio.sleep(0)  # client requests that arrived in this turn go first
             head = self._queue[0]
-            # Low priority: only while neither the answering version (the primary, or a canary)
-            # nor the target has client work queued or running.
-            for version in (head.answered, head.target):
-                model = self._resolve(version)
-                if model is not None and model.batcher.busy:
-                    await model.batcher.wait_idle()
+            # A canary's checks feed its agreement rule: they run at the server's priority.
+            process = None if head.check else self.process
+            if process is not None and len(self._queue) < MAX_JOBS:
+                # Nobody waits for a mirrored answer: let jobs gather, so that the server's share
+                # of a batch (pickling, the pipe, comparing) is paid once for many requests.
+                await asyncio.sleep(GATHER_S)
+            else:
+                await asyncio.sleep(0)  # client requests that arrived in this turn go first
+            if process is None:
+                # Low priority: only while neither the answering version (the primary, or a canary)
+                # nor the target has client work queued or running.
+                for version in (head.answered, head.target):
+                    model = self._resolve(version)
+                    if model is not None and model.batcher.busy:
+                        await model.batcher.wait_idle()
             if not self._queue:
                 continue
             jobs = self._take()
@@ -160,13 +175,16 @@ class Mirror:
             output = jobs[0].output
             self.batches += 1
             try:
-                result = await target.batcher.submit(feeds, [output])
+                if process is None:
+                    answer = (await target.batcher.submit(feeds, [output]))[output]
+                else:
+                    answer = await process.run(target, feeds, output)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a failing shadow: counted, never seen by a client
                 self._report(jobs, None, exc)
                 continue
-            self._report(jobs, result[output], None)
+            self._report(jobs, answer, None)
 
     def _report(self, jobs: list[Job], output: np.ndarray | None, error: BaseException | None) -> None:
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -115,22 +116,33 @@ def clients_for() -> Iterator[Callable[[ServerProcess], Clients]]:
 FRONT_ENDS = ("typed_grpc", "v2_grpc", "v2_http")
 
 
+def child_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def mirrored(figures: dict[str, Any]) -> int:
     return int(figures["mirror"]["ok"]) + int(figures["mirror"]["failed"])
 
 
+@pytest.mark.parametrize("runs_in", ["process", "batcher"])
 def test_shadow_mirrors_every_front_end_and_compares(
-    tmp_path: Path, clients_for: Callable[[ServerProcess], Clients]
+    tmp_path: Path, clients_for: Callable[[ServerProcess], Clients], runs_in: str
 ) -> None:
     """Every answered request of each front end runs again on the shadow (version 1) after the
-    primary (version 2) answered; the comparator's figures are served by the rollout status and as
-    Prometheus metrics."""
+    primary (version 2) answered, in a mirror process or the shadow's own batcher; the
+    comparator's figures are served by the rollout status and as Prometheus metrics."""
     repo = classifier_repository(tmp_path / "models", image_classifier(0), image_classifier(1))
     rollout = json.dumps({MODEL: {"shadow_version": 1}})
-    with start_server(tmp_path, "--model-repository", str(repo), "--rollout", rollout, metrics=True) as server:
+    args = ["--model-repository", str(repo), "--rollout", rollout, "--rollout-mirror", runs_in]
+    with start_server(tmp_path, *args, metrics=True) as server:
         clients = clients_for(server)
         figures = status(server)
         assert figures["primary"] == 2 and figures["shadow"] == {"version": 1, "share": 1.0, "served": True}
+        assert figures["mirror"]["runs_in"] == runs_in
         sent = rows = 0
         for i, front_end in enumerate(FRONT_ENDS):
             for n in (1, 3, 5):
@@ -158,6 +170,43 @@ def test_shadow_mirrors_every_front_end_and_compares(
         # The shadow is not what unversioned requests get, but a client may name it.
         index = clients.http.get_model_repository_index()
         assert any(e["version"] == "1" and e["reason"].startswith("rollout: shadow") for e in index), index
+        if runs_in == "process":  # one child, alive, not the server
+            process = figures["mirror"]["process"]
+            assert process["starts"] == 1 and process["deaths"] == 0, process
+            assert process["pid"] != server.process.pid and child_alive(process["pid"])
+
+
+def test_killed_mirror_process_costs_clients_nothing_and_is_started_again(
+    tmp_path: Path, clients_for: Callable[[ServerProcess], Clients]
+) -> None:
+    """SIGKILL to the shadow's mirror process: every client request still succeeds, the batch it
+    took down is counted failed, a new process takes the next ones, and the exit is a metric."""
+    repo = classifier_repository(tmp_path / "models", image_classifier(0), image_classifier(1))
+    rollout = json.dumps({MODEL: {"shadow_version": 1}})
+    with start_server(tmp_path, "--model-repository", str(repo), "--rollout", rollout, metrics=True) as server:
+        clients = clients_for(server)
+        assert clients.v2_grpc(images(2, seed=1))[0] == "2"
+        figures = wait_for(server, lambda f: f["mirror"]["ok"] == 1, "first request mirrored")
+        first = figures["mirror"]["process"]["pid"]
+        os.kill(first, signal.SIGKILL)
+        sent = 1
+        deadline = time.monotonic() + DEADLINE_S
+        while True:  # until a new process ran a mirrored request
+            for front_end in FRONT_ENDS:
+                version, probabilities = getattr(clients, front_end)(images(3, seed=sent))
+                assert version == "2" and probabilities.shape == (3, 10)
+                sent += 1
+            figures = wait_for(server, lambda f, sent=sent: mirrored(f) == sent, "mirrored after the kill")
+            if figures["mirror"]["process"]["starts"] == 2 and figures["mirror"]["ok"] > 1:
+                break
+            assert time.monotonic() < deadline, figures
+        process = figures["mirror"]["process"]
+        assert process["deaths"] == 1 and process["pid"] != first, process
+        assert figures["mirror"]["failed"] >= 1 and figures["mirror"]["ok"] + figures["mirror"]["failed"] == sent
+        samples = scrape(server.metrics_port)
+        assert sample(samples, "serving_rollout_mirror_process_exits_total", model=MODEL) == 1
+        codes = {k: v for k, v in samples.items() if k[0] == "serving_requests_total" and ("model", MODEL) in k[1]}
+        assert all(dict(labels)["code"] in ("OK", "200") for _, labels in codes) and sum(codes.values()) == sent
 
 
 def test_failing_shadow_costs_clients_nothing(tmp_path: Path, clients_for: Callable[[ServerProcess], Clients]) -> None:
@@ -459,6 +508,7 @@ def test_shadow_set_and_removed_by_model_control(
             assert clients.v2_grpc(images(1, seed=i))[0] == "2"
         figures = wait_for(server, lambda f: f["mirror"]["queued"] == 0 and mirrored(f) > 0, "mirrored")
         assert 0 < mirrored(figures) < 60  # half of them, drawn (2^-59 to fail either way)
+        child = figures["mirror"]["process"]["pid"]
 
         missing = v2.RepositoryModelLoadRequest(model_name=MODEL)
         missing.parameters["canary_version"].int64_param = 9
@@ -472,6 +522,10 @@ def test_shadow_set_and_removed_by_model_control(
         clients.v2.RepositoryModelLoad(off, timeout=60)
         figures = wait_for(server, lambda f: f["versions"] == [2], "version 1 retired")
         assert figures["shadow"] is None
+        deadline = time.monotonic() + DEADLINE_S
+        while child_alive(child):  # nothing left to mirror to: the mirror process was stopped
+            assert time.monotonic() < deadline, f"mirror process {child} still runs"
+            time.sleep(0.05)
 
 
 def test_full_mirror_queue_drops_and_counts(tmp_path: Path) -> None:
@@ -480,7 +534,7 @@ def test_full_mirror_queue_drops_and_counts(tmp_path: Path) -> None:
     get every answer from the primary."""
     repo = tmp_path / "models"
     save(linear(1, [2.0], 1.0), repo, "m", 1)
-    save(slow(layers=100, width=512), repo, "m", 2)  # the same signature: x [N, 1] → y [N, 1]
+    save(slow(layers=20, width=256), repo, "m", 2)  # the same signature: x [N, 1] → y [N, 1]
     rollout = json.dumps({"m": {"primary": 1, "shadow_version": 2}})
     args = ["--model-repository", str(repo), "--rollout", rollout, "--rollout-queue-capacity", "1"]
     with start_server(tmp_path, *args, metrics=True) as server, grpc.insecure_channel(server.address) as channel:
