@@ -8,14 +8,15 @@ a version that fails every call (its Reshape cannot take the image). Requests ar
 ``ModelInfer`` of one image, pre-serialised.
 
 1. **Shadow.** The primary's saturation throughput (closed loop, ``--concurrency`` callers); then
-   per round (``--rounds``) servers up at once: the primary alone, with a shadow (the same
-   model, in a mirror process), with a shadow failing every call, loaded in turn by open-loop slices at half the
-   saturation (``--slices`` of ``--slice-seconds`` each, as for capture below). Reports each
-   one's p50 and p99 (and their medians over the rounds), client errors, and the share of sent
-   requests the shadow ran (from ``GET /v2/models/{model}/rollout`` once its queue drained).
-   A fourth server runs the mirror in the shadow's batcher (``--rollout-mirror batcher``). Last,
-   the machine's floor: the primary alone with an unrelated CPU burner at idle priority running
-   and stopped in turn (``idle_interference``): what any background compute costs here.
+   per round (``--rounds``) four servers up at once: the primary alone, with a shadow (the same
+   model) in a mirror process, with a shadow failing every call in a mirror process, and with a
+   shadow in the batcher (``--rollout-mirror batcher``), loaded in turn by open-loop slices at
+   half the saturation (``--slices`` of ``--slice-seconds`` each, as for capture below). Reports
+   each one's p50 and p99 (their medians over the rounds, and the p99 of all rounds' latencies
+   pooled), client errors, and the share of sent requests the shadow ran (from ``GET
+   /v2/models/{model}/rollout`` once its queue drained). Last, the machine's floor: the primary
+   alone with an unrelated CPU burner at idle priority running and stopped in turn
+   (``idle_interference``): what any background compute costs here.
 2. **Canary.** A failing canary at a 10 % share under an open loop: time until the rollback
    (audit record), client errors, the audit record.
 3. **Capture.** Capture off and on (``--capture-share``, 100 % by default) at batch 1 ×
@@ -236,6 +237,7 @@ def shadow(work: Path, seconds: float, concurrency: int, rounds: int, count: int
     rate = saturation["rps"] / 2
     rollout = ("--rollout", json.dumps({MODEL: {"primary": 1, "shadow_version": 2}}))
     runs: list[dict[str, Any]] = []
+    pooled: dict[str, list[float]] = {}
     for round_ in range(rounds):
         with (
             server(good, work) as alone,
@@ -251,7 +253,7 @@ def shadow(work: Path, seconds: float, concurrency: int, rounds: int, count: int
             }
             order = {m: four[m] for m in (list(four) if round_ % 2 == 0 else list(four)[::-1])}
             warm = asyncio.run(slices(order, body, concurrency, 1, 1.0, rate))
-            figures: dict[str, Any] = asyncio.run(slices(order, body, concurrency, count, slice_s, rate))
+            figures: dict[str, Any] = asyncio.run(slices(order, body, concurrency, count, slice_s, rate, None, pooled))
             for name in ("with_shadow", "with_failing_shadow", "with_shadow_in_batcher"):
                 run = figures[name]
                 run["mirror"] = mirror = drained(four[name], warm[name]["sent"] + run["sent"])
@@ -262,7 +264,11 @@ def shadow(work: Path, seconds: float, concurrency: int, rounds: int, count: int
                 run["p99_growth"] = run["p99_ms"] / figures["primary_alone"]["p99_ms"] - 1
                 run["p50_change_ms"] = run["p50_ms"] - figures["primary_alone"]["p50_ms"]
         runs.append(figures)
+    alone = p99(pooled["primary_alone"])
     return {
+        # Every round's latencies together: a p99 of rounds × slices × slice_s seconds per server.
+        "pooled_p99_ms": {name: p99(values) for name, values in pooled.items()},
+        "pooled_p99_growth": {name: p99(values) / alone - 1 for name, values in pooled.items()},
         "idle_interference": idle_interference(work, body, concurrency, rate, count, slice_s),
         "saturation": saturation,
         "rate": rate,
@@ -376,10 +382,12 @@ async def slices(
     seconds: float,
     rate: float | None = None,
     before: Callable[[str], None] | None = None,
+    latencies: dict[str, list[float]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """:func:`one_slice` (or, at ``rate``, :func:`open_slice`) against each server in turn,
     ``count`` slices each, in the order A B B A A B …: drift of the machine's speed over the run
-    falls on every server alike. ``before(name)`` runs before each of ``name``'s slices."""
+    falls on every server alike. ``before(name)`` runs before each of ``name``'s slices; each
+    server's latencies (seconds) are added to ``latencies[name]`` when given."""
     modes = list(servers)
     taken: dict[str, dict[str, Any]] = {
         m: {"latencies": [], "errors": 0, "seconds": 0.0, "cpu": 0.0, "sent": 0} for m in modes
@@ -399,6 +407,9 @@ async def slices(
     finally:
         for channel in channels.values():
             await channel.close()
+    if latencies is not None:
+        for m, t in taken.items():
+            latencies.setdefault(m, []).extend(t["latencies"])
     return {
         m: {
             "rps": len(t["latencies"]) / t["seconds"],

@@ -97,9 +97,9 @@ class Rollout:
     def refresh(self) -> None:
         """Point the data plane's hooks here while a model has a rollout or capture is on."""
         self._routes = {name: state for name, state in self.models.items() if state.active}
-        for state in self.models.values():  # nothing left to mirror to: free the child's memory
+        for state in self.models.values():  # no shadow left (canary checks run in the batcher): free the child
             process = state.mirror.process
-            if process is not None and process.running and state.shadow is None and state.canary is None:
+            if process is not None and process.running and state.shadow is None:
                 self._spawn(process.stop())
         plane = self.plane
         if plane is None:
