@@ -16,6 +16,7 @@ from fixtures.onnx_models import failing_classifier, image_classifier, save
 from service.core.registry import ModelRegistry, ModelVersion
 from service.errors import Internal, Unavailable
 from service.rollout import mirror_process
+from service.rollout.mirror import Job, Mirror
 from service.rollout.mirror_process import MirrorProcess
 from service.settings import Settings
 
@@ -110,3 +111,45 @@ def test_a_killed_child_fails_one_batch_and_is_started_again(
     assert process.starts == 2 and process.deaths == 1
     assert second is not None and second != first
     assert again.shape == (3, 10)
+
+
+def test_shadow_jobs_go_to_the_child_and_canary_checks_stay_in_the_batcher(registry: ModelRegistry) -> None:
+    """Through the mirror: a shadow's jobs run in the child (one batch, gathered); a canary's
+    checks (``check=True``) run in the target's batcher and never start a child."""
+
+    async def scenario() -> tuple[list[tuple[bool, int, np.ndarray | None]], MirrorProcess, np.ndarray]:
+        await registry.start()
+        model = registry.get("clf")
+        reports: list[tuple[bool, int, np.ndarray | None]] = []
+        ran = asyncio.Event()
+
+        def done(jobs: list[Job], output: np.ndarray | None, error: BaseException | None) -> None:
+            reports.append((jobs[0].check, len(jobs), output))
+            ran.set()
+
+        process = MirrorProcess("clf", 1, 1)
+        mirror = Mirror("clf", 16, 1 << 20, lambda v: model if v == 1 else None, done, process)
+        answer = np.zeros((2, 10), np.float32)
+        try:
+            assert mirror.offer(Job(1, 2, True, images(2, seed=7), OUTPUT, answer))  # a canary check
+            while not reports:
+                ran.clear()
+                await ran.wait()
+            assert process.starts == 0  # the check ran without a child
+            for seed in (8, 9, 10):  # a shadow's jobs, offered in one turn: one batch
+                assert mirror.offer(Job(1, 2, False, images(2, seed=seed), OUTPUT, answer))
+            while len(reports) < 2:
+                ran.clear()
+                await ran.wait()
+        finally:
+            await mirror.stop()
+        feeds = {"image": np.concatenate([images(2, seed=s)["image"] for s in (8, 9, 10)])}
+        expected = (await model.batcher.submit(feeds, [OUTPUT]))[OUTPUT]
+        return reports, process, expected
+
+    reports, process, expected = asyncio.run(asyncio.wait_for(scenario(), DEADLINE_S))
+    (check, check_jobs, check_output), (shadow, shadow_jobs, shadow_output) = reports
+    assert check and check_jobs == 1 and check_output is not None and check_output.shape == (2, 10)
+    assert not shadow and shadow_jobs == 3 and process.starts == 1 and not process.running
+    assert shadow_output is not None
+    np.testing.assert_array_equal(shadow_output, expected)
