@@ -116,9 +116,13 @@ class MirrorProcess:
             await asyncio.sleep(self._retry_at - loop.time())
         env = {k: v for k, v in os.environ.items() if not k.startswith("SERVING_")}  # no settings, no secrets
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
-        proc = await asyncio.create_subprocess_exec(
-            *self._argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env
-        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self._argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env
+            )
+        except OSError as exc:  # no process could be made (memory, process limits): back off too
+            await self._died()
+            raise Unavailable(f"the mirror process of model '{self.name}' could not start: {exc}") from exc
         self._proc = proc
         self.starts += 1
         try:

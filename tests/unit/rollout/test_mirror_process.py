@@ -153,3 +153,21 @@ def test_shadow_jobs_go_to_the_child_and_canary_checks_stay_in_the_batcher(regis
     assert not shadow and shadow_jobs == 3 and process.starts == 1 and not process.running
     assert shadow_output is not None
     np.testing.assert_array_equal(shadow_output, expected)
+
+
+def test_a_child_that_cannot_be_started_fails_the_batch_and_backs_off(
+    registry: ModelRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mirror_process, "RESTART_BACKOFF", (0.05, 1.0))
+
+    async def scenario() -> tuple[MirrorProcess, float]:
+        await registry.start()
+        process = MirrorProcess("clf", 1, 1)
+        process._argv = [str(tmp_path / "no-such-python")]  # what exec cannot run
+        with pytest.raises(Unavailable, match="could not start"):
+            await process.run(registry.get("clf"), images(1, seed=11), OUTPUT)
+        return process, process._retry_at - asyncio.get_running_loop().time()
+
+    process, wait = asyncio.run(asyncio.wait_for(scenario(), DEADLINE_S))
+    assert process.starts == 0 and process.deaths == 1 and not process.running
+    assert 0 < wait <= 0.05  # the next try waits for the back-off
