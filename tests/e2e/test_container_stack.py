@@ -740,3 +740,48 @@ def test_a_corrupt_model_is_rejected_and_logged_while_the_others_serve(tmp_path:
     assert set(started.get("failed", {})) == set(failed)
     expected = card("profit")["metrics"]
     assert abs(profit - (expected["slope_per_10k"] * 3.5 + expected["intercept_10k_usd"]) * 10_000) <= USD_TOLERANCE
+
+
+def test_a_shadow_runs_in_a_mirror_process_inside_the_container(tmp_path: Path) -> None:
+    """fashion_cnn with a shadow (version 2, a copy of 1) from its config.json: inside the
+    image (non-root, read-only root filesystem) the mirror process starts, runs at a lowered
+    priority and mirrors every request, which agree with the primary's answers."""
+    repository = tmp_path / "models"
+    shutil.copytree(MODELS, repository)
+    cnn = repository / "fashion_cnn"
+    shutil.copytree(cnn / "1", cnn / "2")
+    config = json.loads((cnn / "config.json").read_text())
+    config["rollout"] = {"primary": 1, "shadow_version": 2}
+    (cnn / "config.json").write_text(json.dumps(config))
+    for path in repository.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    stack = start_stack(f"{PROJECT}-shadow", tmp_path, MODELS_DIR=str(repository))
+    base = f"http://127.0.0.1:{stack.http_port}/v2/models/fashion_cnn"
+    images = np.random.default_rng(3).integers(0, 256, (20, 1, 1, 28, 28), dtype=np.uint8)
+    try:
+        for image in images:
+            body = {
+                "inputs": [
+                    {"name": "image", "shape": [1, 1, 28, 28], "datatype": "UINT8", "data": image.ravel().tolist()}
+                ]
+            }
+            request = urllib.request.Request(
+                f"{base}/infer", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(request, timeout=CALL_S) as response:
+                assert json.loads(response.read())["model_version"] == "1"
+        deadline = time.monotonic() + CALL_S
+        while True:
+            with urllib.request.urlopen(f"{base}/rollout", timeout=CALL_S) as response:
+                figures = json.loads(response.read())
+            if figures["mirror"]["ok"] + figures["mirror"]["failed"] == len(images) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        record("shadow in the container", mirror=figures["mirror"], agreement=figures["agreement"])
+    finally:
+        stack.down()
+    mirror = figures["mirror"]
+    assert mirror["runs_in"] == "process" and mirror["ok"] == len(images) and mirror["failed"] == 0, mirror
+    assert mirror["process"]["priority"] in ("idle", "nice 19") and mirror["process"]["deaths"] == 0, mirror
+    (pair,) = figures["agreement"]
+    assert pair["rows"] == len(images) and pair["agreement"] == 1.0 and pair["max_abs_diff"] == 0.0, pair
