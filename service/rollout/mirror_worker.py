@@ -18,8 +18,8 @@ from collections import OrderedDict
 from typing import IO, Any
 
 HEADER = struct.Struct("<Q")
-#: Sessions kept (the versions mirrored to: a shadow, and a primary checking a canary).
-SESSIONS = 2
+#: Sessions kept: the shadow's (canary checks run in the server); a new shadow replaces it.
+SESSIONS = 1
 
 
 def lower_priority() -> str:
