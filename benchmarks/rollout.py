@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -140,6 +140,31 @@ def p99(latencies: list[float]) -> float:
     return float(np.percentile(latencies, 99)) * 1000 if latencies else float("nan")
 
 
+async def paced(
+    rate: float,
+    seconds: float,
+    one: Callable[[bool], Awaitable[None]],
+    warmup: float,
+    until: Callable[[], Awaitable[bool]] | None = None,
+) -> int:
+    """Start ``one(measured)`` ``rate`` times a second for ``seconds`` (``measured``: started after
+    ``warmup``), or until ``until()`` is true (asked every 50 requests); wait for all of them;
+    return how many were started."""
+    tasks = []
+    begin = time.perf_counter()
+    sent = 0
+    while (now := time.perf_counter() - begin) < seconds:
+        if until is not None and sent and sent % 50 == 0 and await until():
+            break
+        due = sent / rate
+        if due > now:
+            await asyncio.sleep(due - now)
+        tasks.append(asyncio.create_task(one(now >= warmup)))
+        sent += 1
+    await asyncio.gather(*tasks)
+    return sent
+
+
 async def open_loop(address: str, body: bytes, rate: float, seconds: float, until: Any = None) -> dict[str, Any]:
     """Requests started at ``rate`` per second for ``seconds`` (or until ``until()`` is true); the
     p99 of those started after :data:`WARMUP_S`; errors of all."""
@@ -160,19 +185,8 @@ async def open_loop(address: str, body: bytes, rate: float, seconds: float, unti
             if measured:
                 latencies.append(time.perf_counter() - start)
 
-        tasks = []
         begin = time.perf_counter()
-        sent = 0
-        while True:
-            now = time.perf_counter() - begin
-            if now >= seconds or (until is not None and sent % 50 == 0 and sent and await until()):
-                break
-            due = sent / rate
-            if due > now:
-                await asyncio.sleep(due - now)
-            tasks.append(asyncio.create_task(one(now >= WARMUP_S)))
-            sent += 1
-        await asyncio.gather(*tasks)
+        sent = await paced(rate, seconds, one, WARMUP_S, until)
         elapsed = time.perf_counter() - begin
     return {
         "sent": sent,
@@ -264,11 +278,11 @@ def shadow(work: Path, seconds: float, concurrency: int, rounds: int, count: int
                 run["p99_growth"] = run["p99_ms"] / figures["primary_alone"]["p99_ms"] - 1
                 run["p50_change_ms"] = run["p50_ms"] - figures["primary_alone"]["p50_ms"]
         runs.append(figures)
-    alone = p99(pooled["primary_alone"])
+    # Every round's latencies together: a p99 of rounds × slices × slice_s seconds per server.
+    pooled_p99 = {name: p99(values) for name, values in pooled.items()}
     return {
-        # Every round's latencies together: a p99 of rounds × slices × slice_s seconds per server.
-        "pooled_p99_ms": {name: p99(values) for name, values in pooled.items()},
-        "pooled_p99_growth": {name: p99(values) / alone - 1 for name, values in pooled.items()},
+        "pooled_p99_ms": pooled_p99,
+        "pooled_p99_growth": {name: ms / pooled_p99["primary_alone"] - 1 for name, ms in pooled_p99.items()},
         "idle_interference": idle_interference(work, body, concurrency, rate, count, slice_s),
         "saturation": saturation,
         "rate": rate,
@@ -316,6 +330,17 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+async def timed(call: Any, body: bytes, into: dict[str, Any]) -> float | None:
+    """One request's latency in seconds, or None when it failed (counted in ``into``)."""
+    start = time.perf_counter()
+    try:
+        await call(body, timeout=30)
+    except grpc.aio.AioRpcError:
+        into["errors"] += 1
+        return None
+    return time.perf_counter() - start
+
+
 async def one_slice(call: Any, pid: int, body: bytes, concurrency: int, seconds: float, into: dict[str, Any]) -> None:
     """``concurrency`` callers back to back: :data:`SETTLE_S` unmeasured, then ``seconds`` whose
     answers, errors and server CPU (process ``pid``) are added to ``into``."""
@@ -323,14 +348,9 @@ async def one_slice(call: Any, pid: int, body: bytes, concurrency: int, seconds:
 
     async def caller() -> None:
         while not state["stop"]:
-            start = time.perf_counter()
-            try:
-                await call(body, timeout=30)
-            except grpc.aio.AioRpcError:
-                into["errors"] += 1
-                continue
-            if state["measure"]:
-                into["latencies"].append(time.perf_counter() - start)
+            latency = await timed(call, body, into)
+            if latency is not None and state["measure"]:
+                into["latencies"].append(latency)
 
     tasks = [asyncio.create_task(caller()) for _ in range(concurrency)]
     await asyncio.sleep(SETTLE_S)
@@ -349,27 +369,13 @@ async def open_slice(call: Any, pid: int, body: bytes, rate: float, seconds: flo
     whose answers (of requests started then), errors and server CPU are added to ``into``."""
 
     async def one(measured: bool) -> None:
-        start = time.perf_counter()
-        try:
-            await call(body, timeout=30)
-        except grpc.aio.AioRpcError:
-            into["errors"] += 1
-            return
-        if measured:
-            into["latencies"].append(time.perf_counter() - start)
+        latency = await timed(call, body, into)
+        if latency is not None and measured:
+            into["latencies"].append(latency)
 
-    tasks = []
     begin = time.perf_counter()
     cpu = process_cpu(pid)
-    sent = 0
-    while (now := time.perf_counter() - begin) < SETTLE_S + seconds:
-        due = sent / rate
-        if due > now:
-            await asyncio.sleep(due - now)
-        tasks.append(asyncio.create_task(one(now >= SETTLE_S)))
-        sent += 1
-    await asyncio.gather(*tasks)
-    into["sent"] += sent
+    into["sent"] += await paced(rate, SETTLE_S + seconds, one, SETTLE_S)
     into["seconds"] += seconds
     into["cpu"] += (process_cpu(pid) - cpu) * seconds / (time.perf_counter() - begin)
 
